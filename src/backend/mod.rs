@@ -1,0 +1,205 @@
+//! Where numbers live and kernels run.
+//!
+//! [`Backend`] is the set of kernel operations that filters, models and the experiment loop
+//! need, over typed device buffers ([`Backend::Buffer`]). Filters and models are written once,
+//! generic over `B: Backend`; each backend implements every operation. The CPU backend
+//! ([`cpu::Cpu`]) is the reference: every GPU kernel is checked against it.
+//!
+//! Storage contract: f32, row-major `rows × cols` (an ensemble is `n × d`, member-major; an
+//! observation is `1 × m`; flow weights are `n × n`). Reductions over `d` are summed from
+//! differences and accumulated in f64 on the CPU.
+
+use crate::error::Result;
+use crate::model::Model;
+use crate::observe::ObservationOperator;
+use crate::rng::NoiseKey;
+
+pub mod cpu;
+
+/// A matrix of f32 owned by a backend.
+pub trait DeviceBuffer: Send + Sync {
+    /// Number of rows (members).
+    fn rows(&self) -> usize;
+    /// Number of columns (state or observation components).
+    fn cols(&self) -> usize;
+    /// `rows * cols`.
+    fn len(&self) -> usize {
+        self.rows() * self.cols()
+    }
+    /// True when the buffer holds no values.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The Gaussian conditional probability path of a flow, evaluated at one pseudo-time `t`
+/// (ENFF_SPEC §2.1): `μ_j(t) = a·x_f^(j) + b·x_src^(j)`, `μ̇_j = da·x_f^(j) + db·x_src^(j)`,
+/// standard deviation `s(t)` with derivative `ds`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PathCoefficients {
+    /// Pseudo-time in `[0, 1]`.
+    pub t: f32,
+    /// Weight of the target (forecast) member in the mean.
+    pub a: f32,
+    /// Weight of the source member (previous analysis; 0 when the path has none).
+    pub b: f32,
+    /// `da/dt`.
+    pub da: f32,
+    /// `db/dt`.
+    pub db: f32,
+    /// Conditional standard deviation `s(t) > 0`.
+    pub s: f32,
+    /// `ds/dt`.
+    pub ds: f32,
+}
+
+/// Observation guidance for a flow update: `g = scale · J_h(x̂₁)ᵀ (y − h(x̂₁))` evaluated at the
+/// predicted endpoint `x̂₁ = x + horizon · v̂` (ENFF_SPEC §3.1).
+pub struct Guidance<'a, B: Backend + ?Sized> {
+    /// The observation operator `h`.
+    pub operator: &'a dyn ObservationOperator,
+    /// The observation `y` (`1 × m`).
+    pub y: &'a B::Buffer,
+    /// `λ / σ_y²`.
+    pub scale: f32,
+    /// Look-ahead to the endpoint, `1 − t`.
+    pub horizon: f32,
+}
+
+/// Everything a fused flow update reads (ENFF_SPEC §2.2, §3.1, §4.1).
+///
+/// The kernel evaluates, for every member `i` and component `k`, the Monte-Carlo velocity
+/// `v̂_i = (ds/s)·x_i + Σ_j W_ij (μ̇_j − (ds/s)·μ_j)` at `x = eval` (or at the state itself),
+/// adds guidance, and writes `state ← base + h_new·v + h_old·v_old`, where `base` is the state
+/// itself. Optionally it also stores `v` (for Heun's second stage).
+pub struct FlowUpdate<'a, B: Backend + ?Sized> {
+    /// Where to evaluate the velocity; `None` = at the state being updated.
+    pub eval: Option<&'a B::Buffer>,
+    /// Row-stochastic weights `W` (`n × n`), from [`Backend::softmax_rows`].
+    pub weights: &'a B::Buffer,
+    /// Target ensemble `x_f` (`n × d`).
+    pub target: &'a B::Buffer,
+    /// Source ensemble (F2P: previous analysis), required when `path.b` or `path.db` ≠ 0.
+    pub source: Option<&'a B::Buffer>,
+    /// Path at the evaluation time.
+    pub path: PathCoefficients,
+    /// Observation guidance, if any.
+    pub guidance: Option<Guidance<'a, B>>,
+    /// Step applied to the newly evaluated velocity.
+    pub h_new: f32,
+    /// A previously stored velocity and its step (Heun's corrector).
+    pub previous: Option<(&'a B::Buffer, f32)>,
+}
+
+/// Ensemble statistics against the truth, reduced where the ensemble lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EnsembleStats {
+    /// RMSE of the ensemble mean against the truth (ENFF_SPEC §9.1).
+    pub rmse: f64,
+    /// Spread: square root of the mean unbiased member variance.
+    pub spread: f64,
+}
+
+/// The kernel operations of enff, over one kind of buffer.
+pub trait Backend: Send + Sync {
+    /// A `rows × cols` matrix of f32 living on this backend.
+    type Buffer: DeviceBuffer;
+
+    /// Short name (`cpu`, `gpu`).
+    fn name(&self) -> &'static str;
+
+    /// One line describing the device (CPU threads, adapter name …).
+    fn describe(&self) -> String;
+
+    // ---- memory ------------------------------------------------------------------------------
+
+    /// A zero-filled `rows × cols` buffer.
+    fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Buffer>;
+
+    /// A buffer holding `data` (row-major, `rows * cols` values).
+    fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Buffer>;
+
+    /// Overwrites a buffer with `data` (same length).
+    fn write(&self, buf: &mut Self::Buffer, data: &[f32]) -> Result<()>;
+
+    /// Copies a buffer to the host.
+    fn read(&self, buf: &Self::Buffer) -> Result<Vec<f32>>;
+
+    /// Copies `src` into `dst` (same shape).
+    fn copy(&self, src: &Self::Buffer, dst: &mut Self::Buffer) -> Result<()>;
+
+    // ---- element-wise ------------------------------------------------------------------------
+
+    /// `out[i,k] = mean[i,k] + scale · z(key, i, k)` with `z` the Philox normals of
+    /// [`crate::rng`]; `mean = None` means zero, and a `1 × cols` mean is broadcast over rows.
+    fn fill_normal(
+        &self,
+        out: &mut Self::Buffer,
+        key: NoiseKey,
+        mean: Option<&Self::Buffer>,
+        scale: f32,
+    ) -> Result<()>;
+
+    /// Multiplicative inflation about the ensemble mean: `x ← x̄ + γ (x − x̄)` (ENFF_SPEC §7).
+    fn inflate(&self, ensemble: &mut Self::Buffer, gamma: f32) -> Result<()>;
+
+    /// A [`crate::Error::NonFinite`] naming the first NaN/Inf in `buf`, if any.
+    fn check_finite(&self, buf: &Self::Buffer, name: &str) -> Result<()>;
+
+    // ---- models and observations -------------------------------------------------------------
+
+    /// Advances every row of `states` by `steps` model steps.
+    fn advance(&self, model: &Model, states: &mut Self::Buffer, steps: usize) -> Result<()>;
+
+    /// `out[i] = h(x[i])` for every row (`out` is `rows × m`).
+    fn observe(
+        &self,
+        operator: &dyn ObservationOperator,
+        x: &Self::Buffer,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// Per-member energy `E_i = ‖y − h(x_i)‖² / (2σ²)` written as `out[0, i] = −E_i`
+    /// (log-likelihood up to a constant; `out` is `1 × n`).
+    fn log_likelihoods(
+        &self,
+        operator: &dyn ObservationOperator,
+        x: &Self::Buffer,
+        y: &Self::Buffer,
+        obs_noise_std: f32,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    // ---- flow kernels ------------------------------------------------------------------------
+
+    /// Pairwise log-weights `ℓ_ij = −‖x_i − μ_j(t)‖² / (2 s²) + bias_j` (ENFF_SPEC §2.2), summed
+    /// from differences; `logits` is `n × n`, `bias` (optional) `1 × n`.
+    fn flow_logits(
+        &self,
+        x: &Self::Buffer,
+        target: &Self::Buffer,
+        source: Option<&Self::Buffer>,
+        path: PathCoefficients,
+        bias: Option<&Self::Buffer>,
+        logits: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// Row-wise max-subtracted softmax, in place. A non-finite logit is an error (we do not
+    /// replicate the reference's silent fallback to uniform weights).
+    fn softmax_rows(&self, logits: &mut Self::Buffer) -> Result<()>;
+
+    /// The fused velocity + guidance + integrator update described on [`FlowUpdate`].
+    /// `velocity_out`, if given, receives the guided velocity.
+    fn flow_update(
+        &self,
+        state: &mut Self::Buffer,
+        update: &FlowUpdate<'_, Self>,
+        velocity_out: Option<&mut Self::Buffer>,
+    ) -> Result<()>;
+
+    // ---- metrics -----------------------------------------------------------------------------
+
+    /// RMSE of the ensemble mean and spread against `truth` (`1 × d`).
+    fn ensemble_stats(&self, ensemble: &Self::Buffer, truth: &Self::Buffer)
+        -> Result<EnsembleStats>;
+}

@@ -1,0 +1,176 @@
+//! One error type for the whole library.
+//!
+//! Every variant carries enough to say what was wrong, the offending value and how to fix it;
+//! the `Display` text is what the `enff` command prints before it exits non-zero.
+
+use thiserror::Error;
+
+/// Result alias used throughout enff.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in enff, as a typed value (never a panic).
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A configuration or call parameter is outside its valid range.
+    #[error("invalid value for `{name}`: {value} ({fix})")]
+    InvalidParameter {
+        /// Parameter name as the user writes it (e.g. `filter.sigma_min`).
+        name: String,
+        /// The rejected value, formatted.
+        value: String,
+        /// How to fix it.
+        fix: String,
+    },
+
+    /// Two arrays that must agree in shape do not.
+    #[error("shape mismatch for `{name}`: expected {expected}, got {got}")]
+    ShapeMismatch {
+        /// What was being checked (e.g. `observation`).
+        name: String,
+        /// The shape that was needed.
+        expected: String,
+        /// The shape that was given.
+        got: String,
+    },
+
+    /// A NaN or infinity where only finite numbers make sense.
+    #[error("non-finite value in `{name}` at {location}: {value} ({hint})")]
+    NonFinite {
+        /// Which array (e.g. `observation`, `forecast ensemble`).
+        name: String,
+        /// Where in it (index, member/component, cycle …).
+        location: String,
+        /// The value found.
+        value: f64,
+        /// What probably went wrong / how to fix it.
+        hint: String,
+    },
+
+    /// The ensemble blew up during a run.
+    #[error("divergence at cycle {cycle} during {stage}: {detail}")]
+    Diverged {
+        /// Assimilation cycle (1-based) where it happened.
+        cycle: usize,
+        /// `forecast`, `analysis` or `metrics`.
+        stage: String,
+        /// What was seen.
+        detail: String,
+    },
+
+    /// A preset name that does not exist.
+    #[error("unknown preset `{name}`; known presets: {known}")]
+    UnknownPreset {
+        /// The name given.
+        name: String,
+        /// Comma-separated list of valid names.
+        known: String,
+    },
+
+    /// A filter name that does not exist.
+    #[error("unknown filter `{name}`; known filters: {known}")]
+    UnknownFilter {
+        /// The name given.
+        name: String,
+        /// Comma-separated list of valid names.
+        known: String,
+    },
+
+    /// A `--set key=value` whose key is not a setting.
+    #[error("unknown setting `{key}`; known settings: {known}")]
+    UnknownSetting {
+        /// The key given.
+        key: String,
+        /// Comma-separated list of valid keys.
+        known: String,
+    },
+
+    /// A `--set key=value` whose value does not parse as the key's type.
+    #[error("setting `{key}` expects {expected}, got `{value}`")]
+    BadSettingValue {
+        /// The key.
+        key: String,
+        /// The text given.
+        value: String,
+        /// The expected type, in words.
+        expected: String,
+    },
+
+    /// The chosen backend cannot run this operation (e.g. a user-defined model on a GPU).
+    #[error("backend `{backend}` does not support {what}: {fix}")]
+    Unsupported {
+        /// Backend name.
+        backend: String,
+        /// What was asked.
+        what: String,
+        /// What to do instead.
+        fix: String,
+    },
+
+    /// A problem too large for the device or for memory, detected before allocating.
+    #[error("problem too large: {detail}")]
+    TooLarge {
+        /// The sizes involved and what would fit.
+        detail: String,
+    },
+
+    /// A GPU adapter, device, validation or mapping failure.
+    #[error("GPU error: {0}")]
+    Gpu(String),
+
+    /// Reading or writing a result file failed.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file involved.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidParameter`].
+    pub fn invalid(name: impl Into<String>, value: impl ToString, fix: impl Into<String>) -> Self {
+        Error::InvalidParameter {
+            name: name.into(),
+            value: value.to_string(),
+            fix: fix.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::ShapeMismatch`].
+    pub fn shape(name: impl Into<String>, expected: impl ToString, got: impl ToString) -> Self {
+        Error::ShapeMismatch {
+            name: name.into(),
+            expected: expected.to_string(),
+            got: got.to_string(),
+        }
+    }
+}
+
+/// Returns an error naming `name` if `value` is not finite and strictly positive.
+pub fn check_positive(name: &str, value: f64, fix: &str) -> Result<()> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(name, value, fix))
+    }
+}
+
+/// Returns an error naming the first non-finite entry of `data`, if any.
+pub fn check_finite(name: &str, data: &[f32], cols: usize, hint: &str) -> Result<()> {
+    if let Some(idx) = data.iter().position(|v| !v.is_finite()) {
+        let location = if cols > 0 && data.len() > cols {
+            format!("member {}, component {}", idx / cols, idx % cols)
+        } else {
+            format!("index {idx}")
+        };
+        return Err(Error::NonFinite {
+            name: name.to_string(),
+            location,
+            value: data[idx] as f64,
+            hint: hint.to_string(),
+        });
+    }
+    Ok(())
+}

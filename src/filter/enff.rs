@@ -1,0 +1,388 @@
+//! The Ensemble Flow Filter (ENFF_SPEC §4.1): every member flows from a source sample to the
+//! analysis along the Monte-Carlo marginal velocity of a probability path whose target is the
+//! forecast ensemble, steered by observation guidance.
+
+use crate::backend::{Backend, DeviceBuffer, FlowUpdate, Guidance};
+use crate::error::{check_positive, Error, Result};
+use crate::filter::{Filter, Observation};
+use crate::flow::{time_grid, GuidanceKind, Integrator, Path, PathKind};
+use crate::rng::{NoiseKey, Stream};
+
+/// Configuration of [`Enff`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EnffConfig {
+    /// Probability path: `ot` or `f2p`.
+    pub path: PathKind,
+    /// Noise floor / kernel bandwidth `σ_min > 0`.
+    pub sigma_min: f32,
+    /// Guidance scale `λ ≥ 0` (the spec's constant schedule).
+    pub guidance_scale: f32,
+    /// Number of velocity-evaluation steps (Euler) or Heun steps; the paper's `K` grid points
+    /// equal `flow_steps + 1`.
+    pub flow_steps: usize,
+    /// `euler` (the reference) or `heun`.
+    pub integrator: Integrator,
+    /// `local` (the paper's), `monte_carlo` (exact, the particle-filter bridge) or `none`.
+    pub guidance: GuidanceKind,
+    /// Multiplicative inflation of the analysis (1.0 = none).
+    pub inflation: f32,
+    /// Seed of the source noise (combined with the cycle number).
+    pub seed: u64,
+}
+
+impl EnffConfig {
+    /// EnFF-F2P with the given `σ_min`, `λ` and flow steps (Euler, local guidance).
+    pub fn f2p(sigma_min: f32, guidance_scale: f32, flow_steps: usize) -> Self {
+        EnffConfig {
+            path: PathKind::F2p,
+            sigma_min,
+            guidance_scale,
+            flow_steps,
+            integrator: Integrator::Euler,
+            guidance: GuidanceKind::Local,
+            inflation: 1.0,
+            seed: 0,
+        }
+    }
+
+    /// EnFF-OT with the given `σ_min`, `λ` and flow steps (Euler, local guidance).
+    pub fn ot(sigma_min: f32, guidance_scale: f32, flow_steps: usize) -> Self {
+        EnffConfig {
+            path: PathKind::Ot,
+            ..EnffConfig::f2p(sigma_min, guidance_scale, flow_steps)
+        }
+    }
+
+    /// Checks every field, naming the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        Path::new(self.path, self.sigma_min)?;
+        if !(self.guidance_scale.is_finite() && self.guidance_scale >= 0.0) {
+            return Err(Error::invalid(
+                "filter.guidance_scale",
+                self.guidance_scale,
+                "λ must be finite and non-negative (0 disables local guidance)",
+            ));
+        }
+        if self.flow_steps < 1 {
+            return Err(Error::invalid(
+                "filter.flow_steps",
+                self.flow_steps,
+                "EnFF needs at least 1 flow step (the paper's K=5 grid points = 4 steps)",
+            ));
+        }
+        if self.flow_steps > crate::rng::MAX_STEP as usize {
+            return Err(Error::invalid(
+                "filter.flow_steps",
+                self.flow_steps,
+                format!("at most {} flow steps are supported", crate::rng::MAX_STEP),
+            ));
+        }
+        check_positive(
+            "filter.inflation",
+            self.inflation as f64,
+            "inflation is a positive factor, 1.0 = none",
+        )
+    }
+}
+
+/// Device buffers an analysis reuses from cycle to cycle.
+struct Workspace<B: Backend> {
+    x: B::Buffer,
+    weights: B::Buffer,
+    bias: Option<B::Buffer>,
+    heun: Option<(B::Buffer, B::Buffer)>,
+}
+
+/// The Ensemble Flow Filter.
+pub struct Enff<B: Backend> {
+    config: EnffConfig,
+    path: Path,
+    work: Option<Workspace<B>>,
+}
+
+impl<B: Backend> Enff<B> {
+    /// A validated EnFF.
+    pub fn new(config: EnffConfig) -> Result<Self> {
+        config.validate()?;
+        let path = Path::new(config.path, config.sigma_min)?;
+        Ok(Enff {
+            config,
+            path,
+            work: None,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EnffConfig {
+        &self.config
+    }
+
+    fn workspace(&mut self, backend: &B, n: usize, d: usize) -> Result<&mut Workspace<B>> {
+        let fits = self
+            .work
+            .as_ref()
+            .is_some_and(|w| w.x.rows() == n && w.x.cols() == d);
+        let want_bias = self.config.guidance == GuidanceKind::MonteCarlo;
+        let want_heun = self.config.integrator == Integrator::Heun;
+        if !fits
+            || self.work.as_ref().is_some_and(|w| {
+                w.bias.is_some() != want_bias || w.heun.is_some() != want_heun
+            })
+        {
+            self.work = Some(Workspace {
+                x: backend.zeros(n, d)?,
+                weights: backend.zeros(n, n)?,
+                bias: if want_bias {
+                    Some(backend.zeros(1, n)?)
+                } else {
+                    None
+                },
+                heun: if want_heun {
+                    Some((backend.zeros(n, d)?, backend.zeros(n, d)?))
+                } else {
+                    None
+                },
+            });
+        }
+        Ok(self.work.as_mut().expect("workspace just created"))
+    }
+
+    fn check_inputs(
+        &self,
+        backend: &B,
+        ensemble: &B::Buffer,
+        previous: Option<&B::Buffer>,
+        obs: &Observation<'_, B>,
+    ) -> Result<()> {
+        let (n, d) = (ensemble.rows(), ensemble.cols());
+        if n < 2 {
+            return Err(Error::invalid(
+                "ensemble.n",
+                n,
+                "EnFF needs at least 2 members (20 in the paper's experiments)",
+            ));
+        }
+        check_positive(
+            "observe.noise_std",
+            obs.noise_std as f64,
+            "the observation noise std σ_y must be positive",
+        )?;
+        let m = obs.operator.obs_dim(d)?;
+        if obs.y.rows() != 1 || obs.y.cols() != m {
+            return Err(Error::shape(
+                "observation",
+                format!("1 x {m} (h = {})", obs.operator.name()),
+                format!("{} x {}", obs.y.rows(), obs.y.cols()),
+            ));
+        }
+        if self.path.needs_source() {
+            match previous {
+                Some(p) if p.rows() == n && p.cols() == d => {}
+                Some(p) => {
+                    return Err(Error::shape(
+                        "previous analysis",
+                        format!("{n} x {d}"),
+                        format!("{} x {}", p.rows(), p.cols()),
+                    ))
+                }
+                None => {
+                    return Err(Error::invalid(
+                        "previous analysis",
+                        "none",
+                        "EnFF-F2P flows from the previous analysis: pass it to analyse",
+                    ))
+                }
+            }
+            backend.check_finite(previous.expect("checked"), "previous analysis")?;
+        }
+        backend.check_finite(obs.y, "observation")?;
+        backend.check_finite(ensemble, "forecast ensemble")
+    }
+
+    /// Runs the analysis from a given standard-normal source noise `noise` (`n × d`) instead of
+    /// drawing it; the golden-vector tests use this.
+    pub fn analyse_with_noise(
+        &mut self,
+        backend: &B,
+        ensemble: &mut B::Buffer,
+        previous: Option<&B::Buffer>,
+        obs: &Observation<'_, B>,
+        noise: &B::Buffer,
+    ) -> Result<()> {
+        self.check_inputs(backend, ensemble, previous, obs)?;
+        let (n, d) = (ensemble.rows(), ensemble.cols());
+        if noise.rows() != n || noise.cols() != d {
+            return Err(Error::shape(
+                "source noise",
+                format!("{n} x {d}"),
+                format!("{} x {}", noise.rows(), noise.cols()),
+            ));
+        }
+        let sigma_min = self.config.sigma_min;
+        let needs_source = self.path.needs_source();
+        let w = self.workspace(backend, n, d)?;
+        backend.copy(noise, &mut w.x)?;
+        if needs_source {
+            // x0 = x_prev + σ_min ε: scale the noise, then add the previous analysis.
+            let mut host = backend.read(&w.x)?;
+            let prev = backend.read(previous.expect("checked"))?;
+            for (v, p) in host.iter_mut().zip(prev) {
+                *v = p + sigma_min * *v;
+            }
+            backend.write(&mut w.x, &host)?;
+        }
+        self.flow(backend, ensemble, previous, obs)
+    }
+
+    /// Draws the source sample for `cycle` into the workspace.
+    fn draw_source(
+        &mut self,
+        backend: &B,
+        n: usize,
+        d: usize,
+        previous: Option<&B::Buffer>,
+        cycle: u32,
+    ) -> Result<()> {
+        let key = NoiseKey::new(self.config.seed, Stream::FlowSource, cycle);
+        let sigma_min = self.config.sigma_min;
+        let needs_source = self.path.needs_source();
+        let w = self.workspace(backend, n, d)?;
+        if needs_source {
+            backend.fill_normal(&mut w.x, key, previous, sigma_min)
+        } else {
+            backend.fill_normal(&mut w.x, key, None, 1.0)
+        }
+    }
+
+    /// Integrates the flow from the source sample in the workspace and writes the analysis.
+    fn flow(
+        &mut self,
+        backend: &B,
+        ensemble: &mut B::Buffer,
+        previous: Option<&B::Buffer>,
+        obs: &Observation<'_, B>,
+    ) -> Result<()> {
+        let cfg = self.config.clone();
+        let path = self.path;
+        let source = if path.needs_source() { previous } else { None };
+        let (n, d) = (ensemble.rows(), ensemble.cols());
+        let w = self.workspace(backend, n, d)?;
+        let target: &B::Buffer = ensemble;
+        if let Some(bias) = w.bias.as_mut() {
+            backend.log_likelihoods(obs.operator, target, obs.y, obs.noise_std, bias)?;
+        }
+        let scale = cfg.guidance_scale / (obs.noise_std * obs.noise_std);
+        let local = cfg.guidance == GuidanceKind::Local && cfg.guidance_scale > 0.0;
+        let guidance = |t: f32| {
+            local.then_some(Guidance::<B> {
+                operator: obs.operator,
+                y: obs.y,
+                scale,
+                horizon: 1.0 - t,
+            })
+        };
+        let grid = time_grid(cfg.flow_steps);
+        for k in 0..cfg.flow_steps {
+            let (t0, t1) = (grid[k], grid[k + 1]);
+            let dt = t1 - t0;
+            backend.flow_logits(
+                &w.x,
+                target,
+                source,
+                path.at(t0),
+                w.bias.as_ref(),
+                &mut w.weights,
+            )?;
+            backend.softmax_rows(&mut w.weights)?;
+            match (cfg.integrator, w.heun.as_mut()) {
+                (Integrator::Heun, Some((x_pred, v1))) => {
+                    // Predictor: x̃ = x + Δ v(x, t0), keeping v(x, t0).
+                    backend.copy(&w.x, x_pred)?;
+                    backend.flow_update(
+                        x_pred,
+                        &FlowUpdate {
+                            eval: None,
+                            weights: &w.weights,
+                            target,
+                            source,
+                            path: path.at(t0),
+                            guidance: guidance(t0),
+                            h_new: dt,
+                            previous: None,
+                        },
+                        Some(v1),
+                    )?;
+                    // Corrector: x ← x + Δ/2 (v(x, t0) + v(x̃, t1)).
+                    backend.flow_logits(
+                        x_pred,
+                        target,
+                        source,
+                        path.at(t1),
+                        w.bias.as_ref(),
+                        &mut w.weights,
+                    )?;
+                    backend.softmax_rows(&mut w.weights)?;
+                    backend.flow_update(
+                        &mut w.x,
+                        &FlowUpdate {
+                            eval: Some(x_pred),
+                            weights: &w.weights,
+                            target,
+                            source,
+                            path: path.at(t1),
+                            guidance: guidance(t1),
+                            h_new: 0.5 * dt,
+                            previous: Some((v1, 0.5 * dt)),
+                        },
+                        None,
+                    )?;
+                }
+                _ => {
+                    backend.flow_update(
+                        &mut w.x,
+                        &FlowUpdate {
+                            eval: None,
+                            weights: &w.weights,
+                            target,
+                            source,
+                            path: path.at(t0),
+                            guidance: guidance(t0),
+                            h_new: dt,
+                            previous: None,
+                        },
+                        None,
+                    )?;
+                }
+            }
+        }
+        backend.inflate(&mut w.x, cfg.inflation)?;
+        backend.copy(&w.x, ensemble)
+    }
+}
+
+impl<B: Backend> Filter<B> for Enff<B> {
+    fn name(&self) -> String {
+        match self.config.path {
+            PathKind::Ot => "enff-ot".into(),
+            PathKind::F2p => "enff-f2p".into(),
+        }
+    }
+
+    fn needs_previous_analysis(&self) -> bool {
+        self.path.needs_source()
+    }
+
+    fn analyse(
+        &mut self,
+        backend: &B,
+        ensemble: &mut B::Buffer,
+        previous: Option<&B::Buffer>,
+        obs: &Observation<'_, B>,
+        cycle: u32,
+    ) -> Result<()> {
+        self.check_inputs(backend, ensemble, previous, obs)?;
+        let (n, d) = (ensemble.rows(), ensemble.cols());
+        self.draw_source(backend, n, d, previous, cycle)?;
+        self.flow(backend, ensemble, previous, obs)
+    }
+}

@@ -1,0 +1,42 @@
+//! Analysis methods. Each filter is a small struct with a validated configuration that turns a
+//! forecast ensemble into an analysis ensemble, in place, on any backend. Filters never loop
+//! over time: the experiment owns the cycle loop.
+
+use crate::backend::Backend;
+use crate::observe::ObservationOperator;
+
+pub mod enff;
+
+pub use enff::{Enff, EnffConfig};
+
+/// One observation as a filter sees it: `y = h(x) + σ_y η`.
+pub struct Observation<'a, B: Backend + ?Sized> {
+    /// The observed values (`1 × m`), on the backend.
+    pub y: &'a B::Buffer,
+    /// The observation operator `h`.
+    pub operator: &'a dyn ObservationOperator,
+    /// Observation noise std `σ_y` (diagonal `R = σ_y² I`).
+    pub noise_std: f32,
+}
+
+/// A data-assimilation analysis step.
+pub trait Filter<B: Backend> {
+    /// Name as used in summaries (`enff-f2p`, `enff-ot` …).
+    fn name(&self) -> String;
+
+    /// True when the filter needs the previous analysis ensemble (EnFF-F2P).
+    fn needs_previous_analysis(&self) -> bool {
+        false
+    }
+
+    /// Replaces the forecast in `ensemble` by the analysis for observation `obs` at `cycle`.
+    /// `previous` is the previous analysis when [`Filter::needs_previous_analysis`] is true.
+    fn analyse(
+        &mut self,
+        backend: &B,
+        ensemble: &mut B::Buffer,
+        previous: Option<&B::Buffer>,
+        obs: &Observation<'_, B>,
+        cycle: u32,
+    ) -> crate::Result<()>;
+}
