@@ -85,7 +85,7 @@ pub enum Error {
     },
 
     /// A `--set key=value` whose value does not parse as the key's type.
-    #[error("setting `{key}` expects {expected}, got `{value}`")]
+    #[error("bad value `{value}` for setting `{key}`: expected {expected}")]
     BadSettingValue {
         /// The key.
         key: String,

@@ -50,6 +50,7 @@
 //! ```
 
 pub mod backend;
+pub mod bench;
 pub mod ensemble;
 pub mod error;
 pub mod experiment;

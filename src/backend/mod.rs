@@ -200,6 +200,9 @@ pub trait Backend: Send + Sync {
     // ---- metrics -----------------------------------------------------------------------------
 
     /// RMSE of the ensemble mean and spread against `truth` (`1 × d`).
-    fn ensemble_stats(&self, ensemble: &Self::Buffer, truth: &Self::Buffer)
-        -> Result<EnsembleStats>;
+    fn ensemble_stats(
+        &self,
+        ensemble: &Self::Buffer,
+        truth: &Self::Buffer,
+    ) -> Result<EnsembleStats>;
 }

@@ -1,1 +1,15 @@
-//! experiments
+//! Twin experiments: configuration, presets, the one cycle loop, metrics and result files.
+//!
+//! ```text
+//! truth x_true(t) ──► observations y_k = h(x_true) + σ_y η
+//! cycle k = 1..K:  forecast (model) → analysis (filter) → metrics (on the backend)
+//! ```
+
+pub mod config;
+pub mod output;
+pub mod presets;
+mod run;
+
+pub use config::Config;
+pub use presets::{preset, Preset, DEFAULT_PRESET, PRESETS};
+pub use run::{build_filter, CycleMetrics, Experiment, Report, Summary};

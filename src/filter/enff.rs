@@ -125,9 +125,10 @@ impl<B: Backend> Enff<B> {
         let want_bias = self.config.guidance == GuidanceKind::MonteCarlo;
         let want_heun = self.config.integrator == Integrator::Heun;
         if !fits
-            || self.work.as_ref().is_some_and(|w| {
-                w.bias.is_some() != want_bias || w.heun.is_some() != want_heun
-            })
+            || self
+                .work
+                .as_ref()
+                .is_some_and(|w| w.bias.is_some() != want_bias || w.heun.is_some() != want_heun)
         {
             self.work = Some(Workspace {
                 x: backend.zeros(n, d)?,

@@ -96,7 +96,11 @@ impl Lorenz96 {
             ));
         }
         if !forcing.is_finite() {
-            return Err(Error::invalid("model.forcing", forcing, "use a finite forcing such as 8"));
+            return Err(Error::invalid(
+                "model.forcing",
+                forcing,
+                "use a finite forcing such as 8",
+            ));
         }
         Ok(Lorenz96 { d, forcing })
     }

@@ -244,9 +244,22 @@ pub(crate) fn flow_update(
         let vhat = grow(&mut vhat_guard, n * d);
         let vhat_ptr = SyncPtr(vhat.as_mut_ptr());
         velocity_blocks(
-            cpu, n, d, ts, ss, ws, ua, ub, cx, state_ptr, eval_ptr, None, |_, _, _, v, _| {
+            cpu,
+            n,
+            d,
+            ts,
+            ss,
+            ws,
+            ua,
+            ub,
+            cx,
+            state_ptr,
+            eval_ptr,
+            None,
+            |_, _, _, v, _| {
                 let _ = v;
-            }, Some(vhat_ptr),
+            },
+            Some(vhat_ptr),
         )?;
         let m = g.operator.obs_dim(d)?;
         let ydata = g.y.as_slice();
@@ -273,7 +286,9 @@ pub(crate) fn flow_update(
                 for k in 0..d {
                     vrow[k] += g.scale * gr[k];
                 }
-                let prev = up.previous.map(|(b, h)| (&b.as_slice()[i * d..(i + 1) * d], h));
+                let prev = up
+                    .previous
+                    .map(|(b, h)| (&b.as_slice()[i * d..(i + 1) * d], h));
                 if let Some(vo) = velocity_out.as_deref_mut() {
                     vo.as_mut_slice()[i * d..(i + 1) * d].copy_from_slice(vrow);
                 }
@@ -291,11 +306,16 @@ pub(crate) fn flow_update(
     }
 
     let yv = up.guidance.as_ref().map(|g| g.y.as_slice());
-    let gparams = up
-        .guidance
-        .as_ref()
-        .map(|g| (fused.expect("fused when guidance present here"), g.scale, g.horizon));
-    let prev_ptr = up.previous.map(|(b, h)| (b.as_slice().as_ptr() as usize, h));
+    let gparams = up.guidance.as_ref().map(|g| {
+        (
+            fused.expect("fused when guidance present here"),
+            g.scale,
+            g.horizon,
+        )
+    });
+    let prev_ptr = up
+        .previous
+        .map(|(b, h)| (b.as_slice().as_ptr() as usize, h));
     let h_new = up.h_new;
     velocity_blocks(
         cpu,

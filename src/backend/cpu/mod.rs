@@ -151,7 +151,11 @@ impl Backend for Cpu {
         format!(
             "CPU reference backend, {} threads, {} inner loops",
             self.threads(),
-            if simd::has_fma() { "AVX2+FMA" } else { "portable" }
+            if simd::has_fma() {
+                "AVX2+FMA"
+            } else {
+                "portable"
+            }
         )
     }
 

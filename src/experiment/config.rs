@@ -1,0 +1,368 @@
+//! Experiment configuration: every setting of a twin experiment, serde-serializable, validated
+//! before anything is allocated, and reachable by `--set section.key=value`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{check_positive, Error, Result};
+use crate::filter::EnffConfig;
+use crate::flow::{GuidanceKind, Integrator, PathKind};
+use crate::model::{Lorenz63, Lorenz96, Model, Rotation2d, Scheme, System};
+use crate::observe::{ObservationOperator, Observe, Pointwise};
+
+/// Which dynamical system to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SystemKind {
+    /// Lorenz-63 (d = 3).
+    Lorenz63,
+    /// Lorenz-96 (d ≥ 4).
+    Lorenz96,
+    /// Exact plane rotation (d = 2).
+    Rotation2d,
+}
+
+/// The forecast model section (`model.*`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// System to integrate.
+    pub system: SystemKind,
+    /// State dimension (Lorenz-96 only; fixed for the others).
+    pub d: usize,
+    /// Lorenz-96 forcing `F`.
+    pub forcing: f32,
+    /// Model time step.
+    pub dt: f32,
+    /// Runge–Kutta variant.
+    pub scheme: Scheme,
+    /// Rotation angle per step (Rotation2D); negative = drawn uniformly in (0, 2π) from the seed.
+    pub theta: f64,
+}
+
+/// The observation section (`observe.*`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObserveConfig {
+    /// Pointwise operator: identity, arctan or tanh.
+    pub operator: Pointwise,
+    /// Observe every `every`-th component (1 = all).
+    pub every: usize,
+    /// First observed component.
+    pub offset: usize,
+    /// Observation noise std `σ_y`.
+    pub noise_std: f32,
+    /// Model steps between observations (`obs_every`).
+    pub obs_every: usize,
+}
+
+/// Where the initial ensemble is centred.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitialMean {
+    /// On the truth at the first observation time.
+    Truth,
+    /// On zero (Lorenz-96 Bao 2024: a hard cold start).
+    Zero,
+}
+
+/// The ensemble section (`ensemble.*`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnsembleConfig {
+    /// Number of members `n`.
+    pub n: usize,
+    /// Std of the initial ensemble around its mean.
+    pub init_std: f32,
+    /// Centre of the initial ensemble.
+    pub init_mean: InitialMean,
+}
+
+/// The filter section (`filter.*`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Filter name: `enff-f2p` or `enff-ot`.
+    pub kind: String,
+    /// EnFF noise floor σ_min.
+    pub sigma_min: f32,
+    /// EnFF guidance scale λ.
+    pub guidance_scale: f32,
+    /// EnFF flow steps (the paper's K grid points = flow_steps + 1).
+    pub flow_steps: usize,
+    /// `euler` or `heun`.
+    pub integrator: Integrator,
+    /// `local`, `monte_carlo` or `none`.
+    pub guidance: GuidanceKind,
+    /// Multiplicative inflation of the analysis (1.0 = none).
+    pub inflation: f32,
+}
+
+/// The run section (`experiment.*`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Model steps of truth spin-up before the first observation.
+    pub spinup: usize,
+    /// Number of assimilation cycles.
+    pub cycles: usize,
+    /// Cycles excluded from the time means (`rmse_mean`, `spread_mean`).
+    pub burn_in: usize,
+    /// Seed of every random stream.
+    pub seed: u64,
+    /// Mean of the truth initial condition (Rotation2D: its radius).
+    pub truth_init_mean: f32,
+    /// Std of the truth initial condition.
+    pub truth_init_std: f32,
+}
+
+/// A whole twin experiment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Model section.
+    pub model: ModelConfig,
+    /// Observation section.
+    pub observe: ObserveConfig,
+    /// Ensemble section.
+    pub ensemble: EnsembleConfig,
+    /// Filter section.
+    pub filter: FilterConfig,
+    /// Run section.
+    pub experiment: RunConfig,
+}
+
+/// Filter names this build knows.
+pub const FILTERS: [&str; 2] = ["enff-f2p", "enff-ot"];
+
+impl Config {
+    /// Checks every setting, naming the first bad one with its value and a fix.
+    pub fn validate(&self) -> Result<()> {
+        self.model()?;
+        self.observation_operator()?.obs_dim(self.state_dim())?;
+        check_positive(
+            "observe.noise_std",
+            self.observe.noise_std as f64,
+            "the observation noise std must be a finite positive number",
+        )?;
+        if self.observe.obs_every == 0 {
+            return Err(Error::invalid(
+                "observe.obs_every",
+                0,
+                "observations need at least 1 model step between them",
+            ));
+        }
+        if self.ensemble.n < 2 {
+            return Err(Error::invalid(
+                "ensemble.n",
+                self.ensemble.n,
+                "an ensemble filter needs at least 2 members (20 in the paper)",
+            ));
+        }
+        if !(self.ensemble.init_std.is_finite() && self.ensemble.init_std >= 0.0) {
+            return Err(Error::invalid(
+                "ensemble.init_std",
+                self.ensemble.init_std,
+                "the initial ensemble std must be finite and non-negative",
+            ));
+        }
+        if self.experiment.cycles == 0 {
+            return Err(Error::invalid(
+                "experiment.cycles",
+                0,
+                "run at least one assimilation cycle",
+            ));
+        }
+        if self.experiment.burn_in >= self.experiment.cycles {
+            return Err(Error::invalid(
+                "experiment.burn_in",
+                self.experiment.burn_in,
+                format!(
+                    "burn-in must leave cycles to average: use fewer than experiment.cycles={}",
+                    self.experiment.cycles
+                ),
+            ));
+        }
+        if self.experiment.cycles > u32::MAX as usize / 2 {
+            return Err(Error::invalid(
+                "experiment.cycles",
+                self.experiment.cycles,
+                "too many cycles for the random-number counter",
+            ));
+        }
+        for (name, v) in [
+            (
+                "experiment.truth_init_mean",
+                self.experiment.truth_init_mean,
+            ),
+            ("experiment.truth_init_std", self.experiment.truth_init_std),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::invalid(name, v, "use a finite number"));
+            }
+        }
+        self.enff_config()?.validate()
+    }
+
+    /// State dimension implied by the model section.
+    pub fn state_dim(&self) -> usize {
+        match self.model.system {
+            SystemKind::Lorenz63 => 3,
+            SystemKind::Lorenz96 => self.model.d,
+            SystemKind::Rotation2d => 2,
+        }
+    }
+
+    /// The forecast model. Rotation2D with a negative `theta` gets its angle from `theta_draw`.
+    pub fn model_with_theta(&self, theta_draw: f64) -> Result<Model> {
+        let system = match self.model.system {
+            SystemKind::Lorenz63 => {
+                if self.model.d != 3 {
+                    return Err(Error::invalid(
+                        "model.d",
+                        self.model.d,
+                        "Lorenz-63 has exactly 3 variables: set model.d=3",
+                    ));
+                }
+                System::Lorenz63(Lorenz63::default())
+            }
+            SystemKind::Lorenz96 => {
+                System::Lorenz96(Lorenz96::new(self.model.d, self.model.forcing)?)
+            }
+            SystemKind::Rotation2d => {
+                if self.model.d != 2 {
+                    return Err(Error::invalid(
+                        "model.d",
+                        self.model.d,
+                        "Rotation2D has exactly 2 variables: set model.d=2",
+                    ));
+                }
+                let theta = if self.model.theta < 0.0 {
+                    theta_draw
+                } else {
+                    self.model.theta
+                };
+                if !theta.is_finite() {
+                    return Err(Error::invalid("model.theta", theta, "use a finite angle"));
+                }
+                System::Rotation2d(Rotation2d { theta })
+            }
+        };
+        Model::new(system, self.model.dt, self.model.scheme)
+    }
+
+    /// The forecast model (Rotation2D angle as configured, or π/8 when it is to be drawn).
+    pub fn model(&self) -> Result<Model> {
+        self.model_with_theta(std::f64::consts::FRAC_PI_8)
+    }
+
+    /// The observation operator.
+    pub fn observation_operator(&self) -> Result<Observe> {
+        Observe::full(self.observe.operator).subsample(self.observe.every, self.observe.offset)
+    }
+
+    /// The EnFF configuration of the filter section.
+    pub fn enff_config(&self) -> Result<EnffConfig> {
+        let path = match self.filter.kind.as_str() {
+            "enff-f2p" => PathKind::F2p,
+            "enff-ot" => PathKind::Ot,
+            other => {
+                return Err(Error::UnknownFilter {
+                    name: other.to_string(),
+                    known: FILTERS.join(", "),
+                })
+            }
+        };
+        Ok(EnffConfig {
+            path,
+            sigma_min: self.filter.sigma_min,
+            guidance_scale: self.filter.guidance_scale,
+            flow_steps: self.filter.flow_steps,
+            integrator: self.filter.integrator,
+            guidance: self.filter.guidance,
+            inflation: self.filter.inflation,
+            seed: self.experiment.seed,
+        })
+    }
+
+    /// Applies one `section.key=value` override (e.g. `model.d=100000`).
+    pub fn set(&mut self, assignment: &str) -> Result<()> {
+        let (key, value) = assignment.split_once('=').ok_or_else(|| {
+            Error::invalid(
+                "--set",
+                assignment,
+                "write overrides as section.key=value, e.g. filter.sigma_min=0.01",
+            )
+        })?;
+        let key = key.trim();
+        let value = value.trim();
+        let mut tree =
+            serde_json::to_value(&*self).map_err(|e| Error::invalid("config", e, "internal"))?;
+        let known = || setting_keys(&tree_of(self)).join(", ");
+        let (section, field) = key.split_once('.').ok_or_else(|| Error::UnknownSetting {
+            key: key.to_string(),
+            known: known(),
+        })?;
+        let slot = tree
+            .get_mut(section)
+            .and_then(|s| s.get_mut(field))
+            .ok_or_else(|| Error::UnknownSetting {
+                key: key.to_string(),
+                known: known(),
+            })?;
+        let bad = |expected: &str| Error::BadSettingValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            expected: expected.to_string(),
+        };
+        let new = match slot {
+            Value::Number(n) if n.is_u64() => value
+                .parse::<u64>()
+                .map(Value::from)
+                .or_else(|_| {
+                    // Accept 1e6-style integers.
+                    value
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= 2f64.powi(53))
+                        .map(|f| Value::from(f as u64))
+                        .ok_or(())
+                })
+                .map_err(|_| bad("a non-negative integer"))?,
+            Value::Number(_) => {
+                let f = value.parse::<f64>().map_err(|_| bad("a number"))?;
+                serde_json::Number::from_f64(f)
+                    .map(Value::Number)
+                    .ok_or_else(|| bad("a finite number"))?
+            }
+            Value::Bool(_) => Value::Bool(value.parse::<bool>().map_err(|_| bad("true or false"))?),
+            _ => Value::String(value.to_string()),
+        };
+        *slot = new;
+        let updated: Config = serde_json::from_value(tree).map_err(|e| {
+            let expected = format!("a valid value ({e})");
+            bad(&expected)
+        })?;
+        *self = updated;
+        Ok(())
+    }
+}
+
+fn tree_of(c: &Config) -> Value {
+    serde_json::to_value(c).unwrap_or(Value::Null)
+}
+
+/// All `section.key` names of a configuration tree.
+pub fn setting_keys(tree: &Value) -> Vec<String> {
+    let mut keys = Vec::new();
+    if let Value::Object(sections) = tree {
+        for (s, fields) in sections {
+            if let Value::Object(fields) = fields {
+                for f in fields.keys() {
+                    keys.push(format!("{s}.{f}"));
+                }
+            }
+        }
+    }
+    keys
+}

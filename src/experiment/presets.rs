@@ -1,0 +1,223 @@
+//! Named twin experiments, DAPPER-style: each preset is named after its source, states its
+//! burn-in, and writes down the time-mean RMSE we expect from it.
+
+use crate::error::{Error, Result};
+use crate::flow::{GuidanceKind, Integrator};
+use crate::model::Scheme;
+use crate::observe::Pointwise;
+
+use super::config::{
+    Config, EnsembleConfig, FilterConfig, InitialMean, ModelConfig, ObserveConfig, RunConfig,
+    SystemKind,
+};
+
+/// A named experiment with its expected outcome.
+#[derive(Clone, Debug)]
+pub struct Preset {
+    /// Name (`lorenz96_bao2024` …).
+    pub name: &'static str,
+    /// One line: system, observations, source.
+    pub description: &'static str,
+    /// The full configuration.
+    pub config: Config,
+    /// Band of the time-mean analysis RMSE (after burn-in) we expect with the preset's own
+    /// filter settings, and where the band comes from.
+    pub expected_rmse: (f64, f64),
+    /// Where the expected band comes from.
+    pub expected_source: &'static str,
+}
+
+/// Names of all presets.
+pub const PRESETS: [&str; 4] = [
+    "lorenz96_bao2024",
+    "lorenz63_spantini2022",
+    "lorenz96_sakov2008",
+    "rotation2d",
+];
+
+/// The preset `cargo run --release` runs with no arguments.
+pub const DEFAULT_PRESET: &str = "lorenz96_bao2024";
+
+fn enff_f2p(sigma_min: f32, guidance_scale: f32, flow_steps: usize) -> FilterConfig {
+    FilterConfig {
+        kind: "enff-f2p".into(),
+        sigma_min,
+        guidance_scale,
+        flow_steps,
+        integrator: Integrator::Euler,
+        guidance: GuidanceKind::Local,
+        inflation: 1.0,
+    }
+}
+
+/// Looks a preset up by name.
+pub fn preset(name: &str) -> Result<Preset> {
+    let p = match name {
+        // ENFF_SPEC §8.3 and §9.4: the EnSF paper's Lorenz-96 with arctan observations,
+        // σ_y = 0.05, a cold N(0, 1) start; d = 10⁶ in the paper, 1000 here by default (the
+        // RMSE is a per-component average, so it does not depend on d once d ≫ 40).
+        "lorenz96_bao2024" => Preset {
+            name: "lorenz96_bao2024",
+            description: "Lorenz-96 (F=8, dt=0.01), arctan obs every 0.1 time units, σ_y=0.05, \
+                          n=20, cold start (Bao et al. 2024; EnFF paper §L96)",
+            config: Config {
+                model: ModelConfig {
+                    system: SystemKind::Lorenz96,
+                    d: 1000,
+                    forcing: 8.0,
+                    dt: 0.01,
+                    scheme: Scheme::Rk4ThreeEighths,
+                    theta: -1.0,
+                },
+                observe: ObserveConfig {
+                    operator: Pointwise::Arctan,
+                    every: 1,
+                    offset: 0,
+                    noise_std: 0.05,
+                    obs_every: 10,
+                },
+                ensemble: EnsembleConfig {
+                    n: 20,
+                    init_std: 1.0,
+                    init_mean: InitialMean::Zero,
+                },
+                filter: enff_f2p(1e-2, 0.05, 19),
+                experiment: RunConfig {
+                    spinup: 1000,
+                    cycles: 80,
+                    burn_in: 30,
+                    seed: 2_376_999_025,
+                    truth_init_mean: 0.0,
+                    truth_init_std: 3.0,
+                },
+            },
+            expected_rmse: (0.15, 0.20),
+            expected_source: "paper v2 tables: EnFF-F2P K=20 σ_min=1e-2 λ=0.05 → 0.1725 (d=1e6)",
+        },
+        // ENFF_SPEC §8.2: Lorenz-63, identity observations every 0.1 time units with σ_y = 2.
+        "lorenz63_spantini2022" => Preset {
+            name: "lorenz63_spantini2022",
+            description: "Lorenz-63 (dt=0.05, RK4 3/8), identity obs every 0.1 time units, σ_y=2, \
+                          n=20 (Spantini, Baptista & Marzouk 2022)",
+            config: Config {
+                model: ModelConfig {
+                    system: SystemKind::Lorenz63,
+                    d: 3,
+                    forcing: 0.0,
+                    dt: 0.05,
+                    scheme: Scheme::Rk4ThreeEighths,
+                    theta: -1.0,
+                },
+                observe: ObserveConfig {
+                    operator: Pointwise::Identity,
+                    every: 1,
+                    offset: 0,
+                    noise_std: 2.0,
+                    obs_every: 2,
+                },
+                ensemble: EnsembleConfig {
+                    n: 20,
+                    init_std: 1.0,
+                    init_mean: InitialMean::Truth,
+                },
+                filter: enff_f2p(0.3, 1.6, 9),
+                experiment: RunConfig {
+                    spinup: 2000,
+                    cycles: 2000,
+                    burn_in: 200,
+                    seed: 2_376_999_025,
+                    truth_init_mean: 0.0,
+                    truth_init_std: 1.0,
+                },
+            },
+            expected_rmse: (0.9, 1.3),
+            expected_source: "measured with enff, seeds 1-5: 1.05-1.19 (σ_y = 2 per component)",
+        },
+        // Sakov & Oke (2008): 40-variable Lorenz-96, every variable observed every step.
+        "lorenz96_sakov2008" => Preset {
+            name: "lorenz96_sakov2008",
+            description: "Lorenz-96 d=40 (F=8, dt=0.05), identity obs of every variable every \
+                          step, σ_y=1, n=40 (Sakov & Oke 2008)",
+            config: Config {
+                model: ModelConfig {
+                    system: SystemKind::Lorenz96,
+                    d: 40,
+                    forcing: 8.0,
+                    dt: 0.05,
+                    scheme: Scheme::Rk4Classic,
+                    theta: -1.0,
+                },
+                observe: ObserveConfig {
+                    operator: Pointwise::Identity,
+                    every: 1,
+                    offset: 0,
+                    noise_std: 1.0,
+                    obs_every: 1,
+                },
+                ensemble: EnsembleConfig {
+                    n: 40,
+                    init_std: 1.0,
+                    init_mean: InitialMean::Truth,
+                },
+                filter: enff_f2p(0.1, 0.3, 9),
+                experiment: RunConfig {
+                    spinup: 1000,
+                    cycles: 1000,
+                    burn_in: 100,
+                    seed: 2_376_999_025,
+                    truth_init_mean: 0.0,
+                    truth_init_std: 3.0,
+                },
+            },
+            expected_rmse: (0.35, 0.5),
+            expected_source:
+                "measured with enff, seeds 1-5: 0.42-0.43; tuned EnKFs reach ≈0.18 here",
+        },
+        // ENFF_SPEC §8.6: the linear-Gaussian sanity case with a closed-form Kalman filter.
+        "rotation2d" => Preset {
+            name: "rotation2d",
+            description: "exact plane rotation by a random angle, identity obs every step, \
+                          σ_y=0.5, n=20",
+            config: Config {
+                model: ModelConfig {
+                    system: SystemKind::Rotation2d,
+                    d: 2,
+                    forcing: 0.0,
+                    dt: 1.0,
+                    scheme: Scheme::Rk4Classic,
+                    theta: -1.0,
+                },
+                observe: ObserveConfig {
+                    operator: Pointwise::Identity,
+                    every: 1,
+                    offset: 0,
+                    noise_std: 0.5,
+                    obs_every: 1,
+                },
+                ensemble: EnsembleConfig {
+                    n: 20,
+                    init_std: 1.0,
+                    init_mean: InitialMean::Truth,
+                },
+                filter: enff_f2p(0.01, 0.02, 9),
+                experiment: RunConfig {
+                    spinup: 0,
+                    cycles: 50,
+                    burn_in: 10,
+                    seed: 2_376_999_025,
+                    truth_init_mean: 2.0,
+                    truth_init_std: 0.0,
+                },
+            },
+            expected_rmse: (0.03, 0.25),
+            expected_source: "measured with enff, seeds 1-5: 0.07-0.18 (50 cycles, few samples)",
+        },
+        other => {
+            return Err(Error::UnknownPreset {
+                name: other.to_string(),
+                known: PRESETS.join(", "),
+            })
+        }
+    };
+    Ok(p)
+}

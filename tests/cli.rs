@@ -1,0 +1,148 @@
+//! The `enff` command: output files, summary keys, and bad input as clear errors.
+
+use std::path::Path;
+use std::process::Command;
+
+fn enff(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_enff"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("ENFF_REQUIRE_GPU")
+        .output()
+        .expect("the enff binary runs")
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn run_writes_summary_and_metrics_with_the_documented_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("res");
+    let o = enff(&[
+        "run",
+        "lorenz96_bao2024",
+        "--backend",
+        "cpu",
+        "--set",
+        "model.d=64",
+        "--set",
+        "experiment.cycles=12",
+        "--set",
+        "experiment.burn_in=2",
+        "--set",
+        "filter.flow_steps=4",
+        "--seed",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("rmse"), "{stdout}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for key in [
+        "preset",
+        "filter",
+        "backend",
+        "n",
+        "d",
+        "m",
+        "cycles",
+        "flow_steps",
+        "rmse_mean",
+        "spread_mean",
+        "rmse_last",
+        "seconds_total",
+        "seconds_per_cycle",
+        "seconds_forecast",
+        "seconds_analysis",
+    ] {
+        assert!(summary.get(key).is_some(), "summary.json lacks {key}: {summary}");
+    }
+    assert_eq!(summary["d"], 64);
+    assert_eq!(summary["flow_steps"], 4);
+    assert_eq!(summary["seed"], 3);
+    assert_eq!(summary["backend"], "cpu");
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 13, "header + 12 cycles");
+    assert!(lines[0].starts_with("cycle,time,rmse_forecast"));
+    // rmse_mean is the mean of the rmse column after burn-in.
+    let rmse: Vec<f64> = lines[1..]
+        .iter()
+        .map(|l| l.split(',').nth(4).unwrap().parse().unwrap())
+        .collect();
+    let mean = rmse[2..].iter().sum::<f64>() / 10.0;
+    let got = summary["rmse_mean"].as_f64().unwrap();
+    assert!((mean - got).abs() < 1e-5 * got.max(1.0), "{mean} vs {got}");
+}
+
+fn assert_fails_cleanly(args: &[&str], needle: &str, out: &Path) {
+    let o = enff(args);
+    assert!(!o.status.success(), "expected failure for {args:?}");
+    let err = stderr(&o);
+    assert!(err.contains(needle), "stderr for {args:?} lacks `{needle}`:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.join("summary.json").exists(), "no result file after an error");
+    assert!(!out.join("metrics.csv").exists(), "no result file after an error");
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("res");
+    let o = out.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "lorenz97", "--out", o], "unknown preset `lorenz97`"),
+        (&["run", "rotation2d", "--filter", "enkf9", "--out", o], "unknown filter `enkf9`"),
+        (&["run", "rotation2d", "--set", "model.dd=3", "--out", o], "unknown setting `model.dd`"),
+        (&["run", "rotation2d", "--set", "nokey", "--out", o], "section.key=value"),
+        (&["run", "rotation2d", "--set", "ensemble.n=abc", "--out", o], "ensemble.n"),
+        (&["run", "rotation2d", "--set", "ensemble.n=1", "--out", o], "ensemble.n"),
+        (&["run", "rotation2d", "--set", "filter.flow_steps=0", "--out", o], "filter.flow_steps"),
+        (&["run", "rotation2d", "--set", "filter.sigma_min=0", "--out", o], "filter.sigma_min"),
+        (&["run", "rotation2d", "--set", "filter.sigma_min=-1", "--out", o], "filter.sigma_min"),
+        (&["run", "rotation2d", "--set", "observe.noise_std=0", "--out", o], "observe.noise_std"),
+        (&["run", "rotation2d", "--set", "filter.integrator=rk9", "--out", o], "filter.integrator"),
+        (&["run", "lorenz96_bao2024", "--set", "model.d=3", "--out", o], "model.d"),
+        (&["run", "lorenz96_bao2024", "--set", "model.dt=0", "--out", o], "model.dt"),
+        (&["run", "lorenz96_bao2024", "--set", "observe.obs_every=0", "--out", o], "observe.obs_every"),
+        (&["run", "lorenz96_bao2024", "--set", "experiment.cycles=0", "--out", o], "experiment.cycles"),
+        (&["run", "lorenz96_bao2024", "--set", "observe.noise_std=nan", "--out", o], "observe.noise_std"),
+    ];
+    for (args, needle) in cases {
+        assert_fails_cleanly(args, needle, &out);
+    }
+}
+
+#[test]
+fn heun_integrator_is_reachable_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("heun");
+    let o = enff(&[
+        "run",
+        "rotation2d",
+        "--backend",
+        "cpu",
+        "--set",
+        "filter.integrator=heun",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("summary.json").exists());
+}
+
+#[test]
+fn presets_lists_every_preset_with_its_expected_rmse() {
+    let o = enff(&["presets"]);
+    assert!(o.status.success());
+    let s = String::from_utf8_lossy(&o.stdout);
+    for p in enff::experiment::PRESETS {
+        assert!(s.contains(p), "{p} missing from:\n{s}");
+    }
+    assert!(s.contains("expected rmse"));
+}
