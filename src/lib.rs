@@ -62,3 +62,8 @@ pub mod rng;
 
 pub use ensemble::Ensemble;
 pub use error::{Error, Result};
+
+/// The README's code blocks, compiled and run as doc-tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

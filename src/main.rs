@@ -66,6 +66,27 @@ enum Command {
     Presets,
     /// Show the backends this build can use.
     Info,
+    /// Time one EnFF analysis over a grid of ensemble sizes and state dimensions.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Clone, Debug)]
+struct BenchArgs {
+    /// Small grid that finishes in seconds.
+    #[arg(long)]
+    quick: bool,
+    /// Flow steps per analysis.
+    #[arg(long, default_value_t = enff::bench::DEFAULT_FLOW_STEPS)]
+    flow_steps: usize,
+    /// Timed repetitions per grid point (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Probability path: f2p or ot.
+    #[arg(long, default_value = "f2p")]
+    path: String,
+    /// Grid points as NxD (e.g. --size 20x10000 --size 100x10000); default: the standard grid.
+    #[arg(long = "size", value_name = "NxD")]
+    sizes: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -86,6 +107,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run(args),
         Some(Command::Presets) => presets(),
         Some(Command::Info) => info(),
+        Some(Command::Bench(args)) => bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,6 +135,61 @@ fn info() -> Result<()> {
     println!("cpu: {}", cpu.describe());
     println!("gpu: not available in this build (the CPU backend runs everything)");
     Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let path = match args.path.as_str() {
+        "f2p" => enff::flow::PathKind::F2p,
+        "ot" => enff::flow::PathKind::Ot,
+        other => anyhow::bail!("--path {other}: use f2p or ot"),
+    };
+    let grid: Vec<(usize, usize)> = if !args.sizes.is_empty() {
+        args.sizes
+            .iter()
+            .map(|s| {
+                let (n, d) = s
+                    .split_once('x')
+                    .with_context(|| format!("--size {s}: write NxD, e.g. 20x10000"))?;
+                Ok((
+                    n.trim()
+                        .parse()
+                        .with_context(|| format!("--size {s}: bad N"))?,
+                    parse_count(d).with_context(|| format!("--size {s}: bad D"))?,
+                ))
+            })
+            .collect::<Result<_>>()?
+    } else if args.quick {
+        enff::bench::QUICK_GRID.to_vec()
+    } else {
+        enff::bench::DEFAULT_GRID.to_vec()
+    };
+    let cpu = Cpu::new();
+    println!(
+        "enff bench: one EnFF analysis, {} flow steps, {}",
+        args.flow_steps,
+        cpu.describe()
+    );
+    let mut rows = Vec::new();
+    for (n, d) in grid {
+        let row = enff::bench::bench_analysis(&cpu, n, d, args.flow_steps, path, args.reps, 1)?;
+        rows.push(row);
+    }
+    print!("{}", enff::bench::format_table(&rows));
+    Ok(())
+}
+
+/// Parses counts such as `10000`, `1e5` or `1_000_000`.
+fn parse_count(s: &str) -> Result<usize> {
+    let t = s.trim().replace('_', "");
+    if let Ok(v) = t.parse::<usize>() {
+        return Ok(v);
+    }
+    let f: f64 = t.parse()?;
+    anyhow::ensure!(
+        f >= 1.0 && f.fract() == 0.0 && f < 1e15,
+        "not a positive integer: {s}"
+    );
+    Ok(f as usize)
 }
 
 fn run(args: RunArgs) -> Result<()> {

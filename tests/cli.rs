@@ -60,7 +60,10 @@ fn run_writes_summary_and_metrics_with_the_documented_keys() {
         "seconds_forecast",
         "seconds_analysis",
     ] {
-        assert!(summary.get(key).is_some(), "summary.json lacks {key}: {summary}");
+        assert!(
+            summary.get(key).is_some(),
+            "summary.json lacks {key}: {summary}"
+        );
     }
     assert_eq!(summary["d"], 64);
     assert_eq!(summary["flow_steps"], 4);
@@ -84,10 +87,19 @@ fn assert_fails_cleanly(args: &[&str], needle: &str, out: &Path) {
     let o = enff(args);
     assert!(!o.status.success(), "expected failure for {args:?}");
     let err = stderr(&o);
-    assert!(err.contains(needle), "stderr for {args:?} lacks `{needle}`:\n{err}");
+    assert!(
+        err.contains(needle),
+        "stderr for {args:?} lacks `{needle}`:\n{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
-    assert!(!out.join("summary.json").exists(), "no result file after an error");
-    assert!(!out.join("metrics.csv").exists(), "no result file after an error");
+    assert!(
+        !out.join("summary.json").exists(),
+        "no result file after an error"
+    );
+    assert!(
+        !out.join("metrics.csv").exists(),
+        "no result file after an error"
+    );
 }
 
 #[test]
@@ -96,22 +108,126 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
     let out = dir.path().join("res");
     let o = out.to_str().unwrap();
     let cases: &[(&[&str], &str)] = &[
-        (&["run", "lorenz97", "--out", o], "unknown preset `lorenz97`"),
-        (&["run", "rotation2d", "--filter", "enkf9", "--out", o], "unknown filter `enkf9`"),
-        (&["run", "rotation2d", "--set", "model.dd=3", "--out", o], "unknown setting `model.dd`"),
-        (&["run", "rotation2d", "--set", "nokey", "--out", o], "section.key=value"),
-        (&["run", "rotation2d", "--set", "ensemble.n=abc", "--out", o], "ensemble.n"),
-        (&["run", "rotation2d", "--set", "ensemble.n=1", "--out", o], "ensemble.n"),
-        (&["run", "rotation2d", "--set", "filter.flow_steps=0", "--out", o], "filter.flow_steps"),
-        (&["run", "rotation2d", "--set", "filter.sigma_min=0", "--out", o], "filter.sigma_min"),
-        (&["run", "rotation2d", "--set", "filter.sigma_min=-1", "--out", o], "filter.sigma_min"),
-        (&["run", "rotation2d", "--set", "observe.noise_std=0", "--out", o], "observe.noise_std"),
-        (&["run", "rotation2d", "--set", "filter.integrator=rk9", "--out", o], "filter.integrator"),
-        (&["run", "lorenz96_bao2024", "--set", "model.d=3", "--out", o], "model.d"),
-        (&["run", "lorenz96_bao2024", "--set", "model.dt=0", "--out", o], "model.dt"),
-        (&["run", "lorenz96_bao2024", "--set", "observe.obs_every=0", "--out", o], "observe.obs_every"),
-        (&["run", "lorenz96_bao2024", "--set", "experiment.cycles=0", "--out", o], "experiment.cycles"),
-        (&["run", "lorenz96_bao2024", "--set", "observe.noise_std=nan", "--out", o], "observe.noise_std"),
+        (
+            &["run", "lorenz97", "--out", o],
+            "unknown preset `lorenz97`",
+        ),
+        (
+            &["run", "rotation2d", "--filter", "enkf9", "--out", o],
+            "unknown filter `enkf9`",
+        ),
+        (
+            &["run", "rotation2d", "--set", "model.dd=3", "--out", o],
+            "unknown setting `model.dd`",
+        ),
+        (
+            &["run", "rotation2d", "--set", "nokey", "--out", o],
+            "section.key=value",
+        ),
+        (
+            &["run", "rotation2d", "--set", "ensemble.n=abc", "--out", o],
+            "ensemble.n",
+        ),
+        (
+            &["run", "rotation2d", "--set", "ensemble.n=1", "--out", o],
+            "ensemble.n",
+        ),
+        (
+            &[
+                "run",
+                "rotation2d",
+                "--set",
+                "filter.flow_steps=0",
+                "--out",
+                o,
+            ],
+            "filter.flow_steps",
+        ),
+        (
+            &[
+                "run",
+                "rotation2d",
+                "--set",
+                "filter.sigma_min=0",
+                "--out",
+                o,
+            ],
+            "filter.sigma_min",
+        ),
+        (
+            &[
+                "run",
+                "rotation2d",
+                "--set",
+                "filter.sigma_min=-1",
+                "--out",
+                o,
+            ],
+            "filter.sigma_min",
+        ),
+        (
+            &[
+                "run",
+                "rotation2d",
+                "--set",
+                "observe.noise_std=0",
+                "--out",
+                o,
+            ],
+            "observe.noise_std",
+        ),
+        (
+            &[
+                "run",
+                "rotation2d",
+                "--set",
+                "filter.integrator=rk9",
+                "--out",
+                o,
+            ],
+            "filter.integrator",
+        ),
+        (
+            &["run", "lorenz96_bao2024", "--set", "model.d=3", "--out", o],
+            "model.d",
+        ),
+        (
+            &["run", "lorenz96_bao2024", "--set", "model.dt=0", "--out", o],
+            "model.dt",
+        ),
+        (
+            &[
+                "run",
+                "lorenz96_bao2024",
+                "--set",
+                "observe.obs_every=0",
+                "--out",
+                o,
+            ],
+            "observe.obs_every",
+        ),
+        (
+            &[
+                "run",
+                "lorenz96_bao2024",
+                "--set",
+                "experiment.cycles=0",
+                "--out",
+                o,
+            ],
+            "experiment.cycles",
+        ),
+        (
+            &[
+                "run",
+                "lorenz96_bao2024",
+                "--set",
+                "observe.noise_std=nan",
+                "--out",
+                o,
+            ],
+            "observe.noise_std",
+        ),
     ];
     for (args, needle) in cases {
         assert_fails_cleanly(args, needle, &out);
