@@ -15,6 +15,7 @@ use crate::observe::ObservationOperator;
 use crate::rng::NoiseKey;
 
 pub mod cpu;
+pub mod gpu;
 
 /// A matrix of f32 owned by a backend.
 pub trait DeviceBuffer: Send + Sync {
@@ -143,8 +144,15 @@ pub trait Backend: Send + Sync {
     /// Multiplicative inflation about the ensemble mean: `x ← x̄ + γ (x − x̄)` (ENFF_SPEC §7).
     fn inflate(&self, ensemble: &mut Self::Buffer, gamma: f32) -> Result<()>;
 
-    /// A [`crate::Error::NonFinite`] naming the first NaN/Inf in `buf`, if any.
+    /// A [`crate::Error::NonFinite`] naming the first NaN/Inf in `buf`, if any. Backends that
+    /// queue work (the GPU) may report it at the next [`Backend::sync`] instead.
     fn check_finite(&self, buf: &Self::Buffer, name: &str) -> Result<()>;
+
+    /// Waits for queued work and reports deferred errors: non-finite flags raised by kernels,
+    /// validation errors, a lost device. The CPU backend has nothing deferred.
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
 
     // ---- models and observations -------------------------------------------------------------
 
@@ -205,4 +213,23 @@ pub trait Backend: Send + Sync {
         ensemble: &Self::Buffer,
         truth: &Self::Buffer,
     ) -> Result<EnsembleStats>;
+}
+
+/// Checks the path coefficients every flow kernel relies on.
+pub(crate) fn check_path(path: &PathCoefficients, has_source: bool) -> Result<()> {
+    if !(path.s.is_finite() && path.s > 0.0) {
+        return Err(crate::Error::invalid(
+            "path std s(t)",
+            path.s,
+            "the conditional std must be positive: use filter.sigma_min > 0",
+        ));
+    }
+    if !has_source && (path.b != 0.0 || path.db != 0.0) {
+        return Err(crate::Error::invalid(
+            "flow source",
+            "none",
+            "this path mixes in a source ensemble (F2P): pass the previous analysis",
+        ));
+    }
+    Ok(())
 }

@@ -1,0 +1,78 @@
+//! Shared helpers of the GPU test binaries: one GPU context per binary, and the skip policy
+//! (loud skip without an adapter; failure instead when `ENFF_REQUIRE_GPU=1`).
+
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use enff::backend::gpu::{Gpu, GpuOptions};
+
+/// The shared GPU backend, or `None` (after a loud message) when no adapter exists and
+/// `ENFF_REQUIRE_GPU` is not 1.
+pub fn gpu() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        open(GpuOptions {
+            allow_software: true,
+            max_chunk_bytes: None,
+        })
+    })
+    .as_ref()
+}
+
+/// A second GPU backend whose buffers are split into member blocks of at most `bytes`.
+pub fn gpu_split(bytes: u64) -> Option<Gpu> {
+    open(GpuOptions {
+        allow_software: true,
+        max_chunk_bytes: Some(bytes),
+    })
+}
+
+fn open(options: GpuOptions) -> Option<Gpu> {
+    match Gpu::new(options) {
+        Ok(g) => {
+            eprintln!("GPU tests run on: {}", g.adapter().line());
+            Some(g)
+        }
+        Err(e) => {
+            if std::env::var("ENFF_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("ENFF_REQUIRE_GPU=1 but no GPU adapter could be opened: {e}");
+            }
+            eprintln!(
+                "\n!!!!!!!! SKIPPING GPU TEST: no GPU adapter ({e}).\n\
+                 !!!!!!!! Install a Vulkan driver (e.g. mesa-vulkan-drivers) or set \
+                 ENFF_REQUIRE_GPU=1 to make this a failure.\n"
+            );
+            None
+        }
+    }
+}
+
+/// Maximum of |a − b| / (atol + rtol·|b|) over two arrays (≤ 1 means within tolerance).
+pub fn worst(a: &[f32], b: &[f32], atol: f64, rtol: f64) -> (f64, usize) {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let mut w = (0.0f64, 0usize);
+    for (k, (x, y)) in a.iter().zip(b).enumerate() {
+        let (x, y) = (*x as f64, *y as f64);
+        let e = if x.is_nan() || y.is_nan() {
+            f64::INFINITY
+        } else {
+            (x - y).abs() / (atol + rtol * y.abs())
+        };
+        if e > w.0 {
+            w = (e, k);
+        }
+    }
+    w
+}
+
+/// Asserts `a ≈ b` element-wise within `atol + rtol·|b|`.
+pub fn assert_close(a: &[f32], b: &[f32], atol: f64, rtol: f64, what: &str) {
+    let (e, k) = worst(a, b, atol, rtol);
+    assert!(
+        e <= 1.0,
+        "{what}: element {k}: gpu {} vs cpu {} (atol {atol}, rtol {rtol}, ratio {e:.3})",
+        a[k],
+        b[k]
+    );
+}
