@@ -121,11 +121,21 @@ fn reduce(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     if (idx >= nn) {
         return;
     }
+    // Neumaier-compensated sum over slabs: the common part of the distances is large and only
+    // differences between j matter, so keep the f32 rounding of this sum small.
     var s = 0.0;
+    var comp = 0.0;
     for (var slab = 0u; slab < p.n_slabs; slab = slab + 1u) {
-        s = s + partial[slab * nn + idx];
+        let v = partial[slab * nn + idx];
+        let t = s + v;
+        if (abs(s) >= abs(v)) {
+            comp = comp + ((s - t) + v);
+        } else {
+            comp = comp + ((v - t) + s);
+        }
+        s = t;
     }
-    var l = s * p.neg_inv_2s2;
+    var l = (s + comp) * p.neg_inv_2s2;
     if (p.has_bias != 0u) {
         l = l + bias[idx % p.n_total];
     }

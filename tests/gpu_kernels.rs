@@ -44,7 +44,7 @@ fn weights(n: usize, seed: u64) -> Vec<f32> {
 
 #[test]
 fn fill_normal_matches_the_cpu_philox_stream() {
-    let Some(g) = gpu() else { return };
+    let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
     for &n in &NS {
         for &d in &DS {
@@ -82,7 +82,7 @@ fn path_cases() -> Vec<(PathCoefficients, bool)> {
 
 #[test]
 fn flow_logits_match_the_cpu_twin() {
-    let Some(g) = gpu() else { return };
+    let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
     for &n in &NS {
         for &d in &DS {
@@ -141,7 +141,7 @@ fn flow_logits_match_the_cpu_twin() {
 
 #[test]
 fn softmax_rows_match_and_flag_non_finite_logits() {
-    let Some(g) = gpu() else { return };
+    let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
     for &n in &NS {
         let l = host_random(n, n, 8, 30.0);
@@ -176,7 +176,7 @@ fn softmax_rows_match_and_flag_non_finite_logits() {
 
 #[test]
 fn flow_update_matches_the_cpu_twin_for_every_variant() {
-    let Some(g) = gpu() else { return };
+    let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
     let ops = [
         Observe::identity(),
@@ -287,7 +287,7 @@ fn flow_update_matches_the_cpu_twin_for_every_variant() {
 
 #[test]
 fn inflation_statistics_observation_and_likelihood_match() {
-    let Some(g) = gpu() else { return };
+    let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
     let op = Observe::arctan().subsample(2, 1).unwrap();
     for &n in &NS {
@@ -351,7 +351,7 @@ fn inflation_statistics_observation_and_likelihood_match() {
 
 #[test]
 fn check_finite_reports_the_first_bad_element_at_sync() {
-    let Some(g) = gpu() else { return };
+    let Some((_lock, g)) = gpu() else { return };
     let (n, d) = (3, 1000);
     let mut x = host_random(n, d, 31, 1.0);
     x[2 * d + 417] = f32::INFINITY;
@@ -372,7 +372,7 @@ fn check_finite_reports_the_first_bad_element_at_sync() {
 
 #[test]
 fn model_kernels_match_the_cpu_runge_kutta() {
-    let Some(g) = gpu() else { return };
+    let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
     for scheme in [Scheme::Rk4ThreeEighths, Scheme::Rk4Classic] {
         let l63 = Model::new(System::Lorenz63(Lorenz63::default()), 0.01, scheme).unwrap();
@@ -416,7 +416,7 @@ fn model_kernels_match_the_cpu_runge_kutta() {
 
 #[test]
 fn member_block_splitting_gives_the_same_kernels() {
-    let Some(g) = gpu() else { return };
+    let Some((_lock, g)) = gpu() else { return };
     let (n, d) = (17, 1000);
     // Blocks of 3 members (12 kB): 6 blocks per ensemble.
     let Some(split) = gpu_split((3 * d * 4) as u64) else {

@@ -235,13 +235,16 @@ fn rk4_three_eighths_and_classic_converge_at_order_four_on_lorenz63_and_lorenz96
     }
 }
 
+/// A model family indexed by time step and scheme.
+type ModelOf = Box<dyn Fn(f64, Scheme) -> Model>;
+
 #[test]
 fn rk4_three_eighths_and_classic_agree_to_fifth_order_per_step() {
     // One step of each scheme from the same state: both have local error C dt^5 with different
     // constants, so their difference scales as dt^5 (ENFF_SPEC §10.2 item 8). The dt ranges stop
     // where the difference reaches the f32 resolution of the state (~1e-6 at |x| ~ 10).
     let cpu = Cpu::new();
-    let cases: [(&str, Box<dyn Fn(f64, Scheme) -> Model>, Vec<f32>, Vec<f64>); 2] = [
+    let cases: [(&str, ModelOf, Vec<f32>, Vec<f64>); 2] = [
         (
             "Lorenz-63",
             Box::new(l63_model),

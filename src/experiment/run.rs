@@ -210,6 +210,8 @@ impl Experiment {
             }
             if k > 0 {
                 backend.advance(&model, &mut ensemble, obs_every)?;
+                // Wait for queued device work so the forecast time is the real one.
+                backend.sync()?;
             }
             let seconds_forecast = t_forecast.elapsed().as_secs_f64();
             if k > 0 {

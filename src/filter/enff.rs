@@ -197,7 +197,9 @@ impl<B: Backend> Enff<B> {
             backend.check_finite(previous.expect("checked"), "previous analysis")?;
         }
         backend.check_finite(obs.y, "observation")?;
-        backend.check_finite(ensemble, "forecast ensemble")
+        backend.check_finite(ensemble, "forecast ensemble")?;
+        // Backends that defer checks (the GPU) report them here, before the ensemble is touched.
+        backend.sync()
     }
 
     /// Runs the analysis from a given standard-normal source noise `noise` (`n × d`) instead of
@@ -357,7 +359,10 @@ impl<B: Backend> Enff<B> {
             }
         }
         backend.inflate(&mut w.x, cfg.inflation)?;
-        backend.copy(&w.x, ensemble)
+        backend.copy(&w.x, ensemble)?;
+        // The one host round trip of an analysis: deferred error flags (non-finite inputs or
+        // weights) and device errors.
+        backend.sync()
     }
 }
 

@@ -3,14 +3,17 @@
 
 #![allow(dead_code)]
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use enff::backend::gpu::{Gpu, GpuOptions};
 
 /// The shared GPU backend, or `None` (after a loud message) when no adapter exists and
-/// `ENFF_REQUIRE_GPU` is not 1.
-pub fn gpu() -> Option<&'static Gpu> {
+/// `ENFF_REQUIRE_GPU` is not 1. The guard serializes GPU tests: a `Gpu` is one in-order stream
+/// whose deferred errors go to whichever caller syncs first.
+pub fn gpu() -> Option<(MutexGuard<'static, ()>, &'static Gpu)> {
     static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+    static LOCK: Mutex<()> = Mutex::new(());
+    let guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     GPU.get_or_init(|| {
         open(GpuOptions {
             allow_software: true,
@@ -18,6 +21,7 @@ pub fn gpu() -> Option<&'static Gpu> {
         })
     })
     .as_ref()
+    .map(|g| (guard, g))
 }
 
 /// A second GPU backend whose buffers are split into member blocks of at most `bytes`.

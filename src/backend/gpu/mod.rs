@@ -9,6 +9,10 @@
 //!
 //! Large ensembles are split into member blocks ("chunks") whenever `rows × cols × 4` bytes
 //! exceed the largest storage binding the adapter allows.
+//!
+//! One `Gpu` is one in-order stream of work: calls from several threads are serialized, and a
+//! deferred error is reported by whichever call syncs first. Give independent pipelines of work
+//! their own `Gpu`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -158,6 +162,7 @@ pub struct Gpu {
     ring: wgpu::Buffer,
     flags: wgpu::Buffer,
     readback: wgpu::Buffer,
+    readback_lock: Mutex<()>,
     result2: wgpu::Buffer,
     dummy_ro: wgpu::Buffer,
     dummy_rw: [wgpu::Buffer; 2],
@@ -301,6 +306,7 @@ impl Gpu {
             ring,
             flags,
             readback,
+            readback_lock: Mutex::new(()),
             result2,
             dummy_ro,
             dummy_rw,
@@ -486,6 +492,11 @@ impl Gpu {
     }
 
     fn read_small(&self, src: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        // One small staging buffer: hold its lock from the copy until it is unmapped.
+        let _staging = self
+            .readback_lock
+            .lock()
+            .map_err(|_| Error::Gpu("readback lock poisoned by an earlier panic".into()))?;
         {
             let mut rec = self.lock_rec()?;
             self.encoder(&mut rec)
