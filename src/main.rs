@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use enff::backend::gpu::{Gpu, GpuOptions};
 use enff::backend::{cpu::Cpu, Backend};
 use enff::experiment::{output, preset, Experiment, Report, DEFAULT_PRESET, PRESETS};
 
@@ -87,6 +88,13 @@ struct BenchArgs {
     /// Grid points as NxD (e.g. --size 20x10000 --size 100x10000); default: the standard grid.
     #[arg(long = "size", value_name = "NxD")]
     sizes: Vec<String>,
+    /// Backends to time: auto = the CPU and, when found, a hardware GPU; gpu accepts a
+    /// software adapter (correctness only: its timings say nothing about speed).
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Skip CPU rows whose estimated time per analysis exceeds this many seconds.
+    #[arg(long, default_value_t = 30.0)]
+    cpu_budget: f64,
 }
 
 fn main() -> ExitCode {
@@ -133,7 +141,17 @@ fn presets() -> Result<()> {
 fn info() -> Result<()> {
     let cpu = Cpu::new();
     println!("cpu: {}", cpu.describe());
-    println!("gpu: not available in this build (the CPU backend runs everything)");
+    let adapters = enff::backend::gpu::list_adapters();
+    if adapters.is_empty() {
+        println!("gpu: no adapter found (WGPU_BACKEND={})", std::env::var("WGPU_BACKEND").unwrap_or_else(|_| "all".into()));
+    }
+    for a in &adapters {
+        println!("gpu: {}", a.line());
+    }
+    match Gpu::new(GpuOptions::default()) {
+        Ok(g) => println!("--backend auto uses: {}", g.describe()),
+        Err(e) => println!("--backend auto uses: the CPU ({e})"),
+    }
     Ok(())
 }
 
@@ -151,9 +169,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                     .split_once('x')
                     .with_context(|| format!("--size {s}: write NxD, e.g. 20x10000"))?;
                 Ok((
-                    n.trim()
-                        .parse()
-                        .with_context(|| format!("--size {s}: bad N"))?,
+                    n.trim().parse().with_context(|| format!("--size {s}: bad N"))?,
                     parse_count(d).with_context(|| format!("--size {s}: bad D"))?,
                 ))
             })
@@ -164,17 +180,82 @@ fn bench(args: BenchArgs) -> Result<()> {
         enff::bench::DEFAULT_GRID.to_vec()
     };
     let cpu = Cpu::new();
+    let gpu = match args.backend {
+        BackendChoice::Cpu => None,
+        BackendChoice::Gpu => Some(Gpu::new(GpuOptions {
+            allow_software: true,
+            ..Default::default()
+        })?),
+        BackendChoice::Auto => match Gpu::new(GpuOptions::default()) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                log::info!("no hardware GPU for the benchmark ({e}); timing the CPU only");
+                None
+            }
+        },
+    };
+    let run_cpu = args.backend != BackendChoice::Gpu;
     println!(
-        "enff bench: one EnFF analysis, {} flow steps, {}",
-        args.flow_steps,
-        cpu.describe()
+        "enff bench: one EnFF-{} analysis = {} flow steps (+ source noise, checks, copy)",
+        args.path, args.flow_steps
     );
+    if run_cpu {
+        println!("  cpu: {}", cpu.describe());
+    }
+    if let Some(g) = &gpu {
+        println!("  gpu: {}", g.adapter().line());
+        if g.adapter().is_software {
+            println!("  NOTE: software adapter: GPU figures check correctness only, not speed");
+        }
+    }
     let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    let mut ratios = Vec::new();
+    let mut cpu_gflops = 20.0f64;
     for (n, d) in grid {
-        let row = enff::bench::bench_analysis(&cpu, n, d, args.flow_steps, path, args.reps, 1)?;
-        rows.push(row);
+        let mut cpu_row = None;
+        if run_cpu {
+            let est = enff::bench::flops_per_analysis(n, d, args.flow_steps) / (cpu_gflops * 1e9);
+            if est > args.cpu_budget {
+                notes.push(format!(
+                    "cpu n={n} d={d}: skipped, estimated {est:.0} s per analysis (--cpu-budget {})",
+                    args.cpu_budget
+                ));
+            } else {
+                let reps = if est > 2.0 { 1 } else { args.reps };
+                let r = enff::bench::bench_analysis(&cpu, n, d, args.flow_steps, path, reps, 1)?;
+                cpu_gflops = r.gflops.max(1.0);
+                cpu_row = Some(r.seconds_per_analysis);
+                rows.push(r);
+            }
+        }
+        if let Some(g) = &gpu {
+            match enff::bench::bench_analysis(g, n, d, args.flow_steps, path, args.reps, 1) {
+                Ok(r) => {
+                    if let Some(c) = cpu_row {
+                        ratios.push(format!(
+                            "n={n} d={d}: GPU {:.2}x the CPU speed (cpu {:.3} ms, gpu {:.3} ms)",
+                            c / r.seconds_per_analysis,
+                            c * 1e3,
+                            r.seconds_per_analysis * 1e3
+                        ));
+                    }
+                    rows.push(r);
+                }
+                Err(enff::Error::TooLarge { detail }) => {
+                    notes.push(format!("gpu n={n} d={d}: does not fit: {detail}"))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
     print!("{}", enff::bench::format_table(&rows));
+    for r in ratios {
+        println!("  {r}");
+    }
+    for note in notes {
+        println!("  {note}");
+    }
     Ok(())
 }
 
@@ -209,22 +290,30 @@ fn run(args: RunArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(experiment.config())?);
         return Ok(());
     }
-    match args.backend {
-        BackendChoice::Gpu => anyhow::bail!(
-            "--backend gpu: this build has no GPU backend; use --backend cpu (or auto)"
-        ),
-        BackendChoice::Auto => {
-            if std::env::var("ENFF_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                anyhow::bail!(
-                    "ENFF_REQUIRE_GPU=1 but this build has no GPU backend; unset it or use --backend cpu"
-                );
-            }
-            log::info!("no GPU backend in this build: running on the CPU");
+    let report = match args.backend {
+        BackendChoice::Cpu => run_on(&Cpu::new(), &experiment)?,
+        BackendChoice::Gpu => {
+            let gpu = Gpu::new(GpuOptions {
+                allow_software: true,
+                ..Default::default()
+            })
+            .context("--backend gpu")?;
+            run_on(&gpu, &experiment)?
         }
-        BackendChoice::Cpu => {}
-    }
-    let backend = Cpu::new();
-    let report = run_on(&backend, &experiment)?;
+        BackendChoice::Auto => match Gpu::new(GpuOptions::default()) {
+            Ok(gpu) => {
+                log::info!("running on the GPU: {}", gpu.describe());
+                run_on(&gpu, &experiment)?
+            }
+            Err(e) => {
+                if std::env::var("ENFF_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                    anyhow::bail!("ENFF_REQUIRE_GPU=1 and no hardware GPU: {e}");
+                }
+                log::info!("no hardware GPU adapter ({e}); running on the CPU");
+                run_on(&Cpu::new(), &experiment)?
+            }
+        },
+    };
     let out = args.out.unwrap_or_else(|| {
         PathBuf::from("runs").join(format!("{}-{}", experiment.name(), report.summary.filter))
     });
