@@ -159,3 +159,26 @@ fn three_cycle_twin_runs_agree_on_both_backends() {
     }
     assert_eq!(a.summary.backend, "gpu");
 }
+
+/// A lost device mid-run is a typed error, promptly, not a panic or a hang.
+#[test]
+fn device_loss_mid_run_is_a_typed_error() {
+    let Some((_lock, _)) = gpu() else { return };
+    let Some(g) = gpu_split(u64::MAX) else { return };
+    let (n, d) = (4, 64);
+    let mut ens = g.upload(n, d, &vec![0.5; n * d]).unwrap();
+    let yb = g.upload(1, d, &vec![0.1; d]).unwrap();
+    let op = Observe::identity();
+    let obs = Observation { y: &yb, operator: &op, noise_std: 0.3 };
+    let mut f = Enff::<Gpu>::new(EnffConfig::ot(0.1, 0.1, 3)).unwrap();
+    f.analyse(&g, &mut ens, None, &obs, 1).unwrap();
+    g.simulate_device_loss();
+    let started = std::time::Instant::now();
+    match f.analyse(&g, &mut ens, None, &obs, 2) {
+        Err(Error::Gpu(msg)) => assert!(msg.contains("lost"), "{msg}"),
+        other => panic!("expected a GPU error after device loss, got {other:?}"),
+    }
+    assert!(matches!(g.read(&ens), Err(Error::Gpu(_))));
+    assert!(matches!(g.zeros(2, 2), Err(Error::Gpu(_))));
+    assert!(started.elapsed().as_secs() < 30, "error took {:?}", started.elapsed());
+}

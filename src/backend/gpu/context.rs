@@ -68,7 +68,12 @@ impl AdapterSummary {
 }
 
 pub(crate) fn instance() -> wgpu::Instance {
-    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    // Where the driver reports a memory budget (Vulkan's memory-budget extension), refuse a
+    // buffer that would take more than 95% of it: a clean out-of-memory error instead of
+    // paging or a lost device.
+    desc.memory_budget_thresholds.for_resource_creation = Some(95);
+    wgpu::Instance::new(desc)
 }
 
 /// Every adapter wgpu finds with the current environment.

@@ -325,6 +325,13 @@ impl Gpu {
         self.max_binding
     }
 
+    /// Destroys the device as a driver reset would; every later call reports a lost device.
+    /// For testing the error path.
+    pub fn simulate_device_loss(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.device.destroy();
+    }
+
     fn lock_rec(&self) -> Result<std::sync::MutexGuard<'_, Recorder>> {
         self.rec
             .lock()
@@ -387,6 +394,9 @@ impl Gpu {
         groups: (u32, u32, u32),
     ) -> Result<()> {
         debug_assert_eq!(buffers.len(), kernel.bindings.len(), "{}", kernel.name);
+        if self.lost.load(Ordering::SeqCst) {
+            return self.health();
+        }
         let mut rec = self.lock_rec()?;
         if rec.ring.len() as u64 + PARAM_SLOT > RING_BYTES {
             self.flush_locked(&mut rec);
@@ -426,6 +436,7 @@ impl Gpu {
     }
 
     fn new_buffer(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        self.health()?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
@@ -833,6 +844,7 @@ impl Backend for Gpu {
                 format!("{} values", data.len()),
             ));
         }
+        self.health()?;
         // Work recorded earlier must see the old contents: submit it before the write.
         self.flush()?;
         for (c, chunk) in buf.chunks.iter().enumerate() {
@@ -847,6 +859,7 @@ impl Backend for Gpu {
     }
 
     fn read(&self, buf: &GpuBuffer) -> Result<Vec<f32>> {
+        self.health()?;
         let total = (buf.rows * buf.cols * 4) as u64;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("enff readback"),
@@ -881,6 +894,7 @@ impl Backend for Gpu {
 
     fn copy(&self, src: &GpuBuffer, dst: &mut GpuBuffer) -> Result<()> {
         shape_err("copy destination", dst, src.rows, src.cols)?;
+        self.health()?;
         let mut rec = self.lock_rec()?;
         let enc = self.encoder(&mut rec);
         for (c, (s, d)) in src.chunks.iter().zip(&dst.chunks).enumerate() {
@@ -998,6 +1012,7 @@ impl Backend for Gpu {
     }
 
     fn sync(&self) -> Result<()> {
+        self.health()?;
         let pending = {
             let mut rec = self.lock_rec()?;
             std::mem::take(&mut rec.pending)
