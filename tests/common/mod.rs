@@ -7,13 +7,19 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use enff::backend::gpu::{Gpu, GpuOptions};
 
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// Serializes the tests of one binary that must not overlap (GPU work, heap accounting).
+pub fn gpu_lock() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The shared GPU backend, or `None` (after a loud message) when no adapter exists and
 /// `ENFF_REQUIRE_GPU` is not 1. The guard serializes GPU tests: a `Gpu` is one in-order stream
 /// whose deferred errors go to whichever caller syncs first.
 pub fn gpu() -> Option<(MutexGuard<'static, ()>, &'static Gpu)> {
     static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
-    static LOCK: Mutex<()> = Mutex::new(());
-    let guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let guard = gpu_lock();
     GPU.get_or_init(|| {
         open(GpuOptions {
             allow_software: true,

@@ -168,6 +168,8 @@ pub struct Gpu {
     dummy_rw: [wgpu::Buffer; 2],
     uncaptured: Arc<Mutex<Option<String>>>,
     lost: Arc<AtomicBool>,
+    /// Device buffers created so far (matrices and scratch; not transient read-back staging).
+    allocations: std::sync::atomic::AtomicU64,
 }
 
 fn flag_reset() -> Vec<u32> {
@@ -312,6 +314,7 @@ impl Gpu {
             dummy_rw,
             uncaptured,
             lost,
+            allocations: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -435,8 +438,15 @@ impl Gpu {
         Ok(())
     }
 
+    /// Number of device buffers created so far (matrices and scratch). A run whose count stops
+    /// growing after its first cycles allocates nothing per cycle or per flow step.
+    pub fn buffers_allocated(&self) -> u64 {
+        self.allocations.load(Ordering::Relaxed)
+    }
+
     fn new_buffer(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
         self.health()?;
+        self.allocations.fetch_add(1, Ordering::Relaxed);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
