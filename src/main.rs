@@ -290,40 +290,48 @@ fn run(args: RunArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(experiment.config())?);
         return Ok(());
     }
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "{}-{}",
+            experiment.name(),
+            experiment.config().filter.kind
+        ))
+    });
     let report = match args.backend {
-        BackendChoice::Cpu => run_on(&Cpu::new(), &experiment)?,
+        BackendChoice::Cpu => run_on(&Cpu::new(), &experiment, &out)?,
         BackendChoice::Gpu => {
             let gpu = Gpu::new(GpuOptions {
                 allow_software: true,
                 ..Default::default()
             })
             .context("--backend gpu")?;
-            run_on(&gpu, &experiment)?
+            run_on(&gpu, &experiment, &out)?
         }
         BackendChoice::Auto => match Gpu::new(GpuOptions::default()) {
             Ok(gpu) => {
                 log::info!("running on the GPU: {}", gpu.describe());
-                run_on(&gpu, &experiment)?
+                run_on(&gpu, &experiment, &out)?
             }
             Err(e) => {
                 if std::env::var("ENFF_REQUIRE_GPU").is_ok_and(|v| v == "1") {
                     anyhow::bail!("ENFF_REQUIRE_GPU=1 and no hardware GPU: {e}");
                 }
                 log::info!("no hardware GPU adapter ({e}); running on the CPU");
-                run_on(&Cpu::new(), &experiment)?
+                run_on(&Cpu::new(), &experiment, &out)?
             }
         },
     };
-    let out = args.out.unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!("{}-{}", experiment.name(), report.summary.filter))
-    });
     output::write_report(&out, &report)
         .with_context(|| format!("writing results to {}", out.display()))?;
     print_summary(&report, &out);
     Ok(())
 }
 
-fn run_on<B: Backend + 'static>(backend: &B, experiment: &Experiment) -> Result<Report> {
+fn run_on<B: Backend + 'static>(
+    backend: &B,
+    experiment: &Experiment,
+    out: &std::path::Path,
+) -> Result<Report> {
     let cycles = experiment.config().experiment.cycles as u64;
     let bar = ProgressBar::new(cycles);
     bar.set_style(
@@ -338,12 +346,27 @@ fn run_on<B: Backend + 'static>(backend: &B, experiment: &Experiment) -> Result<
         experiment.config().state_dim(),
         backend.describe()
     );
+    let mut rows = Vec::with_capacity(cycles as usize);
     let report = experiment.run(backend, |m| {
         bar.set_message(format!("{:.4}", m.rmse));
         bar.inc(1);
+        rows.push(m.clone());
     });
     bar.finish_and_clear();
-    Ok(report?)
+    match report {
+        Ok(r) => Ok(r),
+        Err(e @ enff::Error::Diverged { .. }) => {
+            // Keep what was measured before the blow-up.
+            output::write_metrics(out, &rows)
+                .with_context(|| format!("writing partial metrics to {}", out.display()))?;
+            Err(anyhow::Error::new(e).context(format!(
+                "the metrics of the {} completed cycles are in {}",
+                rows.len(),
+                out.join("metrics.csv").display()
+            )))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn print_summary(report: &Report, out: &std::path::Path) {

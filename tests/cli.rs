@@ -262,3 +262,31 @@ fn presets_lists_every_preset_with_its_expected_rmse() {
     }
     assert!(s.contains("expected rmse"));
 }
+
+#[test]
+fn a_divergence_names_the_cycle_and_keeps_the_metrics_so_far() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("div");
+    // A model step of 0.2 makes RK4 on Lorenz-96 blow up after a few cycles, not at once.
+    let o = enff(&[
+        "run",
+        "lorenz96_sakov2008",
+        "--backend",
+        "cpu",
+        "--set",
+        "model.dt=0.2",
+        "--set",
+        "experiment.spinup=0",
+        "--set",
+        "experiment.cycles=200",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("divergence at cycle"), "{err}");
+    assert!(!out.join("summary.json").exists());
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).expect("partial metrics kept");
+    let rows = csv.lines().count() - 1;
+    assert!(err.contains(&format!("{rows} completed cycles")), "{err}");
+}

@@ -6,7 +6,7 @@ use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use super::run::Report;
+use super::run::{CycleMetrics, Report};
 use crate::error::{Error, Result};
 
 fn io_err(path: &Path, source: std::io::Error) -> Error {
@@ -41,10 +41,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// The per-cycle metrics as CSV text (header + one row per cycle).
 pub fn metrics_csv(report: &Report) -> String {
+    metrics_rows_csv(&report.metrics)
+}
+
+/// Writes `DIR/metrics.csv` alone (e.g. the cycles completed before a divergence).
+pub fn write_metrics(dir: &Path, rows: &[CycleMetrics]) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    write_atomic(&dir.join("metrics.csv"), metrics_rows_csv(rows).as_bytes())
+}
+
+/// CSV text of metric rows (header + one row per cycle).
+pub fn metrics_rows_csv(rows: &[CycleMetrics]) -> String {
     let mut s = String::from(
         "cycle,time,rmse_forecast,spread_forecast,rmse,spread,seconds_forecast,seconds_analysis\n",
     );
-    for r in &report.metrics {
+    for r in rows {
         let _ = writeln!(
             s,
             "{},{},{:.6e},{:.6e},{:.6e},{:.6e},{:.6e},{:.6e}",
