@@ -141,3 +141,74 @@ fn reduce(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     }
     logits[idx] = l;
 }
+
+// Large-n variant of pass 1: 64 x 64 pairs per workgroup, 4 x 4 per invocation, for ensembles
+// where the computation, not memory traffic, bounds the time. Same output as `distances`.
+const BIG: u32 = 64u;
+const BK: u32 = 16u;
+const BSTRIDE: u32 = 65u; // BIG + 1
+var<workgroup> bxs: array<f32, 1040>; // BK * BSTRIDE, k-major
+var<workgroup> bms: array<f32, 1040>;
+
+@compute @workgroup_size(16, 16, 1)
+fn distances_big(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let ti0 = wg.x * BIG;
+    let tj0 = wg.y * BIG;
+    let slab = wg.z;
+    let k_begin = slab * p.slab_len;
+    let k_end = min(p.d, k_begin + p.slab_len);
+    let flat = lid.y * 16u + lid.x;
+    var acc: array<f32, 16>;
+    for (var q = 0u; q < 16u; q = q + 1u) {
+        acc[q] = 0.0;
+    }
+    for (var k0 = k_begin; k0 < k_end; k0 = k0 + BK) {
+        for (var e = 0u; e < 4u; e = e + 1u) {
+            let idx = flat + e * 256u;
+            let r = idx / BK;
+            let c = idx % BK;
+            let k = k0 + c;
+            var xv = 0.0;
+            var mv = 0.0;
+            let gi = ti0 + r;
+            if (gi < p.n_x && k < k_end) {
+                xv = x[gi * p.d + k];
+            }
+            let gj = tj0 + r;
+            if (gj < p.n_t && k < k_end) {
+                mv = p.a * tgt[gj * p.d + k];
+                if (p.has_source != 0u) {
+                    mv = mv + p.b * src[gj * p.d + k];
+                }
+            }
+            bxs[c * BSTRIDE + r] = xv;
+            bms[c * BSTRIDE + r] = mv;
+        }
+        workgroupBarrier();
+        for (var c = 0u; c < BK; c = c + 1u) {
+            var xr: array<f32, 4>;
+            var mc: array<f32, 4>;
+            for (var q = 0u; q < 4u; q = q + 1u) {
+                xr[q] = bxs[c * BSTRIDE + lid.y + 16u * q];
+                mc[q] = bms[c * BSTRIDE + lid.x + 16u * q];
+            }
+            for (var r = 0u; r < 4u; r = r + 1u) {
+                for (var q = 0u; q < 4u; q = q + 1u) {
+                    let dv = xr[r] - mc[q];
+                    acc[r * 4u + q] = fma(dv, dv, acc[r * 4u + q]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    let base = slab * p.n_total * p.n_total;
+    for (var r = 0u; r < 4u; r = r + 1u) {
+        let i = ti0 + lid.y + 16u * r;
+        for (var q = 0u; q < 4u; q = q + 1u) {
+            let j = tj0 + lid.x + 16u * q;
+            if (i < p.n_x && j < p.n_t) {
+                partial[base + (p.row0_x + i) * p.n_total + p.row0_t + j] = acc[r * 4u + q];
+            }
+        }
+    }
+}

@@ -143,3 +143,102 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         }
     }
 }
+
+// Large-n variant: the Σ_j W_ij U_jk product as a tiled matrix product (64 members x 64
+// components per workgroup, 4 x 4 per invocation, j in steps of 16 through shared memory),
+// followed by the same guidance and integrator epilogue as `main`.
+const TI: u32 = 64u;
+const TJ: u32 = 16u;
+var<workgroup> ws: array<f32, 1024>; // TI x TJ, row-major
+var<workgroup> us: array<f32, 1024>; // TJ x TI (components), row-major
+
+fn finish(i: u32, k: u32, vin: f32) {
+    let e = i * p.d + k;
+    var xe: f32;
+    if (p.has_eval != 0u) {
+        xe = evalb[e];
+    } else {
+        xe = state[e];
+    }
+    var v = vin;
+    if (p.first != 0u) {
+        v = v + p.cx * xe;
+    } else {
+        v = v + acc[e];
+    }
+    if (p.last == 0u) {
+        acc[e] = v;
+        return;
+    }
+    if (p.guided != 0u && k >= p.obs_offset) {
+        let rel = k - p.obs_offset;
+        if (rel % p.obs_every == 0u && rel / p.obs_every < p.obs_m) {
+            let xh = xe + p.horizon * v;
+            v = v + p.scale * h_prime(xh) * (y[rel / p.obs_every] - h_of(xh));
+        }
+    }
+    var nv = state[e] + p.h_new * v;
+    if (p.has_prev != 0u) {
+        nv = nv + p.h_old * vprev[e];
+    }
+    state[e] = nv;
+    if (p.has_vel_out != 0u) {
+        velout[e] = v;
+    }
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let k0 = wg.x * TI;
+    let i0 = wg.y * TI;
+    let flat = lid.y * 16u + lid.x;
+    var sum: array<f32, 16>;
+    for (var q = 0u; q < 16u; q = q + 1u) {
+        sum[q] = 0.0;
+    }
+    for (var j0 = 0u; j0 < p.n_t; j0 = j0 + TJ) {
+        for (var e = 0u; e < 4u; e = e + 1u) {
+            let idx = flat + e * 256u;
+            // W tile: row ii (member), column jj
+            let ii = idx / TJ;
+            let jj = idx % TJ;
+            var wv = 0.0;
+            if (i0 + ii < p.n_rows && j0 + jj < p.n_t) {
+                wv = w[(p.row0_state + i0 + ii) * p.n_total + p.row0_t + j0 + jj];
+            }
+            ws[ii * TJ + jj] = wv;
+            // U tile: row jj2 (mean), column kk (component)
+            let jj2 = idx / TI;
+            let kk = idx % TI;
+            var uv = 0.0;
+            if (j0 + jj2 < p.n_t && k0 + kk < p.d) {
+                uv = u_at(j0 + jj2, k0 + kk);
+            }
+            us[jj2 * TI + kk] = uv;
+        }
+        workgroupBarrier();
+        for (var jj = 0u; jj < TJ; jj = jj + 1u) {
+            var a: array<f32, 4>;
+            var b: array<f32, 4>;
+            for (var q = 0u; q < 4u; q = q + 1u) {
+                a[q] = ws[(lid.y + 16u * q) * TJ + jj];
+                b[q] = us[jj * TI + lid.x + 16u * q];
+            }
+            for (var r = 0u; r < 4u; r = r + 1u) {
+                for (var q = 0u; q < 4u; q = q + 1u) {
+                    sum[r * 4u + q] = fma(a[r], b[q], sum[r * 4u + q]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var r = 0u; r < 4u; r = r + 1u) {
+        let i = i0 + lid.y + 16u * r;
+        for (var q = 0u; q < 4u; q = q + 1u) {
+            let k = k0 + lid.x + 16u * q;
+            if (i < p.n_rows && k < p.d) {
+                finish(i, k, sum[r * 4u + q]);
+            }
+        }
+    }
+}

@@ -504,3 +504,72 @@ fn member_block_splitting_gives_the_same_kernels() {
     assert_close(&b.6, &a.6, 0.0, 0.0, "split model");
     assert_close(&b.7, &a.7, 1e-6, 1e-6, "split log-likelihoods");
 }
+
+/// Ensembles above 32 members take the tiled kernels (64 x 64 tiles); 100 and 130 members
+/// leave partial tiles, and a split target exercises the accumulate-then-finish path.
+#[test]
+fn large_ensemble_tiled_kernels_match_the_cpu_twin() {
+    let Some((_lock, g)) = gpu() else { return };
+    let cpu = Cpu::new();
+    let op = Observe::arctan();
+    for &(n, d) in &[(100usize, 1000usize), (130, 500)] {
+        let x = host_random(n, d, 61, 1.0);
+        let t = host_random(n, d, 62, 1.0);
+        let s = host_random(n, d, 63, 1.0);
+        let y = host_random(1, d, 64, 0.5);
+        let w = weights(n, 65);
+        let path = Path::new(PathKind::F2p, 0.2).unwrap().at(0.4);
+        let mut outs = Vec::new();
+        let split = gpu_split((40 * d * 4) as u64).unwrap();
+        for b in [g, &split] {
+            let (xb, tb, sb, yb, wb) = (
+                b.upload(n, d, &x).unwrap(),
+                b.upload(n, d, &t).unwrap(),
+                b.upload(n, d, &s).unwrap(),
+                b.upload(1, d, &y).unwrap(),
+                b.upload(n, n, &w).unwrap(),
+            );
+            let mut lg = poisoned(b, n, n);
+            b.flow_logits(&xb, &tb, Some(&sb), path, None, &mut lg).unwrap();
+            let mut st = b.upload(n, d, &x).unwrap();
+            let up = FlowUpdate::<Gpu> {
+                eval: None,
+                weights: &wb,
+                target: &tb,
+                source: Some(&sb),
+                path,
+                guidance: Some(Guidance { operator: &op, y: &yb, scale: 0.5, horizon: 0.6 }),
+                h_new: 0.2,
+                previous: None,
+            };
+            b.flow_update(&mut st, &up, None).unwrap();
+            outs.push((b.read(&lg).unwrap(), b.read(&st).unwrap()));
+        }
+        let (xc, tc, sc, yc, wc) = (
+            cpu.upload(n, d, &x).unwrap(),
+            cpu.upload(n, d, &t).unwrap(),
+            cpu.upload(n, d, &s).unwrap(),
+            cpu.upload(1, d, &y).unwrap(),
+            cpu.upload(n, n, &w).unwrap(),
+        );
+        let mut lc = cpu.zeros(n, n).unwrap();
+        cpu.flow_logits(&xc, &tc, Some(&sc), path, None, &mut lc).unwrap();
+        let mut stc = cpu.upload(n, d, &x).unwrap();
+        let upc = FlowUpdate::<Cpu> {
+            eval: None,
+            weights: &wc,
+            target: &tc,
+            source: Some(&sc),
+            path,
+            guidance: Some(Guidance { operator: &op, y: &yc, scale: 0.5, horizon: 0.6 }),
+            h_new: 0.2,
+            previous: None,
+        };
+        cpu.flow_update(&mut stc, &upc, None).unwrap();
+        let (lcv, stv) = (cpu.read(&lc).unwrap(), cpu.read(&stc).unwrap());
+        for (k, (l, st)) in outs.iter().enumerate() {
+            assert_close(l, &lcv, 1e-4, 1e-4, &format!("tiled logits n={n} d={d} split={k}"));
+            assert_close(st, &stv, 2e-5, 2e-5, &format!("tiled update n={n} d={d} split={k}"));
+        }
+    }
+}

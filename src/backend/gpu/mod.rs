@@ -113,9 +113,11 @@ struct Kernel {
 
 struct Kernels {
     logits: Kernel,
+    logits_big: Kernel,
     logits_reduce: Kernel,
     softmax: Kernel,
     update: Kernel,
+    update_tiled: Kernel,
     noise: Kernel,
     colsum: Kernel,
     colsq: Kernel,
@@ -638,6 +640,12 @@ impl Kernels {
                 "distances",
                 &[(1, Read), (2, Read), (3, Read), (4, ReadWrite)],
             ),
+            logits_big: k(
+                "flow_logits_big",
+                &logits,
+                "distances_big",
+                &[(1, Read), (2, Read), (3, Read), (4, ReadWrite)],
+            ),
             logits_reduce: k(
                 "flow_logits_reduce",
                 &logits,
@@ -654,6 +662,22 @@ impl Kernels {
                 "flow_update",
                 &update,
                 "main",
+                &[
+                    (1, Read),
+                    (2, Read),
+                    (3, Read),
+                    (4, Read),
+                    (5, ReadWrite),
+                    (6, Read),
+                    (7, ReadWrite),
+                    (8, Read),
+                    (9, ReadWrite),
+                ],
+            ),
+            update_tiled: k(
+                "flow_update_tiled",
+                &update,
+                "tiled",
                 &[
                     (1, Read),
                     (2, Read),
@@ -1283,7 +1307,10 @@ impl Backend for Gpu {
         }
         check_path(&path, source.is_some())?;
         let logits_buf = logits.single("flow log-weights")?;
-        let tiles = (n as u64).div_ceil(LOGIT_TILE as u64).pow(2);
+        // Large ensembles are compute-bound: 64 x 64 tiles with 4 x 4 pairs per invocation.
+        let big = n > 32;
+        let tile = if big { 64 } else { LOGIT_TILE };
+        let tiles = (n as u64).div_ceil(tile as u64).pow(2);
         let max_slabs = (d as u64).div_ceil(LOGIT_TK as u64).max(1);
         let want = LOGIT_TARGET_GROUPS.div_ceil(tiles).clamp(1, max_slabs);
         let slab_len = ((d as u64).div_ceil(want))
@@ -1332,10 +1359,15 @@ impl Backend for Gpu {
                     neg_inv_2s2: 0.0,
                     _pad: [0; 3],
                 };
-                let gx = ((xr1 - xr0) as u32).div_ceil(LOGIT_TILE);
-                let gy = ((tr1 - tr0) as u32).div_ceil(LOGIT_TILE);
+                let gx = ((xr1 - xr0) as u32).div_ceil(tile);
+                let gy = ((tr1 - tr0) as u32).div_ceil(tile);
+                let kernel = if big {
+                    &self.kernels.logits_big
+                } else {
+                    &self.kernels.logits
+                };
                 self.dispatch(
-                    &self.kernels.logits,
+                    kernel,
                     &p,
                     &[xb, tb, sb, &partial],
                     (gx, gy, n_slabs as u32),
@@ -1484,8 +1516,21 @@ impl Backend for Gpu {
                     .as_deref_mut()
                     .map_or(&self.dummy_rw[0], |v| &v.chunks[ci]);
                 let accb = acc.as_ref().unwrap_or(&self.dummy_rw[1]);
+                // More than 32 means per target block: a tiled matrix product.
+                let (kernel, groups) = if tr1 - tr0 > 32 {
+                    let gx = u32_of(d.div_ceil(64), "d / 64")?;
+                    let gy = ((sr1 - sr0) as u32).div_ceil(64);
+                    if gx > 65_535 || gy > 65_535 {
+                        return Err(Error::TooLarge {
+                            detail: format!("d = {d} is too large for one tiled dispatch"),
+                        });
+                    }
+                    (&self.kernels.update_tiled, (gx, gy, 1))
+                } else {
+                    (&self.kernels.update, (g.0, g.1, 1))
+                };
                 self.dispatch(
-                    &self.kernels.update,
+                    kernel,
                     &p,
                     &[
                         wbuf,
@@ -1498,7 +1543,7 @@ impl Backend for Gpu {
                         ybuf,
                         accb,
                     ],
-                    (g.0, g.1, 1),
+                    groups,
                 )?;
             }
         }
