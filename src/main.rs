@@ -95,6 +95,10 @@ struct BenchArgs {
     /// Skip CPU rows whose estimated time per analysis exceeds this many seconds.
     #[arg(long, default_value_t = 30.0)]
     cpu_budget: f64,
+    /// Time whole Lorenz-96 cycles (forecast + analysis) instead of single analyses, over
+    /// d ∈ {1e4, 1e5, 1e6} and n ∈ {20, 100} (or the --size grid).
+    #[arg(long)]
+    cycles: bool,
 }
 
 fn main() -> ExitCode {
@@ -179,6 +183,22 @@ fn bench(args: BenchArgs) -> Result<()> {
     } else {
         enff::bench::DEFAULT_GRID.to_vec()
     };
+    let grid = if args.cycles && args.sizes.is_empty() {
+        if args.quick {
+            vec![(20, 10_000)]
+        } else {
+            vec![
+                (20, 10_000),
+                (100, 10_000),
+                (20, 100_000),
+                (100, 100_000),
+                (20, 1_000_000),
+                (100, 1_000_000),
+            ]
+        }
+    } else {
+        grid
+    };
     let cpu = Cpu::new();
     let gpu = match args.backend {
         BackendChoice::Cpu => None,
@@ -195,6 +215,9 @@ fn bench(args: BenchArgs) -> Result<()> {
         },
     };
     let run_cpu = args.backend != BackendChoice::Gpu;
+    if args.cycles {
+        return bench_cycles(&args, &grid, &cpu, gpu.as_ref(), run_cpu);
+    }
     println!(
         "enff bench: one EnFF-{} analysis = {} flow steps (+ source noise, checks, copy)",
         args.path, args.flow_steps
@@ -256,6 +279,107 @@ fn bench(args: BenchArgs) -> Result<()> {
     for note in notes {
         println!("  {note}");
     }
+    Ok(())
+}
+
+/// One row of the cycle benchmark.
+fn cycle_row<B: Backend + 'static>(
+    backend: &B,
+    n: usize,
+    d: usize,
+    flow_steps: usize,
+    cycles: usize,
+) -> Result<enff::experiment::Summary> {
+    let p = preset("lorenz96_bao2024")?;
+    let mut cfg = p.config.clone();
+    for s in [
+        format!("model.d={d}"),
+        format!("ensemble.n={n}"),
+        format!("filter.flow_steps={flow_steps}"),
+        format!("experiment.cycles={cycles}"),
+        "experiment.burn_in=0".into(),
+        "experiment.spinup=100".into(),
+    ] {
+        cfg.set(&s)?;
+    }
+    let exp = Experiment::new(p.name, cfg, None)?;
+    Ok(exp.run(backend, |_| {})?.summary)
+}
+
+fn bench_cycles(
+    args: &BenchArgs,
+    grid: &[(usize, usize)],
+    cpu: &Cpu,
+    gpu: Option<&Gpu>,
+    run_cpu: bool,
+) -> Result<()> {
+    let cycles = if args.quick { 3 } else { 5 };
+    println!(
+        "enff bench --cycles: Lorenz-96 (RK4 3/8, 10 model steps per cycle), EnFF-F2P with {} \
+         flow steps, {cycles} cycles per row",
+        args.flow_steps
+    );
+    if let Some(g) = gpu {
+        println!("  gpu: {}", g.adapter().line());
+    }
+    println!(
+        "{:<5} {:>5} {:>9} {:>12} {:>12} {:>12} {:>13} {:>11}",
+        "back", "n", "d", "s/cycle", "forecast s", "analysis s", "fcst GB/s*", "floor GB*"
+    );
+    let mut cpu_rate = 5e8f64; // member-components per second, refined after each CPU row
+    for &(n, d) in grid {
+        // RK4 as five passes (4 stages + combine) over x and the stage vectors: 20 n·d floats
+        // moved per model step; the floor is one read and one write of the ensemble (8 n·d B).
+        let steps = 10.0;
+        let moved = 20.0 * 4.0 * (n * d) as f64 * steps;
+        let floor = 8.0 * (n * d) as f64 * steps;
+        let mut rows: Vec<(&str, enff::experiment::Summary)> = Vec::new();
+        if run_cpu {
+            let est = (n * d) as f64 * (steps + 4.0 * n as f64 * args.flow_steps as f64) / cpu_rate
+                * cycles as f64;
+            if est > args.cpu_budget * cycles as f64 {
+                println!("cpu   {n:>5} {d:>9}  skipped: estimated {est:.0} s (--cpu-budget)");
+            } else {
+                let s = cycle_row(cpu, n, d, args.flow_steps, cycles)?;
+                cpu_rate = (n * d) as f64 * (steps + 4.0 * n as f64 * args.flow_steps as f64)
+                    / s.seconds_per_cycle.max(1e-9);
+                rows.push(("cpu", s));
+            }
+        }
+        if let Some(g) = gpu {
+            match cycle_row(g, n, d, args.flow_steps, cycles) {
+                Ok(s) => rows.push(("gpu", s)),
+                Err(e) => println!("gpu   {n:>5} {d:>9}  does not fit: {e:#}"),
+            }
+        }
+        for (name, s) in &rows {
+            let per = |t: f64| t / s.cycles as f64;
+            let f = per(s.seconds_forecast);
+            println!(
+                "{:<5} {:>5} {:>9} {:>12.4} {:>12.4} {:>12.4} {:>13.1} {:>11.3}",
+                name,
+                n,
+                d,
+                per(s.seconds_forecast + s.seconds_analysis),
+                f,
+                per(s.seconds_analysis),
+                moved / f.max(1e-12) / 1e9,
+                floor / 1e9
+            );
+        }
+        if rows.len() == 2 {
+            let (c, g) = (&rows[0].1, &rows[1].1);
+            println!(
+                "      GPU/CPU speed-up per cycle: {:.2}x",
+                (c.seconds_forecast + c.seconds_analysis) / (g.seconds_forecast + g.seconds_analysis)
+            );
+        }
+    }
+    println!(
+        "  *: forecast traffic counted as 20·4·n·d bytes per model step (four RK stages and the \
+         combination as separate passes, as the GPU runs them); floor = one read and one write \
+         of the ensemble per step (8·n·d bytes), per cycle."
+    );
     Ok(())
 }
 
