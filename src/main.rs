@@ -414,6 +414,15 @@ fn run(args: RunArgs) -> Result<()> {
     let experiment = Experiment::new(p.name, config, Some(p.expected_rmse))?;
     if args.dry_run {
         println!("{}", serde_json::to_string_pretty(experiment.config())?);
+        let est = experiment.memory_estimate();
+        println!(
+            "memory estimate: {:.3} GiB ({:.4} GiB per member)",
+            est.total as f64 / (1u64 << 30) as f64,
+            est.per_member as f64 / (1u64 << 30) as f64
+        );
+        for (name, b) in &est.parts {
+            println!("  {name:<32} {:>10.1} MiB", *b as f64 / (1u64 << 20) as f64);
+        }
         return Ok(());
     }
     let out = args.out.clone().unwrap_or_else(|| {

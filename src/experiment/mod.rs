@@ -12,4 +12,4 @@ mod run;
 
 pub use config::Config;
 pub use presets::{preset, Preset, DEFAULT_PRESET, PRESETS};
-pub use run::{build_filter, CycleMetrics, Experiment, Report, Summary};
+pub use run::{build_filter, CycleMetrics, Experiment, MemoryEstimate, Report, Summary};

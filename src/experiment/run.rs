@@ -94,6 +94,17 @@ pub struct Report {
     pub metrics: Vec<CycleMetrics>,
 }
 
+/// Device memory a run needs (see [`Experiment::memory_estimate`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MemoryEstimate {
+    /// Total bytes.
+    pub total: u64,
+    /// Bytes by buffer.
+    pub parts: Vec<(String, u64)>,
+    /// Bytes each additional member costs.
+    pub per_member: u64,
+}
+
 /// Builds the filter named in the configuration for backend `B`.
 pub fn build_filter<B: Backend + 'static>(config: &Config) -> Result<Box<dyn Filter<B>>> {
     Ok(Box::new(Enff::<B>::new(config.enff_config()?)?))
@@ -134,8 +145,77 @@ impl Experiment {
         &self.name
     }
 
+    /// Device memory the run needs, by buffer, in bytes (the GPU backend's layout: the CPU
+    /// needs the same minus the Runge–Kutta stage buffers, which it keeps per thread).
+    pub fn memory_estimate(&self) -> MemoryEstimate {
+        let cfg = &self.config;
+        let (n, d) = (cfg.ensemble.n as u64, cfg.state_dim() as u64);
+        let m = self
+            .config
+            .observation_operator()
+            .and_then(|op| op.obs_dim(d as usize))
+            .unwrap_or(d as usize) as u64;
+        let nd = 4 * n * d;
+        let mut parts = vec![
+            ("ensemble".to_string(), nd),
+            ("flow state".to_string(), nd),
+            ("model stages (4)".to_string(), 4 * nd),
+            ("truth, observation".to_string(), 4 * (d + 2 * m)),
+            ("weights, pairwise partial sums".to_string(), {
+                // As the GPU splits the distances: tiles of 32 (n ≤ 32) or 64 pairs, about
+                // 2048 workgroups, slabs of at least 32 components.
+                let tile = if n > 32 { 64 } else { 32 };
+                let tiles = n.div_ceil(tile).pow(2);
+                let slabs = 2048u64.div_ceil(tiles).clamp(1, d.div_ceil(32).max(1));
+                4 * n * n * (slabs + 1)
+            }),
+        ];
+        if cfg.filter.kind == "enff-f2p" {
+            parts.push(("previous analysis".to_string(), nd));
+        }
+        if cfg.filter.integrator == crate::flow::Integrator::Heun {
+            parts.push(("Heun predictor and velocity".to_string(), 2 * nd));
+        }
+        let per_member = parts
+            .iter()
+            .filter(|p| p.1 % nd.max(1) == 0 && p.1 >= nd)
+            .map(|p| p.1)
+            .sum::<u64>()
+            / n.max(1);
+        MemoryEstimate {
+            total: parts.iter().map(|p| p.1).sum(),
+            parts,
+            per_member,
+        }
+    }
+
     /// Runs the experiment on `backend`, calling `on_cycle` after every cycle.
     pub fn run<B: Backend + 'static>(
+        &self,
+        backend: &B,
+        on_cycle: impl FnMut(&CycleMetrics),
+    ) -> Result<Report> {
+        self.run_inner(backend, on_cycle).map_err(|e| match e {
+            Error::TooLarge { detail } => {
+                let est = self.memory_estimate();
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                Error::TooLarge {
+                    detail: format!(
+                        "{detail}. This run (n = {}, d = {}) needs about {:.2} GiB on the {} \
+                         backend ({:.3} GiB per member): reduce ensemble.n or model.d",
+                        self.config.ensemble.n,
+                        self.config.state_dim(),
+                        gib(est.total),
+                        backend.name(),
+                        gib(est.per_member)
+                    ),
+                }
+            }
+            other => other,
+        })
+    }
+
+    fn run_inner<B: Backend + 'static>(
         &self,
         backend: &B,
         mut on_cycle: impl FnMut(&CycleMetrics),

@@ -1,0 +1,72 @@
+//! Preset configurations, including the paper's full-size Lorenz-96, validated without running
+//! them (parameters, sizes, memory estimate), so CI stays fast.
+
+mod common;
+
+use enff::experiment::{preset, Experiment, PRESETS};
+use enff::flow::PathKind;
+
+#[test]
+fn every_preset_validates_and_states_its_expected_rmse() {
+    for name in PRESETS {
+        let p = preset(name).unwrap();
+        p.config.validate().unwrap();
+        assert!(p.expected_rmse.0 < p.expected_rmse.1, "{name}");
+        assert!(p.config.experiment.burn_in < p.config.experiment.cycles, "{name}");
+        assert!(!p.expected_source.is_empty());
+    }
+}
+
+#[test]
+fn full_size_lorenz96_bao2024_matches_the_paper_setting() {
+    let p = preset("lorenz96_bao2024").unwrap();
+    let mut cfg = p.config.clone();
+    cfg.set("model.d=1e6").unwrap();
+    cfg.validate().unwrap();
+    // ENFF_SPEC §8.3 / §9.4: d = 10⁶, F = 8, dt = 0.01, obs every 10 steps, arctan, σ_y = 0.05,
+    // n = 20, cold N(0, 1) start, 1000 spin-up steps, 80 cycles; EnFF-F2P K = 20 grid points
+    // (19 flow steps), σ_min = 1e-2, λ = 0.05.
+    assert_eq!(cfg.state_dim(), 1_000_000);
+    assert_eq!(cfg.model.forcing, 8.0);
+    assert_eq!(cfg.model.dt, 0.01);
+    assert_eq!(cfg.observe.obs_every, 10);
+    assert_eq!(cfg.observe.noise_std, 0.05);
+    assert_eq!(cfg.ensemble.n, 20);
+    assert_eq!(cfg.experiment.spinup, 1000);
+    assert_eq!(cfg.experiment.cycles, 80);
+    let enff = cfg.enff_config().unwrap();
+    assert_eq!(enff.path, PathKind::F2p);
+    assert_eq!((enff.flow_steps, enff.sigma_min, enff.guidance_scale), (19, 1e-2, 0.05));
+    let exp = Experiment::new(p.name, cfg.clone(), None).unwrap();
+    let est = exp.memory_estimate();
+    let gib = est.total as f64 / (1u64 << 30) as f64;
+    // Seven n·d buffers of 80 MB (ensemble, previous, flow state, four RK stages) + obs.
+    assert!((0.5..0.6).contains(&gib), "estimate {gib} GiB");
+    // n = 1000 members at d = 10⁶ fit an 80 GB card: about 26 GiB.
+    cfg.set("ensemble.n=1000").unwrap();
+    let big = Experiment::new(p.name, cfg, None).unwrap().memory_estimate();
+    let gib = big.total as f64 / (1u64 << 30) as f64;
+    assert!((20.0..40.0).contains(&gib), "n = 1000 estimate {gib} GiB");
+}
+
+/// A member larger than the device's largest storage binding is refused before anything is
+/// allocated, with the sizes and the run's estimate in the message.
+#[test]
+fn a_problem_too_large_for_the_device_is_refused_with_the_numbers() {
+    let Some((_lock, g)) = common::gpu() else { return };
+    let too_big = g.max_chunk_bytes() / 4 + 1;
+    let p = preset("lorenz96_bao2024").unwrap();
+    let mut cfg = p.config.clone();
+    cfg.set(&format!("model.d={too_big}")).unwrap();
+    let exp = Experiment::new(p.name, cfg, None).unwrap();
+    let before = g.buffers_allocated();
+    match exp.run(g, |_| {}) {
+        Err(enff::Error::TooLarge { detail }) => {
+            assert!(detail.contains("MiB"), "{detail}");
+            assert!(detail.contains("GiB"), "{detail}");
+            assert!(detail.contains(&format!("d = {too_big}")), "{detail}");
+        }
+        other => panic!("expected TooLarge, got {:?}", other.map(|r| r.summary.rmse_mean)),
+    }
+    assert_eq!(g.buffers_allocated(), before, "nothing allocated");
+}
