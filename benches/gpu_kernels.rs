@@ -21,7 +21,12 @@ use enff::filter::{Enff, Filter, Observation};
 use enff::flow::{Path, PathKind};
 use enff::rng::{NoiseKey, Stream};
 
-const GRID: [(usize, usize); 4] = [(20, 10_000), (20, 1_000_000), (100, 100_000), (1000, 100_000)];
+const GRID: [(usize, usize); 4] = [
+    (20, 10_000),
+    (20, 1_000_000),
+    (100, 100_000),
+    (1000, 100_000),
+];
 
 fn open() -> Option<Gpu> {
     let allow_software = std::env::var("ENFF_BENCH_SOFTWARE").is_ok_and(|v| v == "1");
@@ -71,16 +76,30 @@ fn kernels(c: &mut Criterion) {
         group.throughput(Throughput::Elements((3 * n * n * d) as u64));
         group.bench_function(format!("flow_logits/{label}"), |b| {
             b.iter(|| {
-                gpu.flow_logits(&x, &problem.forecast, Some(&problem.previous), path.at(t), None, &mut w)
-                    .expect("logits");
+                gpu.flow_logits(
+                    &x,
+                    &problem.forecast,
+                    Some(&problem.previous),
+                    path.at(t),
+                    None,
+                    &mut w,
+                )
+                .expect("logits");
                 gpu.sync().expect("sync");
             })
         });
         group.throughput(Throughput::Elements((n * n) as u64));
         group.bench_function(format!("softmax_rows/{label}"), |b| {
             b.iter(|| {
-                gpu.flow_logits(&x, &problem.forecast, Some(&problem.previous), path.at(t), None, &mut w)
-                    .expect("logits");
+                gpu.flow_logits(
+                    &x,
+                    &problem.forecast,
+                    Some(&problem.previous),
+                    path.at(t),
+                    None,
+                    &mut w,
+                )
+                .expect("logits");
                 gpu.softmax_rows(&mut w).expect("softmax");
                 gpu.sync().expect("sync");
             })
@@ -118,12 +137,15 @@ fn kernels(c: &mut Criterion) {
         let mut filter =
             Enff::<Gpu>::new(bench_config(PathKind::F2p, DEFAULT_FLOW_STEPS)).expect("config");
         let mut cycle = 0u32;
-        group.throughput(Throughput::Elements(
-            enff::bench::flops_per_analysis(n, d, DEFAULT_FLOW_STEPS) as u64,
-        ));
+        group.throughput(Throughput::Elements(enff::bench::flops_per_analysis(
+            n,
+            d,
+            DEFAULT_FLOW_STEPS,
+        ) as u64));
         group.bench_function(format!("enff_f2p_analysis/{label}"), |b| {
             b.iter(|| {
-                gpu.copy(&problem.forecast, &mut problem.ensemble).expect("reset");
+                gpu.copy(&problem.forecast, &mut problem.ensemble)
+                    .expect("reset");
                 let obs = Observation {
                     y: &problem.y,
                     operator: &problem.operator,
@@ -131,7 +153,13 @@ fn kernels(c: &mut Criterion) {
                 };
                 cycle = cycle.wrapping_add(1);
                 filter
-                    .analyse(&gpu, &mut problem.ensemble, Some(&problem.previous), &obs, cycle)
+                    .analyse(
+                        &gpu,
+                        &mut problem.ensemble,
+                        Some(&problem.previous),
+                        &obs,
+                        cycle,
+                    )
                     .expect("analysis");
                 black_box(&problem.ensemble);
             })

@@ -172,8 +172,8 @@ fn one_analysis<B: Backend>(
     };
     let start = Instant::now();
     filter.analyse(backend, &mut problem.ensemble, previous, &obs, cycle)?;
-    // A read of one scalar would be needed on an asynchronous backend; the CPU is synchronous
-    // and `analyse` returns only when the analysis is complete.
+    // Wait for queued work (a no-op on the synchronous CPU backend).
+    backend.sync()?;
     Ok(start.elapsed().as_secs_f64())
 }
 

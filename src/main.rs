@@ -148,7 +148,10 @@ fn info() -> Result<()> {
     println!("cpu: {}", cpu.describe());
     let adapters = enff::backend::gpu::list_adapters();
     if adapters.is_empty() {
-        println!("gpu: no adapter found (WGPU_BACKEND={})", std::env::var("WGPU_BACKEND").unwrap_or_else(|_| "all".into()));
+        println!(
+            "gpu: no adapter found (WGPU_BACKEND={})",
+            std::env::var("WGPU_BACKEND").unwrap_or_else(|_| "all".into())
+        );
     }
     for a in &adapters {
         println!("gpu: {}", a.line());
@@ -174,7 +177,9 @@ fn bench(args: BenchArgs) -> Result<()> {
                     .split_once('x')
                     .with_context(|| format!("--size {s}: write NxD, e.g. 20x10000"))?;
                 Ok((
-                    n.trim().parse().with_context(|| format!("--size {s}: bad N"))?,
+                    n.trim()
+                        .parse()
+                        .with_context(|| format!("--size {s}: bad N"))?,
                     parse_count(d).with_context(|| format!("--size {s}: bad D"))?,
                 ))
             })
@@ -373,7 +378,8 @@ fn bench_cycles(
             let (c, g) = (&rows[0].1, &rows[1].1);
             println!(
                 "      GPU/CPU speed-up per cycle: {:.2}x",
-                (c.seconds_forecast + c.seconds_analysis) / (g.seconds_forecast + g.seconds_analysis)
+                (c.seconds_forecast + c.seconds_analysis)
+                    / (g.seconds_forecast + g.seconds_analysis)
             );
         }
     }

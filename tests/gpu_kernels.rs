@@ -530,7 +530,8 @@ fn large_ensemble_tiled_kernels_match_the_cpu_twin() {
                 b.upload(n, n, &w).unwrap(),
             );
             let mut lg = poisoned(b, n, n);
-            b.flow_logits(&xb, &tb, Some(&sb), path, None, &mut lg).unwrap();
+            b.flow_logits(&xb, &tb, Some(&sb), path, None, &mut lg)
+                .unwrap();
             let mut st = b.upload(n, d, &x).unwrap();
             let up = FlowUpdate::<Gpu> {
                 eval: None,
@@ -538,7 +539,12 @@ fn large_ensemble_tiled_kernels_match_the_cpu_twin() {
                 target: &tb,
                 source: Some(&sb),
                 path,
-                guidance: Some(Guidance { operator: &op, y: &yb, scale: 0.5, horizon: 0.6 }),
+                guidance: Some(Guidance {
+                    operator: &op,
+                    y: &yb,
+                    scale: 0.5,
+                    horizon: 0.6,
+                }),
                 h_new: 0.2,
                 previous: None,
             };
@@ -553,7 +559,8 @@ fn large_ensemble_tiled_kernels_match_the_cpu_twin() {
             cpu.upload(n, n, &w).unwrap(),
         );
         let mut lc = cpu.zeros(n, n).unwrap();
-        cpu.flow_logits(&xc, &tc, Some(&sc), path, None, &mut lc).unwrap();
+        cpu.flow_logits(&xc, &tc, Some(&sc), path, None, &mut lc)
+            .unwrap();
         let mut stc = cpu.upload(n, d, &x).unwrap();
         let upc = FlowUpdate::<Cpu> {
             eval: None,
@@ -561,15 +568,32 @@ fn large_ensemble_tiled_kernels_match_the_cpu_twin() {
             target: &tc,
             source: Some(&sc),
             path,
-            guidance: Some(Guidance { operator: &op, y: &yc, scale: 0.5, horizon: 0.6 }),
+            guidance: Some(Guidance {
+                operator: &op,
+                y: &yc,
+                scale: 0.5,
+                horizon: 0.6,
+            }),
             h_new: 0.2,
             previous: None,
         };
         cpu.flow_update(&mut stc, &upc, None).unwrap();
         let (lcv, stv) = (cpu.read(&lc).unwrap(), cpu.read(&stc).unwrap());
         for (k, (l, st)) in outs.iter().enumerate() {
-            assert_close(l, &lcv, 1e-4, 1e-4, &format!("tiled logits n={n} d={d} split={k}"));
-            assert_close(st, &stv, 2e-5, 2e-5, &format!("tiled update n={n} d={d} split={k}"));
+            assert_close(
+                l,
+                &lcv,
+                1e-4,
+                1e-4,
+                &format!("tiled logits n={n} d={d} split={k}"),
+            );
+            assert_close(
+                st,
+                &stv,
+                2e-5,
+                2e-5,
+                &format!("tiled update n={n} d={d} split={k}"),
+            );
         }
     }
 }

@@ -24,7 +24,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -70,7 +73,9 @@ fn cpu_memory_does_not_grow_over_100_cycles() {
 
 #[test]
 fn gpu_buffers_are_not_reallocated_over_100_cycles() {
-    let Some((_lock, g)) = common::gpu() else { return };
+    let Some((_lock, g)) = common::gpu() else {
+        return;
+    };
     let exp = experiment(64, 100, "euler");
     let mut counts = Vec::with_capacity(101);
     exp.run(g, |_| counts.push(g.buffers_allocated())).unwrap();

@@ -12,7 +12,10 @@ fn every_preset_validates_and_states_its_expected_rmse() {
         let p = preset(name).unwrap();
         p.config.validate().unwrap();
         assert!(p.expected_rmse.0 < p.expected_rmse.1, "{name}");
-        assert!(p.config.experiment.burn_in < p.config.experiment.cycles, "{name}");
+        assert!(
+            p.config.experiment.burn_in < p.config.experiment.cycles,
+            "{name}"
+        );
         assert!(!p.expected_source.is_empty());
     }
 }
@@ -36,7 +39,10 @@ fn full_size_lorenz96_bao2024_matches_the_paper_setting() {
     assert_eq!(cfg.experiment.cycles, 80);
     let enff = cfg.enff_config().unwrap();
     assert_eq!(enff.path, PathKind::F2p);
-    assert_eq!((enff.flow_steps, enff.sigma_min, enff.guidance_scale), (19, 1e-2, 0.05));
+    assert_eq!(
+        (enff.flow_steps, enff.sigma_min, enff.guidance_scale),
+        (19, 1e-2, 0.05)
+    );
     let exp = Experiment::new(p.name, cfg.clone(), None).unwrap();
     let est = exp.memory_estimate();
     let gib = est.total as f64 / (1u64 << 30) as f64;
@@ -44,7 +50,9 @@ fn full_size_lorenz96_bao2024_matches_the_paper_setting() {
     assert!((0.5..0.6).contains(&gib), "estimate {gib} GiB");
     // n = 1000 members at d = 10⁶ fit an 80 GB card: about 26 GiB.
     cfg.set("ensemble.n=1000").unwrap();
-    let big = Experiment::new(p.name, cfg, None).unwrap().memory_estimate();
+    let big = Experiment::new(p.name, cfg, None)
+        .unwrap()
+        .memory_estimate();
     let gib = big.total as f64 / (1u64 << 30) as f64;
     assert!((20.0..40.0).contains(&gib), "n = 1000 estimate {gib} GiB");
 }
@@ -53,7 +61,9 @@ fn full_size_lorenz96_bao2024_matches_the_paper_setting() {
 /// allocated, with the sizes and the run's estimate in the message.
 #[test]
 fn a_problem_too_large_for_the_device_is_refused_with_the_numbers() {
-    let Some((_lock, g)) = common::gpu() else { return };
+    let Some((_lock, g)) = common::gpu() else {
+        return;
+    };
     let too_big = g.max_chunk_bytes() / 4 + 1;
     let p = preset("lorenz96_bao2024").unwrap();
     let mut cfg = p.config.clone();
@@ -66,7 +76,10 @@ fn a_problem_too_large_for_the_device_is_refused_with_the_numbers() {
             assert!(detail.contains("GiB"), "{detail}");
             assert!(detail.contains(&format!("d = {too_big}")), "{detail}");
         }
-        other => panic!("expected TooLarge, got {:?}", other.map(|r| r.summary.rmse_mean)),
+        other => panic!(
+            "expected TooLarge, got {:?}",
+            other.map(|r| r.summary.rmse_mean)
+        ),
     }
     assert_eq!(g.buffers_allocated(), before, "nothing allocated");
 }

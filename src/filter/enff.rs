@@ -359,7 +359,9 @@ impl<B: Backend> Enff<B> {
             }
         }
         backend.inflate(&mut w.x, cfg.inflation)?;
-        backend.copy(&w.x, ensemble)?;
+        // Hand the flowed buffer over instead of copying it: the workspace keeps the forecast's
+        // buffer (same shape), which the next analysis overwrites with its source sample.
+        std::mem::swap(&mut w.x, ensemble);
         // The one host round trip of an analysis: deferred error flags (non-finite inputs or
         // weights) and device errors.
         backend.sync()

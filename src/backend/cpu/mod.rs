@@ -3,7 +3,13 @@
 //!
 //! Kernels do not allocate once warm: per-thread scratch lives in the backend and grows only
 //! when a larger problem arrives.
+//!
+//! Every buffer carries a *stamp*, a number drawn afresh whenever the buffer is created, cloned
+//! or mutably borrowed. The fused flow update uses stamps to hand the pairwise distances of the
+//! next flow step to the next `flow_logits` call only when its inputs provably did not change
+//! (see `flow.rs`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use rayon::prelude::*;
@@ -20,18 +26,58 @@ pub mod simd;
 /// Column block size of the blocked flow kernels (values per member per block).
 pub(crate) const BLOCK: usize = 256;
 
+/// Components of a row drawn at a time by `fill_normal`.
+const NOISE_CHUNK: usize = 2048;
+
 /// Work below this many multiply-adds runs on one thread.
 const PARALLEL_THRESHOLD: usize = 1 << 16;
 
+/// Source of buffer stamps (never 0).
+static NEXT_STAMP: AtomicU64 = AtomicU64::new(1);
+
+fn fresh_stamp() -> u64 {
+    NEXT_STAMP.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A `rows × cols` f32 matrix in host memory.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct CpuBuffer {
     rows: usize,
     cols: usize,
+    /// The values. Mutate only through [`CpuBuffer::data_mut`] or
+    /// [`CpuBuffer::as_mut_slice`], which renew the stamp.
     data: Vec<f32>,
+    /// Identifies this buffer *and* its contents: renewed on every mutable access.
+    stamp: u64,
+}
+
+impl Clone for CpuBuffer {
+    fn clone(&self) -> Self {
+        CpuBuffer {
+            rows: self.rows,
+            cols: self.cols,
+            data: self.data.clone(),
+            stamp: fresh_stamp(),
+        }
+    }
+}
+
+impl PartialEq for CpuBuffer {
+    fn eq(&self, other: &Self) -> bool {
+        self.rows == other.rows && self.cols == other.cols && self.data == other.data
+    }
 }
 
 impl CpuBuffer {
+    fn new(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        CpuBuffer {
+            rows,
+            cols,
+            data,
+            stamp: fresh_stamp(),
+        }
+    }
+
     /// The values, row-major.
     pub fn as_slice(&self) -> &[f32] {
         &self.data
@@ -39,7 +85,18 @@ impl CpuBuffer {
 
     /// The values, row-major, mutable.
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        self.data_mut()
+    }
+
+    /// The values for writing: renews the stamp first.
+    fn data_mut(&mut self) -> &mut [f32] {
+        self.stamp = fresh_stamp();
         &mut self.data
+    }
+
+    /// The current stamp (changes whenever the contents may have changed).
+    pub(crate) fn stamp(&self) -> u64 {
+        self.stamp
     }
 
     fn row(&self, i: usize) -> &[f32] {
@@ -63,6 +120,16 @@ pub(crate) struct Slot {
     pub(crate) f32b: Vec<f32>,
     pub(crate) f32c: Vec<f32>,
     pub(crate) f64a: Vec<f64>,
+    /// Pairwise distances of the next flow step, accumulated by a fused flow update.
+    pub(crate) f64b: Vec<f64>,
+}
+
+/// Scratch shared by the kernels: per-worker slots and what the last fused flow update left
+/// for the next `flow_logits` call. One lock guards both, so they always agree.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) next_logits: Option<flow::NextLogits>,
 }
 
 pub(crate) fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) -> &mut [T] {
@@ -74,7 +141,7 @@ pub(crate) fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) -> &mut [T] {
 
 /// The CPU backend.
 pub struct Cpu {
-    slots: Mutex<Vec<Slot>>,
+    scratch: Mutex<Scratch>,
     /// Unguided velocities for operators without a fused kernel (`n × d`, grown on demand).
     rows_scratch: Mutex<Vec<f32>>,
 }
@@ -90,7 +157,10 @@ impl Cpu {
     pub fn new() -> Self {
         let threads = rayon::current_num_threads().max(1);
         Cpu {
-            slots: Mutex::new((0..threads).map(|_| Slot::default()).collect()),
+            scratch: Mutex::new(Scratch {
+                slots: (0..threads).map(|_| Slot::default()).collect(),
+                next_logits: None,
+            }),
             rows_scratch: Mutex::new(Vec::new()),
         }
     }
@@ -109,12 +179,16 @@ impl Cpu {
         }
     }
 
-    pub(crate) fn with_slots<R>(&self, f: impl FnOnce(&mut [Slot]) -> R) -> Result<R> {
+    pub(crate) fn with_scratch<R>(&self, f: impl FnOnce(&mut Scratch) -> R) -> Result<R> {
         let mut guard = self
-            .slots
+            .scratch
             .lock()
             .map_err(|_| Error::Gpu("CPU scratch lock poisoned by an earlier panic".into()))?;
         Ok(f(&mut guard))
+    }
+
+    pub(crate) fn with_slots<R>(&self, f: impl FnOnce(&mut [Slot]) -> R) -> Result<R> {
+        self.with_scratch(|s| f(&mut s.slots))
     }
 
     fn same_shape(name: &str, a: &CpuBuffer, rows: usize, cols: usize) -> Result<()> {
@@ -129,15 +203,46 @@ impl Cpu {
     }
 }
 
-/// Splits `0..len` into `parts` contiguous ranges whose starts are multiples of `align`.
-pub(crate) fn ranges(len: usize, parts: usize, align: usize) -> Vec<(usize, usize)> {
-    let units = len.div_ceil(align).max(1);
-    let parts = parts.clamp(1, units);
-    let per = units.div_ceil(parts);
-    (0..parts)
-        .map(|p| ((p * per * align).min(len), ((p + 1) * per * align).min(len)))
-        .filter(|(a, b)| b > a || len == 0)
-        .collect()
+/// A split of `0..len` into contiguous non-empty ranges whose starts are multiples of `align`
+/// (one empty range when `len == 0`), computed without allocating.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Split {
+    len: usize,
+    /// Length of every range but the last, a multiple of `align`.
+    step: usize,
+    count: usize,
+}
+
+impl Split {
+    /// At most `parts` ranges.
+    pub(crate) fn new(len: usize, parts: usize, align: usize) -> Self {
+        let units = len.div_ceil(align).max(1);
+        let per = units.div_ceil(parts.clamp(1, units));
+        let step = per * align;
+        Split {
+            len,
+            step,
+            count: len.div_ceil(step).max(1),
+        }
+    }
+
+    /// Number of ranges.
+    pub(crate) fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Range `p` as `(start, end)`.
+    pub(crate) fn get(&self, p: usize) -> (usize, usize) {
+        (
+            (p * self.step).min(self.len),
+            ((p + 1) * self.step).min(self.len),
+        )
+    }
+
+    /// All ranges, in parallel.
+    pub(crate) fn par_iter(self) -> impl IndexedParallelIterator<Item = (usize, usize)> {
+        (0..self.count).into_par_iter().map(move |p| self.get(p))
+    }
 }
 
 impl Backend for Cpu {
@@ -171,7 +276,7 @@ impl Backend for Cpu {
             ),
         })?;
         data.resize(len, 0.0);
-        Ok(CpuBuffer { rows, cols, data })
+        Ok(CpuBuffer::new(rows, cols, data))
     }
 
     fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CpuBuffer> {
@@ -188,7 +293,7 @@ impl Backend for Cpu {
                 format!("{} values", data.len()),
             ));
         }
-        buf.data.copy_from_slice(data);
+        buf.data_mut().copy_from_slice(data);
         Ok(())
     }
 
@@ -198,7 +303,7 @@ impl Backend for Cpu {
 
     fn copy(&self, src: &CpuBuffer, dst: &mut CpuBuffer) -> Result<()> {
         Cpu::same_shape("copy destination", dst, src.rows, src.cols)?;
-        dst.data.copy_from_slice(&src.data);
+        dst.data_mut().copy_from_slice(&src.data);
         Ok(())
     }
 
@@ -222,21 +327,35 @@ impl Backend for Cpu {
         if cols == 0 {
             return Ok(());
         }
-        out.data
-            .par_chunks_mut(cols)
-            .enumerate()
-            .for_each(|(i, row)| {
-                rng::fill_normal_row(&key, i as u32, row);
-                match mean {
-                    Some(m) => {
-                        let mrow = if m.rows == 1 { m.row(0) } else { m.row(i) };
-                        for (v, &mu) in row.iter_mut().zip(mrow) {
-                            *v = mu + scale * *v;
+        // Chunks of a row are drawn and shifted while they sit in L1.
+        let fill_row = |(i, row): (usize, &mut [f32])| {
+            let mrow = mean.map(|m| if m.rows == 1 { m.row(0) } else { m.row(i) });
+            for (c, chunk) in row.chunks_mut(NOISE_CHUNK).enumerate() {
+                let k0 = c * NOISE_CHUNK;
+                rng::fill_normal_at(&key, i as u32, k0, chunk);
+                match mrow {
+                    Some(mrow) => {
+                        let mu = &mrow[k0..k0 + chunk.len()];
+                        for (v, &m) in chunk.iter_mut().zip(mu) {
+                            *v = m + scale * *v;
                         }
                     }
-                    None => row.iter_mut().for_each(|v| *v *= scale),
+                    None if scale != 1.0 => chunk.iter_mut().for_each(|v| *v *= scale),
+                    None => {}
                 }
-            });
+            }
+        };
+        if self.parts_for(rows * cols * 16) > 1 {
+            out.data_mut()
+                .par_chunks_mut(cols)
+                .enumerate()
+                .for_each(fill_row);
+        } else {
+            out.data_mut()
+                .chunks_mut(cols)
+                .enumerate()
+                .for_each(fill_row);
+        }
         Ok(())
     }
 
@@ -253,9 +372,9 @@ impl Backend for Cpu {
         }
         let (n, d) = (ensemble.rows, ensemble.cols);
         let inv_n = 1.0 / n as f64;
-        let data_ptr = flow::SyncPtr(ensemble.data.as_mut_ptr());
+        let data_ptr = flow::SyncPtr(ensemble.data_mut().as_mut_ptr());
         let parts = self.parts_for(n * d);
-        ranges(d, parts, 64).into_par_iter().for_each(|(k0, k1)| {
+        Split::new(d, parts, 64).par_iter().for_each(|(k0, k1)| {
             for k in k0..k1 {
                 // SAFETY: parts own disjoint column ranges of the matrix.
                 let mut s = 0.0f64;
@@ -275,9 +394,20 @@ impl Backend for Cpu {
     }
 
     fn check_finite(&self, buf: &CpuBuffer, name: &str) -> Result<()> {
+        // A vectorized scan (in parallel for large buffers) first; the slow search that names
+        // the first bad entry runs only when there is one.
+        let data = &buf.data;
+        let finite = if self.parts_for(data.len()) > 1 {
+            data.par_chunks(PARALLEL_THRESHOLD).all(simd::all_finite)
+        } else {
+            simd::all_finite(data)
+        };
+        if finite {
+            return Ok(());
+        }
         crate::error::check_finite(
             name,
-            &buf.data,
+            data,
             buf.cols,
             "check the inputs; a non-finite ensemble usually means the filter diverged",
         )
@@ -296,24 +426,18 @@ impl Backend for Cpu {
             return Ok(());
         }
         if matches!(model.system, System::Rotation2d(_)) {
-            for row in states.data.chunks_mut(2) {
+            for row in states.data_mut().chunks_mut(2) {
                 rk::advance_state(model, row, steps, &mut []);
             }
             return Ok(());
         }
         let rows = states.rows;
         let parts = self.parts_for(rows * d * steps * 16).min(rows);
-        let row_ranges = ranges(rows, parts, 1);
+        let row_split = Split::new(rows, parts, 1);
         self.with_slots(|slots| {
-            let mut chunks: Vec<&mut [f32]> = Vec::with_capacity(row_ranges.len());
-            let mut rest: &mut [f32] = &mut states.data;
-            for (a, b) in &row_ranges {
-                let (head, tail) = rest.split_at_mut((b - a) * d);
-                chunks.push(head);
-                rest = tail;
-            }
-            chunks
-                .into_par_iter()
+            states
+                .data_mut()
+                .par_chunks_mut(row_split.get(0).1 * d)
                 .zip(slots.par_iter_mut())
                 .for_each(|(chunk, slot)| {
                     let scratch = grow(&mut slot.f32a, rk::SCRATCH_VECTORS * d);
@@ -335,7 +459,7 @@ impl Backend for Cpu {
         if m == 0 {
             return Ok(());
         }
-        out.data
+        out.data_mut()
             .par_chunks_mut(m)
             .zip(x.data.par_chunks(x.cols.max(1)))
             .for_each(|(y, xi)| operator.apply(xi, y));
@@ -370,7 +494,7 @@ impl Backend for Cpu {
                     .zip(&y.data)
                     .map(|(&hk, &yk)| ((yk - hk) as f64).powi(2))
                     .sum();
-                out.data[i] = (-e * inv) as f32;
+                out.data_mut()[i] = (-e * inv) as f32;
             }
         })
     }
@@ -412,8 +536,8 @@ impl Backend for Cpu {
         }
         let parts = self.parts_for(n * d);
         let data = &ensemble.data;
-        let (se, var) = ranges(d, parts, 64)
-            .into_par_iter()
+        let (se, var) = Split::new(d, parts, 64)
+            .par_iter()
             .map(|(k0, k1)| {
                 let mut se = 0.0f64;
                 let mut var = 0.0f64;
@@ -438,5 +562,51 @@ impl Backend for Cpu {
             rmse: (se / d as f64).sqrt(),
             spread: if n < 2 { 0.0 } else { (var / d as f64).sqrt() },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_covers_the_range_with_aligned_starts() {
+        for len in [0usize, 1, 7, 255, 256, 257, 1000, 10_000, 100_003] {
+            for parts in 1..=5 {
+                for align in [1usize, 64, 256] {
+                    let s = Split::new(len, parts, align);
+                    assert!(s.count() >= 1 && s.count() <= parts.max(1));
+                    let mut next = 0;
+                    for p in 0..s.count() {
+                        let (a, b) = s.get(p);
+                        assert_eq!(a, next, "len {len} parts {parts} align {align}");
+                        assert!(a % align == 0 && (b > a || len == 0));
+                        next = b;
+                    }
+                    assert_eq!(next, len);
+                    let collected: Vec<_> = s.par_iter().collect();
+                    assert_eq!(collected.len(), s.count());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn buffer_stamps_change_on_every_mutable_access() {
+        let cpu = Cpu::new();
+        let mut a = cpu.upload(2, 3, &[1.0; 6]).unwrap();
+        let s0 = a.stamp();
+        let b = a.clone();
+        assert_ne!(b.stamp(), s0);
+        assert_eq!(a, b);
+        a.as_mut_slice()[0] = 2.0;
+        let s1 = a.stamp();
+        assert_ne!(s1, s0);
+        cpu.copy(&b, &mut a).unwrap();
+        assert_ne!(a.stamp(), s1);
+        let s2 = a.stamp();
+        let _ = cpu.read(&a).unwrap();
+        cpu.check_finite(&a, "a").unwrap();
+        assert_eq!(a.stamp(), s2, "reads keep the stamp");
     }
 }

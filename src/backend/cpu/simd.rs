@@ -1,9 +1,15 @@
 //! Inner loops of the CPU flow kernels, compiled twice: once for the baseline target and once
 //! with AVX2 + FMA, chosen at run time. Both variants give results that agree to f32 rounding.
+//!
+//! The pairwise-distance loop is written with AVX2 intrinsics and register-blocked over
+//! 2 members × 4 means (8 accumulators, 6 loads per 8 vector FMAs); the other loops are plain
+//! element-wise Rust that the compiler vectorizes inside the `avx2,fma` functions.
 
 use std::sync::OnceLock;
 
-/// Lanes of the explicit accumulators (four 256-bit registers).
+use crate::observe::Pointwise;
+
+/// Lanes of the explicit accumulators of the portable distance loop (four 256-bit registers).
 const LANES: usize = 32;
 
 /// True when the AVX2 + FMA variants can run on this processor.
@@ -21,6 +27,19 @@ pub fn has_fma() -> bool {
     })
 }
 
+/// Runs `$body` (an expression using `$fma` as a `const bool`) in an `avx2,fma` function when
+/// the processor has them, else in a baseline one.
+macro_rules! dispatch {
+    ($name:ident ( $($arg:ident : $ty:ty),* $(,)? ) $(-> $ret:ty)? => $impl:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            $impl::<true>($($arg),*)
+        }
+    };
+}
+
 #[inline(always)]
 fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA {
@@ -29,6 +48,8 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
         a * b + c
     }
 }
+
+// ---- pairwise distances ----------------------------------------------------------------------
 
 /// `Σ_k (a_k − b_k)²` with lane-parallel f32 partial sums.
 #[inline(always)]
@@ -61,8 +82,7 @@ fn sumsq_diff<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + tail
 }
 
-/// For one block of `w` components: `acc[i*n + j] += Σ_c (x_i[c] − mu_j[c])²`, where row `i` of
-/// the block starts at `x[i * x_stride]` and row `j` of the means at `mu[j * mu_stride]`.
+/// Portable pairwise distances of one block (see [`distance_block`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn distance_block_impl<const FMA: bool>(
@@ -85,22 +105,150 @@ fn distance_block_impl<const FMA: bool>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn distance_block_fma(
-    x: &[f32],
-    x_stride: usize,
-    mu: &[f32],
-    mu_stride: usize,
-    n_x: usize,
-    n_mu: usize,
-    w: usize,
-    acc: &mut [f64],
-) {
-    distance_block_impl::<true>(x, x_stride, mu, mu_stride, n_x, n_mu, w, acc)
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Sum of the 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `acc[a*n_mu + b] += Σ_{c < w8} (x_a[c] − mu_b[c])²` for the `I × J` tile of rows
+    /// `xs[a]`, `ms[b]`, in f32 lanes, each tile sum added to its f64 accumulator.
+    ///
+    /// # Safety
+    /// Every `xs[a]` and `ms[b]` must point at `w8` readable floats (`w8` a multiple of 8),
+    /// and the CPU must support AVX2 and FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const I: usize, const J: usize>(
+        xs: [*const f32; I],
+        ms: [*const f32; J],
+        w8: usize,
+        acc: &mut [f64],
+        row0: usize,
+        col0: usize,
+        n_mu: usize,
+    ) {
+        let mut s = [[_mm256_setzero_ps(); J]; I];
+        let mut c = 0;
+        while c < w8 {
+            let mut xv = [_mm256_setzero_ps(); I];
+            for a in 0..I {
+                // SAFETY: c + 8 <= w8 and xs[a] has w8 readable floats (caller contract).
+                xv[a] = unsafe { _mm256_loadu_ps(xs[a].add(c)) };
+            }
+            for b in 0..J {
+                // SAFETY: as above for ms[b].
+                let m = unsafe { _mm256_loadu_ps(ms[b].add(c)) };
+                for a in 0..I {
+                    let d = _mm256_sub_ps(xv[a], m);
+                    s[a][b] = _mm256_fmadd_ps(d, d, s[a][b]);
+                }
+            }
+            c += 8;
+        }
+        if J == 4 {
+            // Four sums of a tile row at once: two rounds of horizontal adds, fold the halves,
+            // widen to f64 and add to the four accumulators of the row.
+            for (a, sa) in s.iter().enumerate() {
+                let t01 = _mm256_hadd_ps(sa[0], sa[1]);
+                let t23 = _mm256_hadd_ps(sa[2], sa[3]);
+                let u = _mm256_hadd_ps(t01, t23);
+                let r = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps::<1>(u));
+                let dst = &mut acc[(row0 + a) * n_mu + col0..(row0 + a) * n_mu + col0 + 4];
+                // SAFETY: `dst` holds 4 f64 (loadu/storeu need no alignment).
+                unsafe {
+                    let old = _mm256_loadu_pd(dst.as_ptr());
+                    _mm256_storeu_pd(dst.as_mut_ptr(), _mm256_add_pd(old, _mm256_cvtps_pd(r)));
+                }
+            }
+        } else {
+            for a in 0..I {
+                for b in 0..J {
+                    acc[(row0 + a) * n_mu + col0 + b] += hsum(s[a][b]) as f64;
+                }
+            }
+        }
+    }
+
+    /// Register-blocked pairwise distances of one block (see [`super::distance_block`]).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; the slices must hold the rows the strides describe
+    /// (checked by the caller).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn distance_block(
+        x: &[f32],
+        x_stride: usize,
+        mu: &[f32],
+        mu_stride: usize,
+        n_x: usize,
+        n_mu: usize,
+        w: usize,
+        acc: &mut [f64],
+    ) {
+        let w8 = w & !7;
+        let xp = |i: usize| x[i * x_stride..].as_ptr();
+        let mp = |j: usize| mu[j * mu_stride..].as_ptr();
+        let mut i = 0;
+        // SAFETY (all tile calls): the caller checked that every row i < n_x of x and
+        // j < n_mu of mu has w >= w8 floats from its start; AVX2 + FMA are enabled here.
+        while i + 2 <= n_x {
+            let xs = [xp(i), xp(i + 1)];
+            let mut j = 0;
+            while j + 4 <= n_mu {
+                let ms = [mp(j), mp(j + 1), mp(j + 2), mp(j + 3)];
+                unsafe { tile::<2, 4>(xs, ms, w8, acc, i, j, n_mu) };
+                j += 4;
+            }
+            while j < n_mu {
+                unsafe { tile::<2, 1>(xs, [mp(j)], w8, acc, i, j, n_mu) };
+                j += 1;
+            }
+            i += 2;
+        }
+        if i < n_x {
+            let xs = [xp(i)];
+            let mut j = 0;
+            while j + 4 <= n_mu {
+                let ms = [mp(j), mp(j + 1), mp(j + 2), mp(j + 3)];
+                unsafe { tile::<1, 4>(xs, ms, w8, acc, i, j, n_mu) };
+                j += 4;
+            }
+            while j < n_mu {
+                unsafe { tile::<1, 1>(xs, [mp(j)], w8, acc, i, j, n_mu) };
+                j += 1;
+            }
+        }
+        if w8 < w {
+            for i in 0..n_x {
+                let xi = &x[i * x_stride + w8..i * x_stride + w];
+                for j in 0..n_mu {
+                    let mj = &mu[j * mu_stride + w8..j * mu_stride + w];
+                    let mut t = 0.0f32;
+                    for (a, b) in xi.iter().zip(mj) {
+                        let d = a - b;
+                        t = d.mul_add(d, t);
+                    }
+                    acc[i * n_mu + j] += t as f64;
+                }
+            }
+        }
+    }
 }
 
-/// Pairwise squared distances of one block (see [`distance_block_impl`]), best variant.
+/// For one block of `w` components: `acc[i*n_mu + j] += Σ_c (x_i[c] − mu_j[c])²`, where row
+/// `i` of the block starts at `x[i * x_stride]` and row `j` of the means at `mu[j * mu_stride]`.
+/// Sums are formed from the differences, in f32 within the block, and added to the f64 `acc`.
+///
+/// Panics if a slice is shorter than its rows require.
 #[allow(clippy::too_many_arguments)]
 pub fn distance_block(
     x: &[f32],
@@ -112,76 +260,436 @@ pub fn distance_block(
     w: usize,
     acc: &mut [f64],
 ) {
+    if n_x == 0 || n_mu == 0 || w == 0 {
+        return;
+    }
+    assert!(
+        x.len() >= (n_x - 1) * x_stride + w,
+        "distance_block: x too short"
+    );
+    assert!(
+        mu.len() >= (n_mu - 1) * mu_stride + w,
+        "distance_block: mu too short"
+    );
+    assert!(acc.len() >= n_x * n_mu, "distance_block: acc too short");
     #[cfg(target_arch = "x86_64")]
     if has_fma() {
-        // SAFETY: the processor supports AVX2 and FMA (checked at run time just above).
-        unsafe { distance_block_fma(x, x_stride, mu, mu_stride, n_x, n_mu, w, acc) };
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time just above) and
+        // the row extents were checked against the slice lengths.
+        unsafe { avx2::distance_block(x, x_stride, mu, mu_stride, n_x, n_mu, w, acc) };
         return;
     }
     distance_block_impl::<false>(x, x_stride, mu, mu_stride, n_x, n_mu, w, acc)
 }
 
-/// `v[c] = cx · x[c] + Σ_j weights[j] · u[j*u_stride + c]` for `c < v.len()`, skipping zero
-/// weights (one-hot weights are the common case at small σ_min).
+// ---- path means and velocity targets ---------------------------------------------------------
+
+/// `out[j*w + c] = ca·a[j*stride + c] + cb·b[j*stride + c]` for `n` rows of `w` components
+/// (`b = None` means `cb·b = 0`).
 #[inline(always)]
-fn combine_row_impl<const FMA: bool>(
+#[allow(clippy::too_many_arguments)]
+fn mix_block_impl<const FMA: bool>(
+    out: &mut [f32],
+    a: &[f32],
+    b: Option<&[f32]>,
+    ca: f32,
+    cb: f32,
+    n: usize,
+    stride: usize,
+    w: usize,
+) {
+    for (j, o) in out.chunks_exact_mut(w).take(n).enumerate() {
+        let ar = &a[j * stride..j * stride + w];
+        match b {
+            Some(b) => {
+                let br = &b[j * stride..j * stride + w];
+                for ((o, &x), &y) in o.iter_mut().zip(ar).zip(br) {
+                    *o = madd::<FMA>(cb, y, ca * x);
+                }
+            }
+            None => {
+                for (o, &x) in o.iter_mut().zip(ar) {
+                    *o = ca * x;
+                }
+            }
+        }
+    }
+}
+
+dispatch!(mix_block_fma(out: &mut [f32], a: &[f32], b: Option<&[f32]>, ca: f32, cb: f32, n: usize, stride: usize, w: usize) => mix_block_impl);
+
+/// Materializes `n` rows of `ca·a + cb·b` (rows `stride` apart in `a`, `b`) as an `n × w`
+/// block, best variant.
+#[allow(clippy::too_many_arguments)]
+pub fn mix_block(
+    out: &mut [f32],
+    a: &[f32],
+    b: Option<&[f32]>,
+    ca: f32,
+    cb: f32,
+    n: usize,
+    stride: usize,
+    w: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time just above).
+        unsafe { mix_block_fma(out, a, b, ca, cb, n, stride, w) };
+        return;
+    }
+    mix_block_impl::<false>(out, a, b, ca, cb, n, stride, w)
+}
+
+// ---- weighted combination --------------------------------------------------------------------
+
+/// `v[c] = cx·x[c] + Σ_j weights[j] · (ca·a_j[c] + cb·b_j[c])` over the non-zero weights,
+/// with row `j` of `a` (and `b`) at `j * stride`; `x = None` or `cx = 0` drop the first term.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn combine_impl<const FMA: bool>(
     v: &mut [f32],
-    x: &[f32],
+    x: Option<&[f32]>,
     cx: f32,
     weights: &[f32],
-    u: &[f32],
-    u_stride: usize,
+    a: &[f32],
+    ca: f32,
+    b: Option<&[f32]>,
+    cb: f32,
+    stride: usize,
 ) {
     let w = v.len();
-    if cx == 0.0 {
-        v.iter_mut().for_each(|e| *e = 0.0);
-    } else {
-        for (e, &xv) in v.iter_mut().zip(&x[..w]) {
-            *e = cx * xv;
+    match x {
+        Some(x) if cx != 0.0 => {
+            for (e, &xv) in v.iter_mut().zip(&x[..w]) {
+                *e = cx * xv;
+            }
         }
+        _ => v.iter_mut().for_each(|e| *e = 0.0),
     }
     for (j, &wij) in weights.iter().enumerate() {
         if wij == 0.0 {
             continue;
         }
-        let uj = &u[j * u_stride..j * u_stride + w];
-        for (e, &uv) in v.iter_mut().zip(uj) {
-            *e = madd::<FMA>(wij, uv, *e);
+        let (wa, wb) = (wij * ca, wij * cb);
+        let aj = &a[j * stride..j * stride + w];
+        match b {
+            Some(b) if wb != 0.0 => {
+                let bj = &b[j * stride..j * stride + w];
+                for ((e, &av), &bv) in v.iter_mut().zip(aj).zip(bj) {
+                    *e = madd::<FMA>(wb, bv, madd::<FMA>(wa, av, *e));
+                }
+            }
+            _ => {
+                for (e, &av) in v.iter_mut().zip(aj) {
+                    *e = madd::<FMA>(wa, av, *e);
+                }
+            }
         }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn combine_row_fma(
+dispatch!(combine_fma(v: &mut [f32], x: Option<&[f32]>, cx: f32, weights: &[f32], a: &[f32], ca: f32, b: Option<&[f32]>, cb: f32, stride: usize) => combine_impl);
+
+/// Weighted combination of one block row, best variant:
+/// `v[c] = cx·x[c] + Σ_j weights[j] · (ca·a_j[c] + cb·b_j[c])` with row `j` of `a` (and `b`)
+/// at `j * stride`; `x = None` or `cx = 0` drop the first term. Zero weights (the one-hot case
+/// at small σ_min) cost nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn combine(
     v: &mut [f32],
-    x: &[f32],
+    x: Option<&[f32]>,
     cx: f32,
     weights: &[f32],
-    u: &[f32],
-    u_stride: usize,
+    a: &[f32],
+    ca: f32,
+    b: Option<&[f32]>,
+    cb: f32,
+    stride: usize,
 ) {
-    combine_row_impl::<true>(v, x, cx, weights, u, u_stride)
-}
-
-/// Weighted combination of one block row (see [`combine_row_impl`]), best variant.
-pub fn combine_row(v: &mut [f32], x: &[f32], cx: f32, weights: &[f32], u: &[f32], u_stride: usize) {
     #[cfg(target_arch = "x86_64")]
     if has_fma() {
         // SAFETY: the processor supports AVX2 and FMA (checked at run time just above).
-        unsafe { combine_row_fma(v, x, cx, weights, u, u_stride) };
+        unsafe { combine_fma(v, x, cx, weights, a, ca, b, cb, stride) };
         return;
     }
-    combine_row_impl::<false>(v, x, cx, weights, u, u_stride)
+    combine_impl::<false>(v, x, cx, weights, a, ca, b, cb, stride)
+}
+
+/// `v[c] = cx · x[c] + Σ_j weights[j] · u[j*u_stride + c]` for `c < v.len()`, skipping zero
+/// weights.
+pub fn combine_row(v: &mut [f32], x: &[f32], cx: f32, weights: &[f32], u: &[f32], u_stride: usize) {
+    combine(v, Some(x), cx, weights, u, 1.0, None, 0.0, u_stride)
+}
+
+// ---- guidance and the integrator update ------------------------------------------------------
+
+/// Range reduction of Cephes `atanf` for `|x|`: `atan|x| = y0 + atan(num/den)` with
+/// `|num/den| ≤ tan(π/8)`. Returns `(num, den, y0)`; branch-free.
+#[inline(always)]
+fn atan_reduce(ax: f32) -> (f32, f32, f32) {
+    let big = ax > 2.414_213_6; // tan(3π/8)
+    let mid = ax > 0.414_213_57; // tan(π/8)
+    let num = if big {
+        -1.0
+    } else if mid {
+        ax - 1.0
+    } else {
+        ax
+    };
+    let den = if big {
+        ax
+    } else if mid {
+        ax + 1.0
+    } else {
+        1.0
+    };
+    let y0 = if big {
+        std::f32::consts::FRAC_PI_2
+    } else if mid {
+        std::f32::consts::FRAC_PI_4
+    } else {
+        0.0
+    };
+    (num, den, y0)
+}
+
+/// `atan(z)` for `|z| ≤ tan(π/8)`: the degree-9 odd polynomial of Cephes `atanf`.
+#[inline(always)]
+fn atan_poly<const FMA: bool>(z: f32) -> f32 {
+    // Estrin's scheme: a short dependency chain, so that the out-of-order core overlaps more
+    // vectors of the (latency-bound) guidance loop.
+    let zz = z * z;
+    let z4 = zz * zz;
+    let p01 = madd::<FMA>(1.997_771_1e-1, zz, -3.333_295e-1);
+    let p23 = madd::<FMA>(8.053_744_5e-2, zz, -1.387_768_6e-1);
+    let p = madd::<FMA>(z4, p23, p01);
+    madd::<FMA>(z * zz, p, z)
+}
+
+/// `arctan(x)` in f32 (Cephes `atanf`: reduction to `|z| ≤ tan(π/8)` and a degree-9 odd
+/// polynomial; within 2 ulp of the correctly rounded value), branch-free so that it vectorizes.
+#[inline(always)]
+pub fn atan_fast(x: f32) -> f32 {
+    let (num, den, y0) = atan_reduce(x.abs());
+    (y0 + atan_poly::<false>(num / den)).copysign(x)
+}
+
+/// `(arctan x, 1/(1 + x²))` with a single division (the reduction's quotient and the
+/// derivative share one reciprocal); a few ulp from the separately rounded values.
+#[cfg(test)]
+fn atan_and_derivative<const FMA: bool>(x: f32) -> (f32, f32) {
+    let (z, y0, dh) = atan_stage1::<FMA>(x);
+    (atan_stage2::<FMA>(z, y0), dh)
+}
+
+/// First half of [`atan_and_derivative`]: the signed reduced argument `z`, the signed offset
+/// `y0` (so that `atan x = y0 + atan z`) and the derivative `1/(1 + x²)`.
+#[inline(always)]
+fn atan_stage1<const FMA: bool>(x: f32) -> (f32, f32, f32) {
+    // Beyond 1e12, atan(x) = ±π/2 in f32 and 1/(1 + x²) is negligible (≤ 1e-24); the clamp
+    // keeps den · (1 + x²) ≈ |x|³ finite. (A NaN fails the comparison and propagates.)
+    let ax = x.abs();
+    let ax = if ax > 1e12 { 1e12 } else { ax };
+    let (num, den, y0) = atan_reduce(ax);
+    let q = madd::<FMA>(ax, ax, 1.0);
+    let inv = 1.0 / (den * q);
+    let z = num * q * inv;
+    // atan is odd: flip both parts when x is negative.
+    let sign = x.to_bits() & 0x8000_0000;
+    let flip = |v: f32| f32::from_bits(v.to_bits() ^ sign);
+    (flip(z), flip(y0), den * inv)
+}
+
+/// Second half of [`atan_and_derivative`]: `atan x = y0 + atan z`.
+#[inline(always)]
+fn atan_stage2<const FMA: bool>(z: f32, y0: f32) -> f32 {
+    y0 + atan_poly::<FMA>(z)
+}
+
+/// Elements per pass of the two-pass arctan guidance.
+const GUIDE_CHUNK: usize = 64;
+
+/// Adds observation guidance to the velocity of one block row, for an operator observing
+/// every component (`y` holds the block's observations): `v += scale · h'(x̂)(y − h(x̂))` with
+/// `x̂ = x + horizon · v` (ENFF_SPEC §3.1).
+#[inline(always)]
+fn guide_full_impl<const FMA: bool>(
+    v: &mut [f32],
+    x: &[f32],
+    y: &[f32],
+    pointwise: Pointwise,
+    scale: f32,
+    horizon: f32,
+) {
+    let w = v.len();
+    let (x, y) = (&x[..w], &y[..w]);
+    match pointwise {
+        Pointwise::Identity => {
+            for ((vc, &xc), &yc) in v.iter_mut().zip(x).zip(y) {
+                let xh = madd::<FMA>(horizon, *vc, xc);
+                *vc = madd::<FMA>(scale, yc - xh, *vc);
+            }
+        }
+        Pointwise::Arctan => {
+            // Two passes over short chunks: each pass has a short dependency chain, so the
+            // out-of-order core overlaps many more vectors than in one long pass.
+            let (mut zs, mut y0s, mut dhs) = (
+                [0.0f32; GUIDE_CHUNK],
+                [0.0f32; GUIDE_CHUNK],
+                [0.0f32; GUIDE_CHUNK],
+            );
+            for ((vch, xch), ych) in v
+                .chunks_mut(GUIDE_CHUNK)
+                .zip(x.chunks(GUIDE_CHUNK))
+                .zip(y.chunks(GUIDE_CHUNK))
+            {
+                let c = vch.len();
+                for ((((vc, &xc), z), y0), dh) in vch
+                    .iter()
+                    .zip(xch)
+                    .zip(&mut zs[..c])
+                    .zip(&mut y0s[..c])
+                    .zip(&mut dhs[..c])
+                {
+                    (*z, *y0, *dh) = atan_stage1::<FMA>(madd::<FMA>(horizon, *vc, xc));
+                }
+                for ((((vc, &yc), &z), &y0), &dh) in vch
+                    .iter_mut()
+                    .zip(ych)
+                    .zip(&zs[..c])
+                    .zip(&y0s[..c])
+                    .zip(&dhs[..c])
+                {
+                    let h = atan_stage2::<FMA>(z, y0);
+                    *vc = madd::<FMA>(scale * dh, yc - h, *vc);
+                }
+            }
+        }
+        Pointwise::Tanh => {
+            for ((vc, &xc), &yc) in v.iter_mut().zip(x).zip(y) {
+                let xh = madd::<FMA>(horizon, *vc, xc);
+                let t = xh.tanh();
+                *vc = madd::<FMA>(scale * (1.0 - t * t), yc - t, *vc);
+            }
+        }
+    }
+}
+
+dispatch!(guide_full_fma(v: &mut [f32], x: &[f32], y: &[f32], pointwise: Pointwise, scale: f32, horizon: f32) => guide_full_impl);
+
+/// Guidance of one block row for a built-in operator observing every component, best variant:
+/// `v += scale · h'(x̂)(y − h(x̂))` with `x̂ = x + horizon · v` (ENFF_SPEC §3.1); `y` holds the
+/// block's observations.
+pub fn guide_full(
+    v: &mut [f32],
+    x: &[f32],
+    y: &[f32],
+    pointwise: Pointwise,
+    scale: f32,
+    horizon: f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time just above).
+        unsafe { guide_full_fma(v, x, y, pointwise, scale, horizon) };
+        return;
+    }
+    guide_full_impl::<false>(v, x, y, pointwise, scale, horizon)
+}
+
+/// The Euler / Heun update of one block row: `st[c] += h_new·v[c] (+ h_old·v_old[c])`.
+#[inline(always)]
+fn step_impl<const FMA: bool>(st: &mut [f32], v: &[f32], h_new: f32, old: Option<(&[f32], f32)>) {
+    let w = st.len();
+    let v = &v[..w];
+    match old {
+        Some((pv, hp)) => {
+            for ((s, &vc), &pc) in st.iter_mut().zip(v).zip(&pv[..w]) {
+                *s = madd::<FMA>(hp, pc, madd::<FMA>(h_new, vc, *s));
+            }
+        }
+        None => {
+            for (s, &vc) in st.iter_mut().zip(v) {
+                *s = madd::<FMA>(h_new, vc, *s);
+            }
+        }
+    }
+}
+
+dispatch!(step_fma(st: &mut [f32], v: &[f32], h_new: f32, old: Option<(&[f32], f32)>) => step_impl);
+
+/// Integrator update of one block row, best variant: `st[c] += h_new·v[c] (+ h_old·v_old[c])`.
+pub fn step(st: &mut [f32], v: &[f32], h_new: f32, old: Option<(&[f32], f32)>) {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time just above).
+        unsafe { step_fma(st, v, h_new, old) };
+        return;
+    }
+    step_impl::<false>(st, v, h_new, old)
+}
+
+// ---- prefetch ---------------------------------------------------------------------------------
+
+/// Asks the cache to start loading `data` (a hint: no effect on results). The flow kernels
+/// stream `3n` rows at once, more streams than the hardware prefetchers follow, so they
+/// prefetch each row's next block by hand.
+#[inline(always)]
+pub fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for line in data.chunks(16) {
+            // SAFETY: prefetching is a hint that cannot fault; the pointer is in bounds.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast::<i8>()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
+// ---- finiteness ------------------------------------------------------------------------------
+
+/// True when every value is finite (no NaN, no ±∞); a branch-free scan that vectorizes.
+#[inline(always)]
+fn all_finite_impl<const FMA: bool>(data: &[f32]) -> bool {
+    // A float is non-finite exactly when its exponent bits are all ones.
+    let mut chunks = data.chunks_exact(64);
+    for c in &mut chunks {
+        let mut bad = 0u32;
+        for &v in c {
+            bad |= ((v.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32;
+        }
+        if bad != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|v| v.is_finite())
+}
+
+dispatch!(all_finite_fma(data: &[f32]) -> bool => all_finite_impl);
+
+/// True when every value of `data` is finite, best variant.
+pub fn all_finite(data: &[f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time just above).
+        return unsafe { all_finite_fma(data) };
+    }
+    all_finite_impl::<false>(data)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn wave(len: usize, f: f32, phase: f32) -> Vec<f32> {
+        (0..len).map(|k| (k as f32 * f + phase).sin()).collect()
+    }
+
     #[test]
     fn fma_and_plain_variants_agree() {
-        let a: Vec<f32> = (0..1001).map(|k| (k as f32 * 0.37).sin()).collect();
+        let a = wave(1001, 0.37, 0.0);
         let b: Vec<f32> = (0..1001).map(|k| (k as f32 * 0.11).cos()).collect();
         let exact: f64 = a
             .iter()
@@ -193,5 +701,108 @@ mod tests {
         let mut acc = vec![0.0f64; 1];
         distance_block(&a, 0, &b, 0, 1, 1, 1001, &mut acc);
         assert!((acc[0] - exact).abs() < 1e-5 * exact);
+    }
+
+    #[test]
+    fn blocked_distances_match_f64_for_odd_tiles() {
+        // 7 members x 6 means (2x4 tiles plus 2x1, 1x4 and 1x1 remainders), 45 columns
+        // (5 vectors plus a 5-column tail), rows padded to stride 50 and 47.
+        let (nx, nm, w, sx, sm) = (7, 6, 45, 50, 47);
+        let x = wave(nx * sx, 0.173, 0.3);
+        let mu = wave(nm * sm, 0.311, -1.1);
+        let mut acc = vec![0.5f64; nx * nm];
+        distance_block(&x, sx, &mu, sm, nx, nm, w, &mut acc);
+        for i in 0..nx {
+            for j in 0..nm {
+                let want: f64 = (0..w)
+                    .map(|c| (x[i * sx + c] as f64 - mu[j * sm + c] as f64).powi(2))
+                    .sum();
+                let got = acc[i * nm + j] - 0.5;
+                assert!(
+                    (got - want).abs() < 1e-5 * want.max(1.0),
+                    "({i},{j}) {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn combine_skips_zero_weights_and_mixes_two_sources() {
+        let (n, w, stride) = (3, 19, 23);
+        let a = wave(n * stride, 0.2, 0.0);
+        let b = wave(n * stride, 0.7, 1.0);
+        let x = wave(w, 0.05, 0.5);
+        let weights = [0.25f32, 0.0, 0.75];
+        let mut v = vec![9.0f32; w];
+        combine(
+            &mut v,
+            Some(&x),
+            0.5,
+            &weights,
+            &a,
+            2.0,
+            Some(&b),
+            -1.0,
+            stride,
+        );
+        for c in 0..w {
+            let want = 0.5 * x[c]
+                + (0..n)
+                    .map(|j| weights[j] * (2.0 * a[j * stride + c] - b[j * stride + c]))
+                    .sum::<f32>();
+            assert!((v[c] - want).abs() < 1e-6, "{c}: {} vs {want}", v[c]);
+        }
+    }
+
+    #[test]
+    fn fast_arctan_is_within_two_ulp_of_libm() {
+        let mut worst = 0.0f64;
+        for k in -200_000..=200_000 {
+            let x = k as f32 * 1e-4 * (1.0 + (k as f32).abs() * 1e-4);
+            let (got, want) = (atan_fast(x) as f64, (x as f64).atan());
+            worst = worst.max((got - want).abs() / want.abs().max(1e-30));
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+        assert_eq!(atan_fast(f32::INFINITY), std::f32::consts::FRAC_PI_2);
+        let mut worst_d = 0.0f64;
+        for k in -200_000..=200_000 {
+            let x = k as f32 * 1e-4 * (1.0 + (k as f32).abs() * 1e-3);
+            let (h, dh) = atan_and_derivative::<true>(x);
+            let want = (x as f64).atan();
+            let want_d = 1.0 / (1.0 + (x as f64).powi(2));
+            worst = worst.max((h as f64 - want).abs() / want.abs().max(1e-30));
+            worst_d = worst_d.max((dh as f64 - want_d).abs() / want_d);
+        }
+        assert!(
+            worst < 5e-7,
+            "worst relative error of the fused arctan {worst}"
+        );
+        assert!(
+            worst_d < 5e-7,
+            "worst relative error of the derivative {worst_d}"
+        );
+        let (h, dh) = atan_and_derivative::<false>(-3e30);
+        assert_eq!(h, -std::f32::consts::FRAC_PI_2);
+        assert!(dh > 0.0 && dh <= 1e-24, "{dh}");
+        assert!(atan_and_derivative::<true>(f32::NAN).0.is_nan());
+        assert_eq!(atan_fast(-0.0).to_bits(), (-0.0f32).to_bits());
+        assert!(atan_fast(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn finiteness_scan_finds_nan_and_infinity_anywhere() {
+        let mut v = vec![1.0f32; 200];
+        assert!(all_finite(&v));
+        for (k, bad) in [
+            (3, f32::NAN),
+            (130, f32::INFINITY),
+            (199, f32::NEG_INFINITY),
+        ] {
+            let mut w = v.clone();
+            w[k] = bad;
+            assert!(!all_finite(&w), "missed {bad} at {k}");
+        }
+        v[5] = f32::MAX;
+        assert!(all_finite(&v));
     }
 }
