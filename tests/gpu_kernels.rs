@@ -203,8 +203,6 @@ fn flow_update_matches_the_cpu_twin_for_every_variant() {
                     let with_prev = variant & 2 == 2;
                     let guided = variant != 2;
                     let with_vout = variant >= 2;
-                    let run = |b: &dyn Fn(&[f32], usize, usize) -> Vec<f32>| b(&x, n, d);
-                    let _ = run;
                     // CPU
                     let (wc, tc, sc, ec, vc, yc) = (
                         cpu.upload(n, n, &w).unwrap(),

@@ -39,7 +39,7 @@ impl AdapterSummary {
                 .to_string(),
             is_software: info.device_type == wgpu::DeviceType::Cpu,
             max_buffer_size: limits.max_buffer_size,
-            max_storage_binding: limits.max_storage_buffer_binding_size as u64,
+            max_storage_binding: limits.max_storage_buffer_binding_size,
             max_workgroup_storage: limits.max_compute_workgroup_storage_size,
             max_storage_buffers: limits.max_storage_buffers_per_shader_stage,
         }

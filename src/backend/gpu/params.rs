@@ -119,10 +119,10 @@ pub struct ModelParams {
 }
 
 const _: () = {
-    assert!(std::mem::size_of::<LogitParams>() % 16 == 0);
-    assert!(std::mem::size_of::<SoftmaxParams>() % 16 == 0);
-    assert!(std::mem::size_of::<UpdateParams>() % 16 == 0);
-    assert!(std::mem::size_of::<NoiseParams>() % 16 == 0);
-    assert!(std::mem::size_of::<EnsembleParams>() % 16 == 0);
-    assert!(std::mem::size_of::<ModelParams>() % 16 == 0);
+    assert!(std::mem::size_of::<LogitParams>().is_multiple_of(16));
+    assert!(std::mem::size_of::<SoftmaxParams>().is_multiple_of(16));
+    assert!(std::mem::size_of::<UpdateParams>().is_multiple_of(16));
+    assert!(std::mem::size_of::<NoiseParams>().is_multiple_of(16));
+    assert!(std::mem::size_of::<EnsembleParams>().is_multiple_of(16));
+    assert!(std::mem::size_of::<ModelParams>().is_multiple_of(16));
 };
