@@ -39,7 +39,7 @@ struct RunArgs {
     /// Preset to run (see `enff presets`).
     #[arg(default_value = DEFAULT_PRESET)]
     preset: String,
-    /// Filter: enff-f2p or enff-ot (default: the preset's).
+    /// Filter: enff-f2p, enff-ot, etkf, enkf, bpf or kf (default: the preset's).
     #[arg(long)]
     filter: Option<String>,
     /// Override a setting, e.g. --set model.d=100000 --set filter.flow_steps=9.
@@ -103,6 +103,11 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
+    // Mesa's device-select layer prints "XDG_RUNTIME_DIR is invalid" on every Vulkan instance
+    // in headless sessions; it selects nothing enff needs.
+    if std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp(None)
         .init();
@@ -417,7 +422,9 @@ fn run(args: RunArgs) -> Result<()> {
     if let Some(seed) = args.seed {
         config.experiment.seed = seed;
     }
-    let experiment = Experiment::new(p.name, config, Some(p.expected_rmse))?;
+    // The preset's expected RMSE belongs to its own filter settings.
+    let expected = (config.filter == p.config.filter).then_some(p.expected_rmse);
+    let experiment = Experiment::new(p.name, config, expected)?;
     if args.dry_run {
         println!("{}", serde_json::to_string_pretty(experiment.config())?);
         let est = experiment.memory_estimate();

@@ -205,6 +205,50 @@ pub trait Backend: Send + Sync {
         velocity_out: Option<&mut Self::Buffer>,
     ) -> Result<()>;
 
+    // ---- ensemble transforms (Kalman-type filters, resampling) -------------------------------
+
+    /// `out_i = Σ_j W_ij x_j`: a right-multiplication of the ensemble by an `n × n` matrix, the
+    /// one device operation of the ETKF, the EnKF in ensemble space and particle resampling.
+    ///
+    /// The default runs the fused flow update with a path whose velocity targets are the
+    /// members themselves (`U_j = x_j`, no state term) on a zeroed output.
+    fn ensemble_transform(
+        &self,
+        weights: &Self::Buffer,
+        x: &Self::Buffer,
+        out: &mut Self::Buffer,
+    ) -> Result<()> {
+        self.fill_normal(
+            out,
+            NoiseKey::new(0, crate::rng::Stream::User, 0),
+            None,
+            0.0,
+        )?;
+        let identity_path = PathCoefficients {
+            t: 0.0,
+            a: 0.0,
+            b: 0.0,
+            da: 1.0,
+            db: 0.0,
+            s: 1.0,
+            ds: 0.0,
+        };
+        self.flow_update(
+            out,
+            &FlowUpdate {
+                eval: None,
+                weights,
+                target: x,
+                source: None,
+                path: identity_path,
+                guidance: None,
+                h_new: 1.0,
+                previous: None,
+            },
+            None,
+        )
+    }
+
     // ---- metrics -----------------------------------------------------------------------------
 
     /// RMSE of the ensemble mean and spread against `truth` (`1 × d`).

@@ -5,9 +5,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{check_positive, Error, Result};
-use crate::filter::EnffConfig;
+use crate::filter::{EnffConfig, Resampling};
 use crate::flow::{GuidanceKind, Integrator, PathKind};
-use crate::model::{Lorenz63, Lorenz96, Model, Rotation2d, Scheme, System};
+use crate::model::{
+    KuramotoSivashinsky, Lorenz63, Lorenz96, Model, NavierStokes2d, Rotation2d, Scheme, System,
+};
 use crate::observe::{ObservationOperator, Observe, Pointwise};
 
 /// Which dynamical system to run.
@@ -20,6 +22,11 @@ pub enum SystemKind {
     Lorenz96,
     /// Exact plane rotation (d = 2).
     Rotation2d,
+    /// Kuramoto–Sivashinsky on `model.d` grid points, domain 128π, ETDRK4 (ENFF_SPEC §8.4).
+    Ks,
+    /// 2-D incompressible Navier–Stokes on a `model.d × model.d` grid; the state `(p, u, v)`
+    /// has `3·model.d²` values (ENFF_SPEC §8.5).
+    Ns,
 }
 
 /// The forecast model section (`model.*`).
@@ -28,9 +35,10 @@ pub enum SystemKind {
 pub struct ModelConfig {
     /// System to integrate.
     pub system: SystemKind,
-    /// State dimension (Lorenz-96 only; fixed for the others).
+    /// Size: the state dimension for Lorenz-96 and Kuramoto–Sivashinsky (grid points), the grid
+    /// side `n` for Navier–Stokes (state dimension `3n²`); fixed (3, 2) for the others.
     pub d: usize,
-    /// Lorenz-96 forcing `F`.
+    /// Lorenz-96 forcing `F`; Navier–Stokes forcing amplitude `A` (0.05); unused otherwise.
     pub forcing: f32,
     /// Model time step.
     pub dt: f32,
@@ -82,7 +90,7 @@ pub struct EnsembleConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
-    /// Filter name: `enff-f2p` or `enff-ot`.
+    /// Filter name: `enff-f2p`, `enff-ot`, `etkf`, `enkf`, `bpf` or `kf`.
     pub kind: String,
     /// EnFF noise floor σ_min.
     pub sigma_min: f32,
@@ -96,6 +104,12 @@ pub struct FilterConfig {
     pub guidance: GuidanceKind,
     /// Multiplicative inflation of the analysis (1.0 = none).
     pub inflation: f32,
+    /// Particle filter: `multinomial` or `systematic` resampling.
+    #[serde(default)]
+    pub resampling: Resampling,
+    /// Particle filter: std of the jitter added to the forecast before weighting (0 = none).
+    #[serde(default)]
+    pub jitter: f32,
 }
 
 /// The run section (`experiment.*`).
@@ -133,7 +147,12 @@ pub struct Config {
 }
 
 /// Filter names this build knows.
-pub const FILTERS: [&str; 2] = ["enff-f2p", "enff-ot"];
+pub const FILTERS: [&str; 6] = ["enff-f2p", "enff-ot", "etkf", "enkf", "bpf", "kf"];
+
+/// True when `kind` names one of the EnFF variants.
+pub fn is_enff(kind: &str) -> bool {
+    matches!(kind, "enff-f2p" | "enff-ot")
+}
 
 impl Config {
     /// Checks every setting, naming the first bad one with its value and a fix.
@@ -152,13 +171,46 @@ impl Config {
                 "observations need at least 1 model step between them",
             ));
         }
-        if self.ensemble.n < 2 {
+        if !FILTERS.contains(&self.filter.kind.as_str()) {
+            return Err(Error::UnknownFilter {
+                name: self.filter.kind.clone(),
+                known: FILTERS.join(", "),
+            });
+        }
+        if self.filter.kind == "kf" {
+            if self.ensemble.n != 1 {
+                return Err(Error::invalid(
+                    "ensemble.n",
+                    self.ensemble.n,
+                    "the Kalman filter carries the mean as its single member: set ensemble.n=1",
+                ));
+            }
+            if self.model.system != SystemKind::Rotation2d {
+                return Err(Error::invalid(
+                    "filter.kind",
+                    "kf",
+                    "the Kalman filter needs a linear model: use the rotation2d preset",
+                ));
+            }
+        } else if self.ensemble.n < 2 {
             return Err(Error::invalid(
                 "ensemble.n",
                 self.ensemble.n,
                 "an ensemble filter needs at least 2 members (20 in the paper)",
             ));
         }
+        if !(self.filter.jitter.is_finite() && self.filter.jitter >= 0.0) {
+            return Err(Error::invalid(
+                "filter.jitter",
+                self.filter.jitter,
+                "the particle filter's jitter std must be finite and non-negative (0 = none)",
+            ));
+        }
+        check_positive(
+            "filter.inflation",
+            self.filter.inflation as f64,
+            "inflation is a positive factor, 1.0 = none",
+        )?;
         if !(self.ensemble.init_std.is_finite() && self.ensemble.init_std >= 0.0) {
             return Err(Error::invalid(
                 "ensemble.init_std",
@@ -201,7 +253,10 @@ impl Config {
                 return Err(Error::invalid(name, v, "use a finite number"));
             }
         }
-        self.enff_config()?.validate()
+        if is_enff(&self.filter.kind) {
+            self.enff_config()?.validate()?;
+        }
+        Ok(())
     }
 
     /// State dimension implied by the model section.
@@ -210,6 +265,8 @@ impl Config {
             SystemKind::Lorenz63 => 3,
             SystemKind::Lorenz96 => self.model.d,
             SystemKind::Rotation2d => 2,
+            SystemKind::Ks => self.model.d,
+            SystemKind::Ns => self.model.d.saturating_mul(self.model.d).saturating_mul(3),
         }
     }
 
@@ -247,6 +304,15 @@ impl Config {
                 }
                 System::Rotation2d(Rotation2d { theta })
             }
+            SystemKind::Ks => System::KuramotoSivashinsky(KuramotoSivashinsky::paper(
+                self.model.d,
+                self.model.dt,
+            )?),
+            SystemKind::Ns => System::NavierStokes2d(NavierStokes2d::paper(
+                self.model.d,
+                self.model.dt,
+                self.model.forcing,
+            )?),
         };
         Model::new(system, self.model.dt, self.model.scheme)
     }

@@ -28,11 +28,15 @@ pub struct Preset {
 }
 
 /// Names of all presets.
-pub const PRESETS: [&str; 4] = [
+pub const PRESETS: [&str; 8] = [
     "lorenz96_bao2024",
     "lorenz63_spantini2022",
     "lorenz96_sakov2008",
     "rotation2d",
+    "ks_1024",
+    "ks_512",
+    "ns_64",
+    "ns_256",
 ];
 
 /// The preset `cargo run --release` runs with no arguments.
@@ -47,6 +51,85 @@ fn enff_f2p(sigma_min: f32, guidance_scale: f32, flow_steps: usize) -> FilterCon
         integrator: Integrator::Euler,
         guidance: GuidanceKind::Local,
         inflation: 1.0,
+        resampling: Default::default(),
+        jitter: 0.0,
+    }
+}
+
+/// ENFF_SPEC §8.1, §8.4: Kuramoto–Sivashinsky on `d` grid points (domain 128π), dt = 0.25,
+/// arctan observations of every grid point every 4 steps with σ_y = 0.1, n = 20 members
+/// N(truth, 1), 2000 spin-up steps, 1000 cycles of which the last 50 are averaged (§9.2);
+/// EnFF-F2P with K = 5 grid points (4 flow steps), σ_min = 5.26e-3, λ = 6.94e-3 (§9.3 a).
+fn ks_config(d: usize) -> Config {
+    Config {
+        model: ModelConfig {
+            system: SystemKind::Ks,
+            d,
+            forcing: 0.0,
+            dt: 0.25,
+            scheme: Scheme::Rk4ThreeEighths,
+            theta: -1.0,
+        },
+        observe: ObserveConfig {
+            operator: Pointwise::Arctan,
+            every: 1,
+            offset: 0,
+            noise_std: 0.1,
+            obs_every: 4,
+        },
+        ensemble: EnsembleConfig {
+            n: 20,
+            init_std: 1.0,
+            init_mean: InitialMean::Truth,
+        },
+        filter: enff_f2p(5.26e-3, 6.94e-3, 4),
+        experiment: RunConfig {
+            spinup: 2000,
+            cycles: 1000,
+            burn_in: 950,
+            seed: 2_376_999_025,
+            truth_init_mean: 0.0,
+            truth_init_std: 1.0,
+        },
+    }
+}
+
+/// ENFF_SPEC §8.1, §8.5: Navier–Stokes on an `n × n` grid (state (p, u, v), d = 3n²), forcing
+/// 0.05·sin(8πy), ν = 1e-3, arctan observations of every component every `obs_every` steps
+/// (Δt_obs = 0.01) with σ_y = 0.1, n = 20 members N(truth, 1) placed one step after the
+/// Gaussian-process initial condition (no spin-up), the last 50 cycles averaged; EnFF-F2P with
+/// K = 10 grid points (9 flow steps), σ_min = 2.74e-4, λ = 1.008e-3 (§9.3 a, NS 256²).
+fn ns_config(n: usize, dt: f32, obs_every: usize, cycles: usize) -> Config {
+    Config {
+        model: ModelConfig {
+            system: SystemKind::Ns,
+            d: n,
+            forcing: 0.05,
+            dt,
+            scheme: Scheme::Rk4ThreeEighths,
+            theta: -1.0,
+        },
+        observe: ObserveConfig {
+            operator: Pointwise::Arctan,
+            every: 1,
+            offset: 0,
+            noise_std: 0.1,
+            obs_every,
+        },
+        ensemble: EnsembleConfig {
+            n: 20,
+            init_std: 1.0,
+            init_mean: InitialMean::Truth,
+        },
+        filter: enff_f2p(2.74e-4, 1.008e-3, 9),
+        experiment: RunConfig {
+            spinup: 1,
+            cycles,
+            burn_in: cycles - 50,
+            seed: 2_376_999_025,
+            truth_init_mean: 0.0,
+            truth_init_std: 1.0,
+        },
     }
 }
 
@@ -211,6 +294,43 @@ pub fn preset(name: &str) -> Result<Preset> {
             },
             expected_rmse: (0.03, 0.25),
             expected_source: "measured with enff, seeds 1-5: 0.07-0.18 (50 cycles, few samples)",
+        },
+        // ENFF_SPEC §8.4, §9.6: the paper's Kuramoto–Sivashinsky benchmark. Identity variant:
+        // --set observe.operator=identity --set observe.noise_std=0.5.
+        "ks_1024" => Preset {
+            name: "ks_1024",
+            description: "Kuramoto–Sivashinsky d=1024 (L=128π, dt=0.25, ETDRK4), arctan obs \
+                          every 1 time unit, σ_y=0.1, n=20; EnFF-F2P K=5 (EnFF paper §KS)",
+            config: ks_config(1024),
+            expected_rmse: (0.0, 1.0),
+            expected_source: "TODO",
+        },
+        // The classical-comparison size of ENFF_SPEC §9.5 with the d = 1024 hyper-parameters.
+        "ks_512" => Preset {
+            name: "ks_512",
+            description: "Kuramoto–Sivashinsky d=512 (L=128π, dt=0.25, ETDRK4), arctan obs \
+                          every 1 time unit, σ_y=0.1, n=20; EnFF-F2P K=5",
+            config: ks_config(512),
+            expected_rmse: (0.0, 1.0),
+            expected_source: "TODO",
+        },
+        // ENFF_SPEC §8.1 `NavierStokesDim64`, with the 256² hyper-parameters.
+        "ns_64" => Preset {
+            name: "ns_64",
+            description: "Navier–Stokes 64×64 (d=12288, dt=1e-3, Chorin projection), arctan obs \
+                          every 0.01 time units, σ_y=0.1, n=20; EnFF-F2P K=10",
+            config: ns_config(64, 1e-3, 10, 200),
+            expected_rmse: (0.0, 1.0),
+            expected_source: "TODO",
+        },
+        // ENFF_SPEC §8.5, §9.6: the paper's Navier–Stokes benchmark.
+        "ns_256" => Preset {
+            name: "ns_256",
+            description: "Navier–Stokes 256×256 (d=196608, dt=1e-4, Chorin projection), arctan \
+                          obs every 0.01 time units, σ_y=0.1, n=20; EnFF-F2P K=10 (EnFF paper §NS)",
+            config: ns_config(256, 1e-4, 100, 60),
+            expected_rmse: (0.0, 1.0),
+            expected_source: "TODO",
         },
         other => {
             return Err(Error::UnknownPreset {

@@ -4,10 +4,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::config::{Config, InitialMean, SystemKind};
+use super::config::{Config, InitialMean};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::filter::{Enff, Filter, Observation};
+use crate::model::System;
 use crate::observe::ObservationOperator;
 use crate::rng::{self, NoiseKey, Stream};
 
@@ -105,9 +106,35 @@ pub struct MemoryEstimate {
     pub per_member: u64,
 }
 
-/// Builds the filter named in the configuration for backend `B`.
-pub fn build_filter<B: Backend + 'static>(config: &Config) -> Result<Box<dyn Filter<B>>> {
-    Ok(Box::new(Enff::<B>::new(config.enff_config()?)?))
+/// Builds the filter named in the configuration for backend `B` and forecast `model`.
+pub fn build_filter<B: Backend + 'static>(
+    config: &Config,
+    model: &crate::model::Model,
+) -> Result<Box<dyn Filter<B>>> {
+    let f = &config.filter;
+    let seed = config.experiment.seed;
+    Ok(match f.kind.as_str() {
+        "enff-f2p" | "enff-ot" => Box::new(Enff::<B>::new(config.enff_config()?)?),
+        "etkf" => Box::new(crate::filter::Etkf::<B>::new(f.inflation)?),
+        "enkf" => Box::new(crate::filter::EnkfPo::<B>::new(f.inflation, seed)?),
+        "bpf" => Box::new(crate::filter::ParticleFilter::<B>::new(
+            f.resampling,
+            f.jitter,
+            f.inflation,
+            seed,
+        )?),
+        "kf" => Box::new(crate::filter::KalmanFilter::new(
+            model,
+            config.observe.obs_every,
+            config.ensemble.init_std,
+        )?),
+        other => {
+            return Err(Error::UnknownFilter {
+                name: other.to_string(),
+                known: super::config::FILTERS.join(", "),
+            })
+        }
+    })
 }
 
 /// A validated twin experiment.
@@ -229,21 +256,46 @@ impl Experiment {
         let (n, d) = (cfg.ensemble.n, model.dim());
         let m = op.obs_dim(d)?;
         let obs_every = cfg.observe.obs_every;
-        let mut filter = build_filter::<B>(cfg)?;
+        let mut filter = build_filter::<B>(cfg, &model)?;
         let started = Instant::now();
 
         // Truth: initial condition, then spin-up to the first observation time.
         let mut truth = backend.zeros(1, d)?;
-        if cfg.model.system == SystemKind::Rotation2d {
-            backend.write(&mut truth, &[cfg.experiment.truth_init_mean, 0.0])?;
-        } else {
-            let mean = backend.upload(1, d, &vec![cfg.experiment.truth_init_mean; d])?;
-            backend.fill_normal(
-                &mut truth,
-                NoiseKey::new(seed, Stream::Truth, 0),
-                Some(&mean),
-                cfg.experiment.truth_init_std,
-            )?;
+        let truth_key = NoiseKey::new(seed, Stream::Truth, 0);
+        match &model.system {
+            System::Rotation2d(_) => {
+                backend.write(&mut truth, &[cfg.experiment.truth_init_mean, 0.0])?;
+            }
+            // ENFF_SPEC §8.4: the reference field plus N(0, truth_init_std²) noise, then spin-up.
+            System::KuramotoSivashinsky(ks) => {
+                let mean = backend.upload(1, d, &ks.reference_initial_condition()?)?;
+                backend.fill_normal(
+                    &mut truth,
+                    truth_key,
+                    Some(&mean),
+                    cfg.experiment.truth_init_std,
+                )?;
+            }
+            // ENFF_SPEC §8.5: a projected Gaussian-process velocity field of std truth_init_std.
+            System::NavierStokes2d(ns) => {
+                let mut white = vec![0.0f32; 2 * ns.n() * ns.n()];
+                rng::fill_normal_row(&truth_key, 0, &mut white);
+                let x0 = ns.gaussian_process_initial_condition(
+                    &white,
+                    crate::model::ns::GP_LENGTH_SCALE,
+                    cfg.experiment.truth_init_std,
+                )?;
+                backend.write(&mut truth, &x0)?;
+            }
+            _ => {
+                let mean = backend.upload(1, d, &vec![cfg.experiment.truth_init_mean; d])?;
+                backend.fill_normal(
+                    &mut truth,
+                    truth_key,
+                    Some(&mean),
+                    cfg.experiment.truth_init_std,
+                )?;
+            }
         }
         backend.advance(&model, &mut truth, cfg.experiment.spinup)?;
         backend

@@ -6,8 +6,15 @@ use crate::backend::Backend;
 use crate::observe::ObservationOperator;
 
 pub mod enff;
+pub mod ensemble_kalman;
+pub mod kalman;
+pub mod localization;
+pub mod particle;
 
 pub use enff::{Enff, EnffConfig};
+pub use ensemble_kalman::{EnkfPo, Etkf};
+pub use kalman::KalmanFilter;
+pub use particle::{ParticleFilter, Resampling};
 
 /// One observation as a filter sees it: `y = h(x) + σ_y η`.
 pub struct Observation<'a, B: Backend + ?Sized> {

@@ -1,16 +1,24 @@
 //! Forecast models: the dynamics that carry the ensemble from one observation time to the next.
 //!
 //! A [`Model`] is a description (system, time step, integrator); backends run it on whole
-//! ensembles (`Backend::advance`). Built-in systems: Lorenz-63 (ENFF_SPEC §8.2), Lorenz-96 (§8.3)
-//! and the linear Rotation2D (§8.6). Users add their own vector field through [`Dynamics`]; the
-//! CPU backend integrates it with the same Runge–Kutta schemes.
+//! ensembles (`Backend::advance`). Built-in systems: Lorenz-63 (ENFF_SPEC §8.2), Lorenz-96 (§8.3),
+//! Kuramoto–Sivashinsky (§8.4, [`ks`]), 2-D incompressible Navier–Stokes (§8.5, [`ns`]) and the
+//! linear Rotation2D (§8.6). Users add their own vector field through [`Dynamics`]; the CPU
+//! backend integrates it with the same Runge–Kutta schemes. The two grid models carry their own
+//! integrators (ETDRK4, Chorin projection); the Runge–Kutta `scheme` does not apply to them.
 
 use std::fmt;
 use std::sync::Arc;
 
 use crate::error::{check_positive, Error, Result};
 
+pub mod fft;
+pub mod ks;
+pub mod ns;
 pub mod rk;
+
+pub use ks::KuramotoSivashinsky;
+pub use ns::NavierStokes2d;
 
 /// Time integrator for ODE models.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -138,6 +146,11 @@ pub enum System {
     Lorenz96(Lorenz96),
     /// Exact plane rotation (d = 2); `dt` and the scheme are ignored.
     Rotation2d(Rotation2d),
+    /// Kuramoto–Sivashinsky on `d` grid points, ETDRK4 (ENFF_SPEC §8.4); the scheme is ignored.
+    KuramotoSivashinsky(KuramotoSivashinsky),
+    /// 2-D Navier–Stokes, state `(p, u, v)` on an `n × n` grid, d = 3n² (ENFF_SPEC §8.5); the
+    /// scheme is ignored.
+    NavierStokes2d(NavierStokes2d),
     /// A user-defined vector field (CPU backend only).
     Custom(Arc<dyn Dynamics>),
 }
@@ -161,14 +174,38 @@ impl Model {
             dt as f64,
             "the model time step must be a finite positive number (e.g. 0.01 for Lorenz-96)",
         )?;
-        if let System::Custom(dynamics) = &system {
-            if dynamics.dim() == 0 {
+        match &system {
+            System::Custom(dynamics) if dynamics.dim() == 0 => {
                 return Err(Error::invalid(
                     "model.d",
                     0,
                     "a custom model needs a positive dimension",
                 ));
             }
+            // The grid models precompute their step: the model's dt must be theirs.
+            System::KuramotoSivashinsky(ks) if ks.dt() != dt => {
+                return Err(Error::invalid(
+                    "model.dt",
+                    dt,
+                    format!(
+                        "the Kuramoto–Sivashinsky coefficients were computed for dt = {}: \
+                         build the system with the model's time step",
+                        ks.dt()
+                    ),
+                ));
+            }
+            System::NavierStokes2d(ns) if ns.dt() != dt => {
+                return Err(Error::invalid(
+                    "model.dt",
+                    dt,
+                    format!(
+                        "the Navier–Stokes system was built for dt = {}: build it with the \
+                         model's time step",
+                        ns.dt()
+                    ),
+                ));
+            }
+            _ => {}
         }
         Ok(Model { system, dt, scheme })
     }
@@ -179,6 +216,8 @@ impl Model {
             System::Lorenz63(_) => 3,
             System::Lorenz96(l) => l.d,
             System::Rotation2d(_) => 2,
+            System::KuramotoSivashinsky(k) => k.d(),
+            System::NavierStokes2d(n) => n.dim(),
             System::Custom(c) => c.dim(),
         }
     }
@@ -189,17 +228,34 @@ impl Model {
             System::Lorenz63(_) => "lorenz63".into(),
             System::Lorenz96(l) => format!("lorenz96(d={}, F={})", l.d, l.forcing),
             System::Rotation2d(r) => format!("rotation2d(theta={:.4})", r.theta),
+            System::KuramotoSivashinsky(k) => format!(
+                "kuramoto_sivashinsky(d={}, L={}π, dt={}, ETDRK4)",
+                k.d(),
+                k.domain_pi_multiple(),
+                k.dt()
+            ),
+            System::NavierStokes2d(n) => format!(
+                "navier_stokes_2d({0}x{0}, d={1}, dt={2}, ν={3}, {4} Jacobi sweeps)",
+                n.n(),
+                n.dim(),
+                n.dt(),
+                n.viscosity(),
+                n.jacobi_sweeps()
+            ),
             System::Custom(c) => format!("custom(d={})", c.dim()),
         }
     }
 
-    /// Evaluates the vector field of an ODE system at one state (None for map-type systems).
+    /// Evaluates the vector field of an ODE system at one state; false (and `dx` untouched)
+    /// for systems that are not integrated by Runge–Kutta (Rotation2D, the grid models).
     pub fn rhs(&self, x: &[f32], dx: &mut [f32]) -> bool {
         match &self.system {
             System::Lorenz63(l) => l.rhs(x, dx),
             System::Lorenz96(l) => l.rhs(x, dx),
             System::Custom(c) => c.rhs(x, dx),
-            System::Rotation2d(_) => return false,
+            System::Rotation2d(_) | System::KuramotoSivashinsky(_) | System::NavierStokes2d(_) => {
+                return false
+            }
         }
         true
     }

@@ -5,10 +5,24 @@ use super::{Model, Scheme, System};
 /// Number of length-`d` scratch vectors [`step`] needs.
 pub const SCRATCH_VECTORS: usize = 5;
 
-/// Advances one state `x` by `steps` model steps in place.
+/// Advances one state `x` by `steps` model steps in place (ODE systems and Rotation2D).
 ///
-/// `scratch` must hold at least `SCRATCH_VECTORS * x.len()` values.
+/// `scratch` must hold at least `SCRATCH_VECTORS * x.len()` values. The grid models
+/// (Kuramoto–Sivashinsky, Navier–Stokes) are not Runge–Kutta systems and need scratch of their
+/// own: the backends call their `advance` directly; here they get freshly allocated scratch
+/// (a convenience path, not a kernel).
 pub fn advance_state(model: &Model, x: &mut [f32], steps: usize, scratch: &mut [f32]) {
+    match &model.system {
+        System::KuramotoSivashinsky(ks) => {
+            let mut own = vec![Default::default(); ks.scratch_len()];
+            return ks.advance(x, steps, &mut own);
+        }
+        System::NavierStokes2d(ns) => {
+            let mut own = vec![0.0; ns.scratch_len()];
+            return ns.advance(x, steps, &mut own);
+        }
+        _ => {}
+    }
     if let System::Rotation2d(r) = &model.system {
         let angle = r.theta * steps as f64;
         let (s, c) = angle.sin_cos();

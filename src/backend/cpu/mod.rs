@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use rayon::prelude::*;
+use rustfft::num_complex::Complex;
 
 use super::{Backend, DeviceBuffer, EnsembleStats, FlowUpdate, PathCoefficients};
 use crate::error::{Error, Result};
@@ -122,6 +123,8 @@ pub(crate) struct Slot {
     pub(crate) f64a: Vec<f64>,
     /// Pairwise distances of the next flow step, accumulated by a fused flow update.
     pub(crate) f64b: Vec<f64>,
+    /// Complex scratch of the spectral models (Kuramoto–Sivashinsky).
+    pub(crate) c32: Vec<Complex<f32>>,
 }
 
 /// Scratch shared by the kernels: per-worker slots and what the last fused flow update left
@@ -439,10 +442,24 @@ impl Backend for Cpu {
                 .data_mut()
                 .par_chunks_mut(row_split.get(0).1 * d)
                 .zip(slots.par_iter_mut())
-                .for_each(|(chunk, slot)| {
-                    let scratch = grow(&mut slot.f32a, rk::SCRATCH_VECTORS * d);
-                    for row in chunk.chunks_mut(d) {
-                        rk::advance_state(model, row, steps, scratch);
+                .for_each(|(chunk, slot)| match &model.system {
+                    System::KuramotoSivashinsky(ks) => {
+                        let scratch = grow(&mut slot.c32, ks.scratch_len());
+                        for row in chunk.chunks_mut(d) {
+                            ks.advance(row, steps, scratch);
+                        }
+                    }
+                    System::NavierStokes2d(ns) => {
+                        let scratch = grow(&mut slot.f32a, ns.scratch_len());
+                        for row in chunk.chunks_mut(d) {
+                            ns.advance(row, steps, scratch);
+                        }
+                    }
+                    _ => {
+                        let scratch = grow(&mut slot.f32a, rk::SCRATCH_VECTORS * d);
+                        for row in chunk.chunks_mut(d) {
+                            rk::advance_state(model, row, steps, scratch);
+                        }
                     }
                 });
         })
@@ -522,6 +539,49 @@ impl Backend for Cpu {
         velocity_out: Option<&mut CpuBuffer>,
     ) -> Result<()> {
         flow::flow_update(self, state, update, velocity_out)
+    }
+
+    fn ensemble_transform(
+        &self,
+        weights: &CpuBuffer,
+        x: &CpuBuffer,
+        out: &mut CpuBuffer,
+    ) -> Result<()> {
+        let (n, d) = (x.rows, x.cols);
+        Cpu::same_shape("transform weights", weights, n, n)?;
+        Cpu::same_shape("transform output", out, n, d)?;
+        if n == 0 || d == 0 {
+            return Ok(());
+        }
+        let split = Split::new(d, self.parts_for(n * n * d), BLOCK);
+        let xs = x.as_slice();
+        let ws = weights.as_slice();
+        let optr = flow::SyncPtr(out.as_mut_slice().as_mut_ptr());
+        split.par_iter().for_each(|(k0, k1)| {
+            let mut kb = k0;
+            while kb < k1 {
+                let w = BLOCK.min(k1 - kb);
+                for i in 0..n {
+                    // SAFETY: each part owns columns k0..k1 of `out`, a buffer distinct from
+                    // `x` and `weights` (the borrow checker guarantees it).
+                    let v =
+                        unsafe { std::slice::from_raw_parts_mut(optr.get().add(i * d + kb), w) };
+                    simd::combine(
+                        v,
+                        None,
+                        0.0,
+                        &ws[i * n..(i + 1) * n],
+                        &xs[kb..],
+                        1.0,
+                        None,
+                        0.0,
+                        d,
+                    );
+                }
+                kb += w;
+            }
+        });
+        Ok(())
     }
 
     fn ensemble_stats(&self, ensemble: &CpuBuffer, truth: &CpuBuffer) -> Result<EnsembleStats> {

@@ -1104,6 +1104,14 @@ impl Backend for Gpu {
                     fix: "use a built-in model or --backend cpu".into(),
                 })
             }
+            System::KuramotoSivashinsky(_) | System::NavierStokes2d(_) => {
+                return Err(Error::Unsupported {
+                    backend: "gpu".into(),
+                    what: format!("the model `{}`", model.name()),
+                    fix: "use --backend cpu; GPU kernels for this model are not implemented yet"
+                        .into(),
+                })
+            }
         };
         // Stage coefficients (argument = x + dt Σ c·k) and final weights.
         let (stages, weights): ([[f32; 3]; 4], [f32; 4]) = match model.scheme {
