@@ -69,6 +69,31 @@ enum Command {
     Info,
     /// Time one EnFF analysis over a grid of ensemble sizes and state dimensions.
     Bench(BenchArgs),
+    /// Run several filters on identical truth, observations and initial ensemble, and
+    /// tabulate their skill and cost (also written as compare.csv and compare.md).
+    Compare(CompareArgs),
+}
+
+#[derive(clap::Args, Clone, Debug)]
+struct CompareArgs {
+    /// Preset to run.
+    preset: String,
+    /// Comma-separated filters, e.g. enff-f2p,enff-ot,etkf,enkf,bpf.
+    #[arg(long, value_delimiter = ',', default_value = "enff-f2p,enff-ot,etkf,enkf,bpf")]
+    filters: Vec<String>,
+    /// Override a setting for every filter (section.key=value), or for one filter
+    /// (etkf:filter.inflation=1.02).
+    #[arg(long = "set", value_name = "[FILTER:]KEY=VALUE")]
+    sets: Vec<String>,
+    /// Where the numbers live and the kernels run.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Seed of every random stream (default: the preset's).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Output folder (default: runs/compare-<preset>).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -123,6 +148,7 @@ fn main() -> ExitCode {
             dry_run: false,
         }),
         Some(Command::Run(args)) => run(args),
+        Some(Command::Compare(args)) => compare(args),
         Some(Command::Presets) => presets(),
         Some(Command::Info) => info(),
         Some(Command::Bench(args)) => bench(args),
@@ -408,6 +434,112 @@ fn parse_count(s: &str) -> Result<usize> {
         "not a positive integer: {s}"
     );
     Ok(f as usize)
+}
+
+fn compare(args: CompareArgs) -> Result<()> {
+    let p = preset(&args.preset)?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("compare-{}", p.name)));
+    // Build and validate every configuration before running anything.
+    let mut experiments = Vec::new();
+    for f in &args.filters {
+        let mut config = p.config.clone();
+        config.set(&format!("filter.kind={f}"))?;
+        if f == "kf" {
+            config.set("ensemble.n=1")?;
+        }
+        for s in &args.sets {
+            match s.split_once(':') {
+                Some((only, rest)) if !only.contains('=') => {
+                    if only == f {
+                        config.set(rest)?;
+                    }
+                }
+                _ => config.set(s)?,
+            }
+        }
+        if let Some(seed) = args.seed {
+            config.experiment.seed = seed;
+        }
+        let expected = (config.filter == p.config.filter).then_some(p.expected_rmse);
+        experiments.push((f.clone(), Experiment::new(p.name, config, expected)?));
+    }
+    let gpu = match args.backend {
+        BackendChoice::Cpu => None,
+        BackendChoice::Gpu => Some(Gpu::new(GpuOptions {
+            allow_software: true,
+            ..Default::default()
+        })?),
+        BackendChoice::Auto => match Gpu::new(GpuOptions::default()) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                if std::env::var("ENFF_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                    anyhow::bail!("ENFF_REQUIRE_GPU=1 and no hardware GPU: {e}");
+                }
+                log::info!("no hardware GPU adapter ({e}); running on the CPU");
+                None
+            }
+        },
+    };
+    let mut rows = Vec::new();
+    for (f, exp) in &experiments {
+        let dir = out.join(f);
+        let report = match &gpu {
+            Some(g) => run_on(g, exp, &dir),
+            None => run_on(&Cpu::new(), exp, &dir),
+        };
+        match report {
+            Ok(r) => {
+                output::write_report(&dir, &r)?;
+                rows.push((f.clone(), Some(r.summary), String::new()));
+            }
+            Err(e) => rows.push((f.clone(), None, format!("{e:#}"))),
+        }
+    }
+    let mut md = format!(
+        "| filter | rmse_mean | spread_mean | s/analysis | s/cycle |\n|---|---|---|---|---|\n"
+    );
+    let mut csv = String::from("filter,rmse_mean,spread_mean,seconds_per_analysis,seconds_per_cycle,error\n");
+    println!(
+        "enff compare: {} ({} cycles, burn-in {}, seed {})",
+        p.name,
+        experiments[0].1.config().experiment.cycles,
+        experiments[0].1.config().experiment.burn_in,
+        experiments[0].1.config().experiment.seed
+    );
+    println!("{:<10} {:>10} {:>12} {:>12} {:>10}", "filter", "rmse_mean", "spread_mean", "s/analysis", "s/cycle");
+    for (f, s, err) in &rows {
+        match s {
+            Some(s) => {
+                let per = s.seconds_analysis / s.cycles as f64;
+                println!(
+                    "{f:<10} {:>10.4} {:>12.4} {:>12.5} {:>10.5}",
+                    s.rmse_mean, s.spread_mean, per, s.seconds_per_cycle
+                );
+                md.push_str(&format!(
+                    "| {f} | {:.4} | {:.4} | {:.5} | {:.5} |\n",
+                    s.rmse_mean, s.spread_mean, per, s.seconds_per_cycle
+                ));
+                csv.push_str(&format!(
+                    "{f},{},{},{},{},\n",
+                    s.rmse_mean, s.spread_mean, per, s.seconds_per_cycle
+                ));
+            }
+            None => {
+                let short = err.lines().next().unwrap_or("").replace(',', ";");
+                println!("{f:<10} failed: {short}");
+                md.push_str(&format!("| {f} | failed: {short} | | | |\n"));
+                csv.push_str(&format!("{f},,,,,{short}\n"));
+            }
+        }
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    output::write_atomic(&out.join("compare.csv"), csv.as_bytes())?;
+    output::write_atomic(&out.join("compare.md"), md.as_bytes())?;
+    println!("  results      {}", out.display());
+    Ok(())
 }
 
 fn run(args: RunArgs) -> Result<()> {
