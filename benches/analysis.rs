@@ -153,6 +153,7 @@ fn flow_update(c: &mut Criterion) {
                     }),
                     h_new: t,
                     previous: None,
+                    clamp: None,
                 };
                 cpu.flow_update(&mut x, &update, None).expect("update");
                 black_box(&x);

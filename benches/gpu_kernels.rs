@@ -121,6 +121,7 @@ fn kernels(c: &mut Criterion) {
                     }),
                     h_new: 1e-6,
                     previous: None,
+                    clamp: None,
                 };
                 gpu.flow_update(&mut x, &update, None).expect("update");
                 gpu.sync().expect("sync");

@@ -35,6 +35,10 @@ struct UpdateParams {
     h_old: f32,
     scale: f32,
     horizon: f32,
+    clamp: f32,      // > 0: clamp v to [−clamp, clamp] before the step (EnSF's score clamp)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: UpdateParams;
@@ -133,6 +137,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             let xh = xe + p.horizon * v;
             v = v + p.scale * h_prime(xh) * (y[obs_idx] - h_of(xh));
         }
+        if (p.clamp > 0.0) {
+            v = clamp(v, -p.clamp, p.clamp);
+        }
         var nv = state[e] + p.h_new * v;
         if (p.has_prev != 0u) {
             nv = nv + p.h_old * vprev[e];
@@ -176,6 +183,9 @@ fn finish(i: u32, k: u32, vin: f32) {
             let xh = xe + p.horizon * v;
             v = v + p.scale * h_prime(xh) * (y[rel / p.obs_every] - h_of(xh));
         }
+    }
+    if (p.clamp > 0.0) {
+        v = clamp(v, -p.clamp, p.clamp);
     }
     var nv = state[e] + p.h_new * v;
     if (p.has_prev != 0u) {

@@ -39,7 +39,7 @@ struct RunArgs {
     /// Preset to run (see `enff presets`).
     #[arg(default_value = DEFAULT_PRESET)]
     preset: String,
-    /// Filter: enff-f2p, enff-ot, etkf, enkf, bpf or kf (default: the preset's).
+    /// Filter: enff-f2p, enff-ot, ensf, etkf, enkf, bpf or kf (default: the preset's).
     #[arg(long)]
     filter: Option<String>,
     /// Override a setting, e.g. --set model.d=100000 --set filter.flow_steps=9.
@@ -79,7 +79,11 @@ struct CompareArgs {
     /// Preset to run.
     preset: String,
     /// Comma-separated filters, e.g. enff-f2p,enff-ot,etkf,enkf,bpf.
-    #[arg(long, value_delimiter = ',', default_value = "enff-f2p,enff-ot,etkf,enkf,bpf")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "enff-f2p,enff-ot,ensf,etkf,enkf,bpf"
+    )]
     filters: Vec<String>,
     /// Override a setting for every filter (section.key=value), or for one filter
     /// (etkf:filter.inflation=1.02).
@@ -501,7 +505,8 @@ fn compare(args: CompareArgs) -> Result<()> {
     let mut md = format!(
         "| filter | rmse_mean | spread_mean | s/analysis | s/cycle |\n|---|---|---|---|---|\n"
     );
-    let mut csv = String::from("filter,rmse_mean,spread_mean,seconds_per_analysis,seconds_per_cycle,error\n");
+    let mut csv =
+        String::from("filter,rmse_mean,spread_mean,seconds_per_analysis,seconds_per_cycle,error\n");
     println!(
         "enff compare: {} ({} cycles, burn-in {}, seed {})",
         p.name,
@@ -509,7 +514,10 @@ fn compare(args: CompareArgs) -> Result<()> {
         experiments[0].1.config().experiment.burn_in,
         experiments[0].1.config().experiment.seed
     );
-    println!("{:<10} {:>10} {:>12} {:>12} {:>10}", "filter", "rmse_mean", "spread_mean", "s/analysis", "s/cycle");
+    println!(
+        "{:<10} {:>10} {:>12} {:>12} {:>10}",
+        "filter", "rmse_mean", "spread_mean", "s/analysis", "s/cycle"
+    );
     for (f, s, err) in &rows {
         match s {
             Some(s) => {

@@ -229,7 +229,78 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
             "observe.noise_std",
         ),
     ];
-    for (args, needle) in cases {
+    let baseline_cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "run",
+                "lorenz96_bao2024",
+                "--filter",
+                "ensf",
+                "--set",
+                "filter.eps_alpha=0",
+                "--out",
+                o,
+            ],
+            "filter.eps_alpha",
+        ),
+        (
+            &[
+                "run",
+                "lorenz96_bao2024",
+                "--filter",
+                "ensf",
+                "--set",
+                "filter.eps_beta=1.5",
+                "--out",
+                o,
+            ],
+            "filter.eps_beta",
+        ),
+        (
+            &[
+                "run",
+                "lorenz96_bao2024",
+                "--filter",
+                "bpf",
+                "--set",
+                "filter.jitter=-1",
+                "--out",
+                o,
+            ],
+            "filter.jitter",
+        ),
+        (
+            &[
+                "run",
+                "lorenz96_bao2024",
+                "--filter",
+                "etkf",
+                "--set",
+                "filter.inflation=0",
+                "--out",
+                o,
+            ],
+            "filter.inflation",
+        ),
+        (
+            &[
+                "run",
+                "lorenz96_bao2024",
+                "--filter",
+                "kf",
+                "--set",
+                "ensemble.n=1",
+                "--out",
+                o,
+            ],
+            "linear model",
+        ),
+        (
+            &["run", "rotation2d", "--filter", "kf", "--out", o],
+            "ensemble.n=1",
+        ),
+    ];
+    for (args, needle) in cases.iter().chain(baseline_cases) {
         assert_fails_cleanly(args, needle, &out);
     }
 }
@@ -314,12 +385,20 @@ fn compare_runs_filters_on_identical_inputs_and_writes_tables() {
     assert!(o.status.success(), "{}", stderr(&o));
     let csv = std::fs::read_to_string(out.join("compare.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5, "{csv}");
-    assert!(std::fs::read_to_string(out.join("compare.md")).unwrap().contains("| etkf |"));
+    assert!(std::fs::read_to_string(out.join("compare.md"))
+        .unwrap()
+        .contains("| etkf |"));
     // Identical inputs: every filter saw the same forecast on cycle 1 (no forecast step yet),
     // so the first rows' forecast RMSE agree exactly.
     let first = |f: &str| {
         let m = std::fs::read_to_string(out.join(f).join("metrics.csv")).unwrap();
-        m.lines().nth(1).unwrap().split(',').nth(2).unwrap().to_string()
+        m.lines()
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .nth(2)
+            .unwrap()
+            .to_string()
     };
     let f0 = first("enff-f2p");
     for f in ["etkf", "enkf", "bpf"] {

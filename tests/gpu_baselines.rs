@@ -85,3 +85,39 @@ fn etkf_golden_vector_g4_holds_on_the_gpu() {
         "ETKF G4 on the GPU",
     );
 }
+
+#[test]
+fn ensf_golden_vector_g3_holds_on_the_gpu() {
+    use enff::filter::{Ensf, EnsfConfig};
+    let Some((_lock, g)) = gpu() else { return };
+    let mut ens = g.upload(3, 2, &[1.0, 0.0, 0.0, 1.0, -1.0, -1.0]).unwrap();
+    let y = g.upload(1, 2, &[0.5, 0.2]).unwrap();
+    let h = Observe::identity();
+    let obs = Observation {
+        y: &y,
+        operator: &h,
+        noise_std: 0.5,
+    };
+    let z = g.upload(3, 2, &[0.3, -0.2, -0.5, 0.1, 0.05, 0.4]).unwrap();
+    let xi = [
+        g.upload(3, 2, &[0.2, -0.1, 0.0, 0.3, -0.4, 0.1]).unwrap(),
+        g.upload(3, 2, &[-0.3, 0.2, 0.1, -0.2, 0.25, 0.0]).unwrap(),
+    ];
+    let mut f = Ensf::new(EnsfConfig::new(2)).unwrap();
+    f.analyse_with_noise(g, &mut ens, &obs, &z, &xi).unwrap();
+    let want = [
+        0.41960371f32,
+        0.90641251,
+        1.28607051,
+        -0.01462561,
+        1.77216874,
+        0.1604821,
+    ];
+    assert_close(
+        &g.read(&ens).unwrap(),
+        &want,
+        1e-5,
+        0.0,
+        "EnSF G3 on the GPU",
+    );
+}

@@ -228,6 +228,7 @@ fn flow_update_matches_the_cpu_twin_for_every_variant() {
                         }),
                         h_new: 0.13,
                         previous: with_prev.then_some((&vc, 0.07)),
+                        clamp: (variant == 3).then_some(0.05),
                     };
                     cpu.flow_update(&mut stc, &upc, with_vout.then_some(&mut voc))
                         .unwrap();
@@ -256,6 +257,7 @@ fn flow_update_matches_the_cpu_twin_for_every_variant() {
                         }),
                         h_new: 0.13,
                         previous: with_prev.then_some((&vg, 0.07)),
+                        clamp: (variant == 3).then_some(0.05),
                     };
                     g.flow_update(&mut stg, &upg, with_vout.then_some(&mut vog))
                         .unwrap();
@@ -457,6 +459,7 @@ fn member_block_splitting_gives_the_same_kernels() {
             }),
             h_new: 0.2,
             previous: None,
+            clamp: None,
         };
         b.flow_update(&mut st, &up, Some(&mut vo)).unwrap();
         let mut noise = b.zeros(n, d).unwrap();
@@ -545,6 +548,7 @@ fn large_ensemble_tiled_kernels_match_the_cpu_twin() {
                 }),
                 h_new: 0.2,
                 previous: None,
+                clamp: None,
             };
             b.flow_update(&mut st, &up, None).unwrap();
             outs.push((b.read(&lg).unwrap(), b.read(&st).unwrap()));
@@ -574,6 +578,7 @@ fn large_ensemble_tiled_kernels_match_the_cpu_twin() {
             }),
             h_new: 0.2,
             previous: None,
+            clamp: None,
         };
         cpu.flow_update(&mut stc, &upc, None).unwrap();
         let (lcv, stv) = (cpu.read(&lc).unwrap(), cpu.read(&stc).unwrap());

@@ -922,6 +922,7 @@ fn ot_weights_uniform_at_t0_and_velocity_points_to_the_forecast_mean() {
             guidance: None,
             h_new: h,
             previous: None,
+            clamp: None,
         },
         Some(&mut v),
     )

@@ -71,8 +71,8 @@ pub struct Guidance<'a, B: Backend + ?Sized> {
 ///
 /// The kernel evaluates, for every member `i` and component `k`, the Monte-Carlo velocity
 /// `v̂_i = (ds/s)·x_i + Σ_j W_ij (μ̇_j − (ds/s)·μ_j)` at `x = eval` (or at the state itself),
-/// adds guidance, and writes `state ← base + h_new·v + h_old·v_old`, where `base` is the state
-/// itself. Optionally it also stores `v` (for Heun's second stage).
+/// adds guidance, optionally clamps, and writes `state ← base + h_new·v + h_old·v_old`, where
+/// `base` is the state itself. Optionally it also stores `v` (for Heun's second stage).
 pub struct FlowUpdate<'a, B: Backend + ?Sized> {
     /// Where to evaluate the velocity; `None` = at the state being updated.
     pub eval: Option<&'a B::Buffer>,
@@ -90,6 +90,9 @@ pub struct FlowUpdate<'a, B: Backend + ?Sized> {
     pub h_new: f32,
     /// A previously stored velocity and its step (Heun's corrector).
     pub previous: Option<(&'a B::Buffer, f32)>,
+    /// Clamp the guided velocity component-wise to `[−c, c]` before the step (EnSF's score
+    /// clamp, ENFF_SPEC §4.2); `None` for the flow filters.
+    pub clamp: Option<f32>,
 }
 
 /// Ensemble statistics against the truth, reduced where the ensemble lives.
@@ -244,6 +247,7 @@ pub trait Backend: Send + Sync {
                 guidance: None,
                 h_new: 1.0,
                 previous: None,
+                clamp: None,
             },
             None,
         )

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{check_positive, Error, Result};
-use crate::filter::{EnffConfig, Resampling};
+use crate::filter::{EnffConfig, EnsfConfig, Resampling, ScoreSampler};
 use crate::flow::{GuidanceKind, Integrator, PathKind};
 use crate::model::{
     KuramotoSivashinsky, Lorenz63, Lorenz96, Model, NavierStokes2d, Rotation2d, Scheme, System,
@@ -90,7 +90,7 @@ pub struct EnsembleConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
-    /// Filter name: `enff-f2p`, `enff-ot`, `etkf`, `enkf`, `bpf` or `kf`.
+    /// Filter name: `enff-f2p`, `enff-ot`, `ensf`, `etkf`, `enkf`, `bpf` or `kf`.
     pub kind: String,
     /// EnFF noise floor σ_min.
     pub sigma_min: f32,
@@ -110,6 +110,28 @@ pub struct FilterConfig {
     /// Particle filter: std of the jitter added to the forecast before weighting (0 = none).
     #[serde(default)]
     pub jitter: f32,
+    /// EnSF: `ε_α ∈ (0, 1]` (α at the noise end).
+    #[serde(default = "default_eps_alpha")]
+    pub eps_alpha: f32,
+    /// EnSF: `ε_β ∈ (0, 1]` (β² at the data end).
+    #[serde(default = "default_eps_beta")]
+    pub eps_beta: f32,
+    /// EnSF: component-wise clamp of the score.
+    #[serde(default = "default_max_score")]
+    pub max_score: f32,
+    /// EnSF: `euler_maruyama` (SDE) or `probability_flow` (ODE).
+    #[serde(default)]
+    pub sampler: ScoreSampler,
+}
+
+fn default_eps_alpha() -> f32 {
+    0.5
+}
+fn default_eps_beta() -> f32 {
+    0.025
+}
+fn default_max_score() -> f32 {
+    1000.0
 }
 
 /// The run section (`experiment.*`).
@@ -147,7 +169,7 @@ pub struct Config {
 }
 
 /// Filter names this build knows.
-pub const FILTERS: [&str; 6] = ["enff-f2p", "enff-ot", "etkf", "enkf", "bpf", "kf"];
+pub const FILTERS: [&str; 7] = ["enff-f2p", "enff-ot", "ensf", "etkf", "enkf", "bpf", "kf"];
 
 /// True when `kind` names one of the EnFF variants.
 pub fn is_enff(kind: &str) -> bool {
@@ -256,7 +278,23 @@ impl Config {
         if is_enff(&self.filter.kind) {
             self.enff_config()?.validate()?;
         }
+        if self.filter.kind == "ensf" {
+            self.ensf_config().validate()?;
+        }
         Ok(())
+    }
+
+    /// The EnSF configuration of the filter section.
+    pub fn ensf_config(&self) -> EnsfConfig {
+        EnsfConfig {
+            eps_alpha: self.filter.eps_alpha,
+            eps_beta: self.filter.eps_beta,
+            flow_steps: self.filter.flow_steps,
+            max_score: self.filter.max_score,
+            sampler: self.filter.sampler,
+            inflation: self.filter.inflation,
+            seed: self.experiment.seed,
+        }
     }
 
     /// State dimension implied by the model section.

@@ -53,14 +53,18 @@ fn enff_f2p(sigma_min: f32, guidance_scale: f32, flow_steps: usize) -> FilterCon
         inflation: 1.0,
         resampling: Default::default(),
         jitter: 0.0,
+        eps_alpha: 0.5,
+        eps_beta: 0.025,
+        max_score: 1000.0,
+        sampler: Default::default(),
     }
 }
 
 /// ENFF_SPEC §8.1, §8.4: Kuramoto–Sivashinsky on `d` grid points (domain 128π), dt = 0.25,
 /// arctan observations of every grid point every 4 steps with σ_y = 0.1, n = 20 members
 /// N(truth, 1), 2000 spin-up steps, 1000 cycles of which the last 50 are averaged (§9.2);
-/// EnFF-F2P with K = 5 grid points (4 flow steps), σ_min = 5.26e-3, λ = 6.94e-3 (§9.3 a).
-fn ks_config(d: usize) -> Config {
+/// EnFF-F2P as given.
+fn ks_config(d: usize, filter: FilterConfig) -> Config {
     Config {
         model: ModelConfig {
             system: SystemKind::Ks,
@@ -82,7 +86,7 @@ fn ks_config(d: usize) -> Config {
             init_std: 1.0,
             init_mean: InitialMean::Truth,
         },
-        filter: enff_f2p(5.26e-3, 6.94e-3, 4),
+        filter,
         experiment: RunConfig {
             spinup: 2000,
             cycles: 1000,
@@ -97,9 +101,9 @@ fn ks_config(d: usize) -> Config {
 /// ENFF_SPEC §8.1, §8.5: Navier–Stokes on an `n × n` grid (state (p, u, v), d = 3n²), forcing
 /// 0.05·sin(8πy), ν = 1e-3, arctan observations of every component every `obs_every` steps
 /// (Δt_obs = 0.01) with σ_y = 0.1, n = 20 members N(truth, 1) placed one step after the
-/// Gaussian-process initial condition (no spin-up), the last 50 cycles averaged; EnFF-F2P with
-/// K = 10 grid points (9 flow steps), σ_min = 2.74e-4, λ = 1.008e-3 (§9.3 a, NS 256²).
-fn ns_config(n: usize, dt: f32, obs_every: usize, cycles: usize) -> Config {
+/// Gaussian-process initial condition (no spin-up), the last 50 cycles averaged; EnFF-F2P as
+/// given.
+fn ns_config(n: usize, dt: f32, obs_every: usize, cycles: usize, filter: FilterConfig) -> Config {
     Config {
         model: ModelConfig {
             system: SystemKind::Ns,
@@ -121,7 +125,7 @@ fn ns_config(n: usize, dt: f32, obs_every: usize, cycles: usize) -> Config {
             init_std: 1.0,
             init_mean: InitialMean::Truth,
         },
-        filter: enff_f2p(2.74e-4, 1.008e-3, 9),
+        filter,
         experiment: RunConfig {
             spinup: 1,
             cycles,
@@ -295,40 +299,46 @@ pub fn preset(name: &str) -> Result<Preset> {
             expected_rmse: (0.03, 0.25),
             expected_source: "measured with enff, seeds 1-5: 0.07-0.18 (50 cycles, few samples)",
         },
-        // ENFF_SPEC §8.4, §9.6: the paper's Kuramoto–Sivashinsky benchmark. Identity variant:
-        // --set observe.operator=identity --set observe.noise_std=0.5.
+        // ENFF_SPEC §8.4, §9.6: the paper's Kuramoto–Sivashinsky benchmark, EnFF-F2P with the
+        // Optuna-best K = 5 (4 flow steps) σ_min = 5.26e-3, λ = 6.94e-3 of §9.3 (a). Identity
+        // variant: --set observe.operator=identity --set observe.noise_std=0.5.
         "ks_1024" => Preset {
             name: "ks_1024",
             description: "Kuramoto–Sivashinsky d=1024 (L=128π, dt=0.25, ETDRK4), arctan obs \
                           every 1 time unit, σ_y=0.1, n=20; EnFF-F2P K=5 (EnFF paper §KS)",
-            config: ks_config(1024),
+            config: ks_config(1024, enff_f2p(5.26e-3, 6.94e-3, 4)),
             expected_rmse: (0.0, 1.0),
             expected_source: "TODO",
         },
-        // The classical-comparison size of ENFF_SPEC §9.5 with the d = 1024 hyper-parameters.
+        // The classical-comparison size of ENFF_SPEC §9.5, with its EnFF-F2P row: K = 100
+        // (99 flow steps), σ_min = 1e-2, λ = 0.005.
         "ks_512" => Preset {
             name: "ks_512",
             description: "Kuramoto–Sivashinsky d=512 (L=128π, dt=0.25, ETDRK4), arctan obs \
-                          every 1 time unit, σ_y=0.1, n=20; EnFF-F2P K=5",
-            config: ks_config(512),
+                          every 1 time unit, σ_y=0.1, n=20; EnFF-F2P K=100 (EnFF paper v2 \
+                          classical comparison)",
+            config: ks_config(512, enff_f2p(1e-2, 5e-3, 99)),
             expected_rmse: (0.0, 1.0),
             expected_source: "TODO",
         },
-        // ENFF_SPEC §8.1 `NavierStokesDim64`, with the 256² hyper-parameters.
+        // ENFF_SPEC §8.1 `NavierStokesDim64` with the EnFF-F2P row of the classical comparison
+        // (§9.5): K = 100 (99 flow steps), σ_min = 1e-3, λ = 0.005.
         "ns_64" => Preset {
             name: "ns_64",
             description: "Navier–Stokes 64×64 (d=12288, dt=1e-3, Chorin projection), arctan obs \
-                          every 0.01 time units, σ_y=0.1, n=20; EnFF-F2P K=10",
-            config: ns_config(64, 1e-3, 10, 200),
+                          every 0.01 time units, σ_y=0.1, n=20; EnFF-F2P K=100 (EnFF paper v2 \
+                          classical comparison)",
+            config: ns_config(64, 1e-3, 10, 200, enff_f2p(1e-3, 5e-3, 99)),
             expected_rmse: (0.0, 1.0),
             expected_source: "TODO",
         },
-        // ENFF_SPEC §8.5, §9.6: the paper's Navier–Stokes benchmark.
+        // ENFF_SPEC §8.5, §9.6: the paper's Navier–Stokes benchmark, EnFF-F2P with the
+        // Optuna-best K = 10 (9 flow steps) σ_min = 2.74e-4, λ = 1.008e-3 of §9.3 (a).
         "ns_256" => Preset {
             name: "ns_256",
             description: "Navier–Stokes 256×256 (d=196608, dt=1e-4, Chorin projection), arctan \
                           obs every 0.01 time units, σ_y=0.1, n=20; EnFF-F2P K=10 (EnFF paper §NS)",
-            config: ns_config(256, 1e-4, 100, 60),
+            config: ns_config(256, 1e-4, 100, 60, enff_f2p(2.74e-4, 1.008e-3, 9)),
             expected_rmse: (0.0, 1.0),
             expected_source: "TODO",
         },

@@ -155,51 +155,7 @@ impl<B: Backend> Enff<B> {
         previous: Option<&B::Buffer>,
         obs: &Observation<'_, B>,
     ) -> Result<()> {
-        let (n, d) = (ensemble.rows(), ensemble.cols());
-        if n < 2 {
-            return Err(Error::invalid(
-                "ensemble.n",
-                n,
-                "EnFF needs at least 2 members (20 in the paper's experiments)",
-            ));
-        }
-        check_positive(
-            "observe.noise_std",
-            obs.noise_std as f64,
-            "the observation noise std σ_y must be positive",
-        )?;
-        let m = obs.operator.obs_dim(d)?;
-        if obs.y.rows() != 1 || obs.y.cols() != m {
-            return Err(Error::shape(
-                "observation",
-                format!("1 x {m} (h = {})", obs.operator.name()),
-                format!("{} x {}", obs.y.rows(), obs.y.cols()),
-            ));
-        }
-        if self.path.needs_source() {
-            match previous {
-                Some(p) if p.rows() == n && p.cols() == d => {}
-                Some(p) => {
-                    return Err(Error::shape(
-                        "previous analysis",
-                        format!("{n} x {d}"),
-                        format!("{} x {}", p.rows(), p.cols()),
-                    ))
-                }
-                None => {
-                    return Err(Error::invalid(
-                        "previous analysis",
-                        "none",
-                        "EnFF-F2P flows from the previous analysis: pass it to analyse",
-                    ))
-                }
-            }
-            backend.check_finite(previous.expect("checked"), "previous analysis")?;
-        }
-        backend.check_finite(obs.y, "observation")?;
-        backend.check_finite(ensemble, "forecast ensemble")?;
-        // Backends that defer checks (the GPU) report them here, before the ensemble is touched.
-        backend.sync()
+        check_flow_inputs(backend, ensemble, previous, obs, self.path.needs_source())
     }
 
     /// Runs the analysis from a given standard-normal source noise `noise` (`n × d`) instead of
@@ -312,6 +268,7 @@ impl<B: Backend> Enff<B> {
                             guidance: guidance(t0),
                             h_new: dt,
                             previous: None,
+                            clamp: None,
                         },
                         Some(v1),
                     )?;
@@ -336,6 +293,7 @@ impl<B: Backend> Enff<B> {
                             guidance: guidance(t1),
                             h_new: 0.5 * dt,
                             previous: Some((v1, 0.5 * dt)),
+                            clamp: None,
                         },
                         None,
                     )?;
@@ -352,6 +310,7 @@ impl<B: Backend> Enff<B> {
                             guidance: guidance(t0),
                             h_new: dt,
                             previous: None,
+                            clamp: None,
                         },
                         None,
                     )?;
@@ -393,4 +352,60 @@ impl<B: Backend> Filter<B> for Enff<B> {
         self.draw_source(backend, n, d, previous, cycle)?;
         self.flow(backend, ensemble, previous, obs)
     }
+}
+
+/// Checks what every flow or score analysis needs: at least 2 members, σ_y > 0, an observation
+/// of the right length, finite inputs (and the previous analysis when `needs_source`).
+pub(crate) fn check_flow_inputs<B: Backend>(
+    backend: &B,
+    ensemble: &B::Buffer,
+    previous: Option<&B::Buffer>,
+    obs: &Observation<'_, B>,
+    needs_source: bool,
+) -> Result<()> {
+    let (n, d) = (ensemble.rows(), ensemble.cols());
+    if n < 2 {
+        return Err(Error::invalid(
+            "ensemble.n",
+            n,
+            "flow and score filters need at least 2 members (20 in the paper's experiments)",
+        ));
+    }
+    check_positive(
+        "observe.noise_std",
+        obs.noise_std as f64,
+        "the observation noise std σ_y must be positive",
+    )?;
+    let m = obs.operator.obs_dim(d)?;
+    if obs.y.rows() != 1 || obs.y.cols() != m {
+        return Err(Error::shape(
+            "observation",
+            format!("1 x {m} (h = {})", obs.operator.name()),
+            format!("{} x {}", obs.y.rows(), obs.y.cols()),
+        ));
+    }
+    if needs_source {
+        match previous {
+            Some(p) if p.rows() == n && p.cols() == d => {}
+            Some(p) => {
+                return Err(Error::shape(
+                    "previous analysis",
+                    format!("{n} x {d}"),
+                    format!("{} x {}", p.rows(), p.cols()),
+                ))
+            }
+            None => {
+                return Err(Error::invalid(
+                    "previous analysis",
+                    "none",
+                    "EnFF-F2P flows from the previous analysis: pass it to analyse",
+                ))
+            }
+        }
+        backend.check_finite(previous.expect("checked"), "previous analysis")?;
+    }
+    backend.check_finite(obs.y, "observation")?;
+    backend.check_finite(ensemble, "forecast ensemble")?;
+    // Backends that defer checks (the GPU) report them here, before the ensemble is touched.
+    backend.sync()
 }

@@ -7,12 +7,14 @@ use crate::observe::ObservationOperator;
 
 pub mod enff;
 pub mod ensemble_kalman;
+pub mod ensf;
 pub mod kalman;
 pub mod localization;
 pub mod particle;
 
 pub use enff::{Enff, EnffConfig};
 pub use ensemble_kalman::{EnkfPo, Etkf};
+pub use ensf::{Ensf, EnsfConfig, ScoreSampler};
 pub use kalman::KalmanFilter;
 pub use particle::{ParticleFilter, Resampling};
 

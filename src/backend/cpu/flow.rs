@@ -449,6 +449,9 @@ pub(crate) fn flow_update(
                 for k in 0..d {
                     vrow[k] += g.scale * gr[k];
                 }
+                if let Some(c) = up.clamp {
+                    vrow.iter_mut().for_each(|v| *v = v.clamp(-c, c));
+                }
                 let prev = up
                     .previous
                     .map(|(b, h)| (&b.as_slice()[i * d..(i + 1) * d], h));
@@ -478,12 +481,16 @@ pub(crate) fn flow_update(
     });
     let prev = up.previous.map(|(b, h)| (b.as_slice(), h));
     let h_new = up.h_new;
+    let clamp = up.clamp;
     let vel_ptr = velocity_out.map(|v| SyncPtr(v.as_mut_slice().as_mut_ptr()));
     let state_ptr = SyncPtr(state.as_mut_slice().as_mut_ptr());
     let finish = |i: usize, kb: usize, xe: Option<&[f32]>, v: &mut [f32], st: &mut [f32]| {
         let w = v.len();
         if let (Some((op, scale, horizon)), Some(y)) = (gparams, yv) {
             guide_block(&op, y, kb, xe.unwrap_or(st), v, scale, horizon);
+        }
+        if let Some(c) = clamp {
+            v.iter_mut().for_each(|e| *e = e.clamp(-c, c));
         }
         let old = prev.map(|(pv, hp)| (&pv[i * d + kb..i * d + kb + w], hp));
         simd::step(st, v, h_new, old);
@@ -679,6 +686,7 @@ mod tests {
             }),
             h_new: t1 - t0,
             previous: None,
+            clamp: None,
         };
         flow_update(cpu, x, &up, None).unwrap();
     }

@@ -1513,6 +1513,8 @@ impl Backend for Gpu {
                     h_old: up.previous.map_or(0.0, |(_, h)| h),
                     scale,
                     horizon,
+                    clamp: up.clamp.unwrap_or(0.0),
+                    _pad: [0; 3],
                 };
                 let src = match up.source {
                     Some(s) if use_source => &s.chunks[cj],

@@ -60,6 +60,8 @@ pub struct UpdateParams {
     pub h_old: f32,
     pub scale: f32,
     pub horizon: f32,
+    pub clamp: f32,
+    pub _pad: [u32; 3],
 }
 
 /// Mirror of `NoiseParams` in `shaders/noise.wgsl`.
