@@ -39,7 +39,7 @@ struct RunArgs {
     /// Preset to run (see `enff presets`).
     #[arg(default_value = DEFAULT_PRESET)]
     preset: String,
-    /// Filter: enff-f2p, enff-ot, ensf, etkf, enkf, bpf or kf (default: the preset's).
+    /// Filter: enff-f2p, enff-ot, ensf, etkf, letkf, enkf, bpf or kf (default: the preset's).
     #[arg(long)]
     filter: Option<String>,
     /// Override a setting, e.g. --set model.d=100000 --set filter.flow_steps=9.

@@ -334,3 +334,31 @@ fn ensf_with_many_steps_tracks_lorenz96_bao2024() {
     );
     assert!((0.3..0.5).contains(&r), "EnSF time-mean RMSE {r}");
 }
+
+/// DAPPER's LETKF on this setting reaches 0.18–0.20; the issue asks for ≤ 0.21 with n = 20 and
+/// radius 4.
+#[test]
+fn letkf_on_lorenz96_sakov2008_reaches_published_skill() {
+    let r = twin(
+        "lorenz96_sakov2008",
+        &[
+            "filter.kind=letkf",
+            "ensemble.n=20",
+            "filter.loc_radius=4",
+            "filter.inflation=1.02",
+            "experiment.cycles=500",
+        ],
+        1,
+    );
+    assert!(r <= 0.21, "LETKF time-mean RMSE {r}");
+}
+
+#[test]
+fn letkf_rejects_a_non_positive_radius() {
+    let p = preset("rotation2d").unwrap();
+    let mut cfg = p.config.clone();
+    cfg.set("filter.kind=letkf").unwrap();
+    cfg.set("filter.loc_radius=0").unwrap();
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("filter.loc_radius"), "{e}");
+}

@@ -90,7 +90,7 @@ pub struct EnsembleConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
-    /// Filter name: `enff-f2p`, `enff-ot`, `ensf`, `etkf`, `enkf`, `bpf` or `kf`.
+    /// Filter name: `enff-f2p`, `enff-ot`, `ensf`, `etkf`, `letkf`, `enkf`, `bpf` or `kf`.
     pub kind: String,
     /// EnFF noise floor σ_min.
     pub sigma_min: f32,
@@ -122,6 +122,13 @@ pub struct FilterConfig {
     /// EnSF: `euler_maruyama` (SDE) or `probability_flow` (ODE).
     #[serde(default)]
     pub sampler: ScoreSampler,
+    /// LETKF: Gaspari–Cohn localization radius in grid points (DAPPER's 1.82 convention).
+    #[serde(default = "default_loc_radius")]
+    pub loc_radius: f64,
+}
+
+fn default_loc_radius() -> f64 {
+    4.0
 }
 
 fn default_eps_alpha() -> f32 {
@@ -169,7 +176,9 @@ pub struct Config {
 }
 
 /// Filter names this build knows.
-pub const FILTERS: [&str; 7] = ["enff-f2p", "enff-ot", "ensf", "etkf", "enkf", "bpf", "kf"];
+pub const FILTERS: [&str; 8] = [
+    "enff-f2p", "enff-ot", "ensf", "etkf", "letkf", "enkf", "bpf", "kf",
+];
 
 /// True when `kind` names one of the EnFF variants.
 pub fn is_enff(kind: &str) -> bool {
@@ -280,6 +289,15 @@ impl Config {
         }
         if self.filter.kind == "ensf" {
             self.ensf_config().validate()?;
+        }
+        if self.filter.kind == "letkf"
+            && !(self.filter.loc_radius.is_finite() && self.filter.loc_radius > 0.0)
+        {
+            return Err(Error::invalid(
+                "filter.loc_radius",
+                self.filter.loc_radius,
+                "the localization radius must be positive (tuned in 1-16 grid points)",
+            ));
         }
         Ok(())
     }

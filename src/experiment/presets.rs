@@ -57,6 +57,7 @@ fn enff_f2p(sigma_min: f32, guidance_scale: f32, flow_steps: usize) -> FilterCon
         eps_beta: 0.025,
         max_score: 1000.0,
         sampler: Default::default(),
+        loc_radius: 4.0,
     }
 }
 
@@ -310,14 +311,15 @@ pub fn preset(name: &str) -> Result<Preset> {
             expected_rmse: (0.0, 1.0),
             expected_source: "TODO",
         },
-        // The classical-comparison size of ENFF_SPEC §9.5, with its EnFF-F2P row: K = 100
-        // (99 flow steps), σ_min = 1e-2, λ = 0.005.
+        // The classical-comparison size of ENFF_SPEC §9.5 with the d = 1024 filter (§9.3 a).
+        // §9.5's own EnFF-F2P row (K = 100, σ_min = 1e-2, λ = 0.005: 0.0684 on the training
+        // seed) gives 0.0694 here on that seed but 0.064-0.142 on the five test seeds, at 20x
+        // the cost; the K = 5 setting is steadier: --set filter.flow_steps=99 etc. to compare.
         "ks_512" => Preset {
             name: "ks_512",
             description: "Kuramoto–Sivashinsky d=512 (L=128π, dt=0.25, ETDRK4), arctan obs \
-                          every 1 time unit, σ_y=0.1, n=20; EnFF-F2P K=100 (EnFF paper v2 \
-                          classical comparison)",
-            config: ks_config(512, enff_f2p(1e-2, 5e-3, 99)),
+                          every 1 time unit, σ_y=0.1, n=20; EnFF-F2P K=5",
+            config: ks_config(512, enff_f2p(5.26e-3, 6.94e-3, 4)),
             expected_rmse: (0.0, 1.0),
             expected_source: "TODO",
         },

@@ -117,6 +117,7 @@ pub fn build_filter<B: Backend + 'static>(
         "enff-f2p" | "enff-ot" => Box::new(Enff::<B>::new(config.enff_config()?)?),
         "ensf" => Box::new(crate::filter::Ensf::<B>::new(config.ensf_config())?),
         "etkf" => Box::new(crate::filter::Etkf::<B>::new(f.inflation)?),
+        "letkf" => Box::new(crate::filter::Letkf::<B>::new(f.loc_radius, f.inflation)?),
         "enkf" => Box::new(crate::filter::EnkfPo::<B>::new(f.inflation, seed)?),
         "bpf" => Box::new(crate::filter::ParticleFilter::<B>::new(
             f.resampling,

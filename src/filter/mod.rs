@@ -9,6 +9,7 @@ pub mod enff;
 pub mod ensemble_kalman;
 pub mod ensf;
 pub mod kalman;
+pub mod letkf;
 pub mod localization;
 pub mod particle;
 
@@ -16,6 +17,7 @@ pub use enff::{Enff, EnffConfig};
 pub use ensemble_kalman::{EnkfPo, Etkf};
 pub use ensf::{Ensf, EnsfConfig, ScoreSampler};
 pub use kalman::KalmanFilter;
+pub use letkf::Letkf;
 pub use particle::{ParticleFilter, Resampling};
 
 /// One observation as a filter sees it: `y = h(x) + σ_y η`.
