@@ -121,3 +121,81 @@ fn ensf_golden_vector_g3_holds_on_the_gpu() {
         "EnSF G3 on the GPU",
     );
 }
+
+/// Every baseline runs on the GPU backend and agrees with the CPU (same inputs, same noise).
+#[test]
+fn baselines_agree_on_both_backends() {
+    use enff::filter::{EnkfPo, Letkf, ParticleFilter, Resampling};
+    let Some((_lock, g)) = gpu() else { return };
+    let cpu = Cpu::new();
+    let (n, d) = (8, 40);
+    let x = host_random(n, d, 7);
+    let y: Vec<f32> = host_random(1, d, 8).iter().map(|v| 0.5 * v).collect();
+    let h = Observe::identity();
+    type Make = fn() -> (
+        Box<dyn Filter<Cpu>>,
+        Box<dyn Filter<enff::backend::gpu::Gpu>>,
+    );
+    let makers: [(&str, Make); 4] = [
+        ("etkf", || {
+            (
+                Box::new(Etkf::new(1.02).unwrap()),
+                Box::new(Etkf::new(1.02).unwrap()),
+            )
+        }),
+        ("enkf", || {
+            (
+                Box::new(EnkfPo::new(1.0, 3).unwrap()),
+                Box::new(EnkfPo::new(1.0, 3).unwrap()),
+            )
+        }),
+        ("letkf", || {
+            (
+                Box::new(Letkf::new(3.0, 1.0).unwrap()),
+                Box::new(Letkf::new(3.0, 1.0).unwrap()),
+            )
+        }),
+        ("bpf", || {
+            (
+                Box::new(ParticleFilter::new(Resampling::Systematic, 0.0, 1.0, 3).unwrap()),
+                Box::new(ParticleFilter::new(Resampling::Systematic, 0.0, 1.0, 3).unwrap()),
+            )
+        }),
+    ];
+    for (name, make) in makers {
+        let (mut fc, mut fg) = make();
+        let (mut ec, yc) = (cpu.upload(n, d, &x).unwrap(), cpu.upload(1, d, &y).unwrap());
+        let (mut eg, yg) = (g.upload(n, d, &x).unwrap(), g.upload(1, d, &y).unwrap());
+        fc.analyse(
+            &cpu,
+            &mut ec,
+            None,
+            &Observation {
+                y: &yc,
+                operator: &h,
+                noise_std: 0.5,
+            },
+            1,
+        )
+        .unwrap();
+        fg.analyse(
+            g,
+            &mut eg,
+            None,
+            &Observation {
+                y: &yg,
+                operator: &h,
+                noise_std: 0.5,
+            },
+            1,
+        )
+        .unwrap();
+        assert_close(
+            &g.read(&eg).unwrap(),
+            &cpu.read(&ec).unwrap(),
+            1e-4,
+            1e-4,
+            name,
+        );
+    }
+}
