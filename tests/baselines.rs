@@ -362,3 +362,35 @@ fn letkf_rejects_a_non_positive_radius() {
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("filter.loc_radius"), "{e}");
 }
+
+#[test]
+fn particle_filter_reports_its_effective_sample_size_per_cycle() {
+    let p = preset("rotation2d").unwrap();
+    let mut cfg = p.config.clone();
+    cfg.set("filter.kind=bpf").unwrap();
+    cfg.set("ensemble.n=200").unwrap();
+    let exp = Experiment::new(p.name, cfg, None).unwrap();
+    let r = exp.run(&Cpu::new(), |_| {}).unwrap();
+    for m in &r.metrics {
+        let ess = m.ess.expect("the particle filter reports an ESS");
+        assert!(
+            (1.0..=200.0 + 1e-9).contains(&ess),
+            "cycle {}: ESS {ess}",
+            m.cycle
+        );
+    }
+    // A linear-Gaussian problem with 200 particles: the filter tracks the truth.
+    assert!(
+        r.summary.rmse_mean < 0.25,
+        "BPF RMSE {}",
+        r.summary.rmse_mean
+    );
+    // Flow filters report none.
+    let exp = Experiment::from_preset("rotation2d").unwrap();
+    assert!(exp
+        .run(&Cpu::new(), |_| {})
+        .unwrap()
+        .metrics
+        .iter()
+        .all(|m| m.ess.is_none()));
+}

@@ -53,12 +53,12 @@ pub fn write_metrics(dir: &Path, rows: &[CycleMetrics]) -> Result<()> {
 /// CSV text of metric rows (header + one row per cycle).
 pub fn metrics_rows_csv(rows: &[CycleMetrics]) -> String {
     let mut s = String::from(
-        "cycle,time,rmse_forecast,spread_forecast,rmse,spread,seconds_forecast,seconds_analysis\n",
+        "cycle,time,rmse_forecast,spread_forecast,rmse,spread,seconds_forecast,seconds_analysis,ess\n",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{},{},{:.6e},{:.6e},{:.6e},{:.6e},{:.6e},{:.6e}",
+            "{},{},{:.6e},{:.6e},{:.6e},{:.6e},{:.6e},{:.6e},{}",
             r.cycle,
             r.time,
             r.rmse_forecast,
@@ -66,7 +66,8 @@ pub fn metrics_rows_csv(rows: &[CycleMetrics]) -> String {
             r.rmse,
             r.spread,
             r.seconds_forecast,
-            r.seconds_analysis
+            r.seconds_analysis,
+            r.ess.map_or(String::new(), |e| format!("{e:.3}"))
         );
     }
     s

@@ -31,6 +31,8 @@ pub struct CycleMetrics {
     pub seconds_forecast: f64,
     /// Wall time of the analysis, seconds.
     pub seconds_analysis: f64,
+    /// Effective sample size of a weighting filter (particle filter), else `None`.
+    pub ess: Option<f64>,
 }
 
 /// The run summary written to `summary.json`.
@@ -408,6 +410,7 @@ impl Experiment {
                 spread: an.spread,
                 seconds_forecast,
                 seconds_analysis,
+                ess: filter.effective_sample_size(),
             };
             on_cycle(&row);
             metrics.push(row);

@@ -40,6 +40,12 @@ pub trait Filter<B: Backend> {
         false
     }
 
+    /// The effective sample size of the last analysis, for filters that weight members (the
+    /// particle filter); `None` otherwise.
+    fn effective_sample_size(&self) -> Option<f64> {
+        None
+    }
+
     /// Replaces the forecast in `ensemble` by the analysis for observation `obs` at `cycle`.
     /// `previous` is the previous analysis when [`Filter::needs_previous_analysis`] is true.
     fn analyse(

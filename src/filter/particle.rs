@@ -116,6 +116,10 @@ impl<B: Backend> Filter<B> for ParticleFilter<B> {
         "bpf".into()
     }
 
+    fn effective_sample_size(&self) -> Option<f64> {
+        Some(self.last_ess)
+    }
+
     fn analyse(
         &mut self,
         backend: &B,
