@@ -502,8 +502,8 @@ fn compare(args: CompareArgs) -> Result<()> {
             Err(e) => rows.push((f.clone(), None, format!("{e:#}"))),
         }
     }
-    let mut md = format!(
-        "| filter | rmse_mean | spread_mean | s/analysis | s/cycle |\n|---|---|---|---|---|\n"
+    let mut md = String::from(
+        "| filter | rmse_mean | spread_mean | s/analysis | s/cycle |\n|---|---|---|---|---|\n",
     );
     let mut csv =
         String::from("filter,rmse_mean,spread_mean,seconds_per_analysis,seconds_per_cycle,error\n");
@@ -585,7 +585,18 @@ fn run(args: RunArgs) -> Result<()> {
             experiment.config().filter.kind
         ))
     });
-    let report = match args.backend {
+    // The grid models (KS, NS) have no GPU kernels yet: `auto` runs them on the CPU.
+    let cpu_only = matches!(
+        experiment.config().model.system,
+        enff::experiment::config::SystemKind::Ks | enff::experiment::config::SystemKind::Ns
+    );
+    let backend = if cpu_only && args.backend == BackendChoice::Auto {
+        log::info!("this model has no GPU kernels yet: running on the CPU");
+        BackendChoice::Cpu
+    } else {
+        args.backend
+    };
+    let report = match backend {
         BackendChoice::Cpu => run_on(&Cpu::new(), &experiment, &out)?,
         BackendChoice::Gpu => {
             let gpu = Gpu::new(GpuOptions {

@@ -1,6 +1,9 @@
 //! The ensemble transform (the device operation of the ETKF, EnKF and particle resampling) on
 //! the GPU against the CPU, and the ETKF golden vector on the GPU.
 
+// Golden vectors are quoted with the digits the specification gives.
+#![allow(clippy::excessive_precision)]
+
 mod common;
 
 use common::{assert_close, gpu};

@@ -12,7 +12,8 @@
 use std::fmt;
 use std::sync::Arc;
 
-use rustfft::num_complex::Complex;
+/// Complex numbers of the spectra (num-complex's, as re-exported by rustfft).
+pub use rustfft::num_complex::Complex;
 use rustfft::{Fft, FftNum, FftPlanner};
 
 use crate::error::{Error, Result};
@@ -44,7 +45,7 @@ fn from_f64<T: FftNum>(v: f64) -> T {
 impl<T: FftNum> RealFft<T> {
     /// Plans the real FFT of length `len` (even, at least 2).
     pub fn new(len: usize) -> Result<Self> {
-        if len < 2 || len % 2 != 0 {
+        if len < 2 || !len.is_multiple_of(2) {
             return Err(Error::invalid(
                 "FFT length",
                 len,

@@ -21,6 +21,10 @@ const CONTOUR_POINTS: usize = 16;
 /// Model time integrated by the reference initial condition, `150` (ENFF_SPEC §8.4).
 const INITIAL_CONDITION_TIME: f64 = 150.0;
 
+/// ETDRK4 step of the reference initial condition, `0.25` (DAPPER's default, ENFF_SPEC §8.4):
+/// the initial condition does not depend on the experiment's time step.
+const INITIAL_CONDITION_STEP: f64 = 0.25;
+
 /// ETDRK4 coefficients and FFT plan for one grid and time step, in precision `T`.
 #[derive(Clone, Debug)]
 pub(crate) struct Etdrk4<T: FftNum> {
@@ -195,24 +199,43 @@ impl fmt::Debug for KuramotoSivashinsky {
 }
 
 impl KuramotoSivashinsky {
-    /// Smallest grid accepted (the paper uses 256, 512 and 1024 points).
+    /// Smallest grid accepted on any domain; on a domain of `DL·π` the grid also needs at least
+    /// `2·DL` points (see [`KuramotoSivashinsky::min_grid`]).
     pub const MIN_GRID: usize = 16;
+
+    /// Fewest grid points for a domain of `DL·π`: `max(16, 2·DL)`, so that the highest resolved
+    /// wave number `(d/2 − 1)·2/DL` (about 2) lies well inside the dissipative range `k > 1`.
+    /// Coarser grids have no damped modes and blow up (256 for the paper's DL = 128).
+    pub fn min_grid(domain_pi_multiple: f64) -> usize {
+        let two_dl = (2.0 * domain_pi_multiple).ceil();
+        if two_dl.is_finite() && two_dl < 1e9 {
+            (two_dl as usize).next_multiple_of(2).max(Self::MIN_GRID)
+        } else {
+            usize::MAX
+        }
+    }
 
     /// The paper's domain length in multiples of π, `DL = 128` (ENFF_SPEC §8.4).
     pub const DOMAIN_PI_MULTIPLE: f64 = 128.0;
 
-    /// A validated model on `d` grid points (even, at least [`Self::MIN_GRID`]), time step `dt`
-    /// and domain length `domain_pi_multiple·π`; the ETDRK4 coefficients are computed in f64 and
-    /// stored as f32.
+    /// A validated model on `d` grid points (even, at least
+    /// [`KuramotoSivashinsky::min_grid`]), time step `dt` and domain length
+    /// `domain_pi_multiple·π`; the ETDRK4 coefficients are computed in f64 and stored as f32.
     pub fn new(d: usize, dt: f32, domain_pi_multiple: f64) -> Result<Self> {
-        if d < Self::MIN_GRID || d % 2 != 0 {
+        check_positive(
+            "domain_pi_multiple",
+            domain_pi_multiple,
+            "the domain length is DL·π with a finite positive DL (the paper uses 128)",
+        )?;
+        let min = Self::min_grid(domain_pi_multiple);
+        if d < min || !d.is_multiple_of(2) {
             return Err(Error::invalid(
                 "model.d",
                 d,
                 format!(
-                    "Kuramoto–Sivashinsky needs an even number of grid points, at least {} \
-                     (the paper uses 256, 512 or 1024)",
-                    Self::MIN_GRID
+                    "Kuramoto–Sivashinsky on a domain of {domain_pi_multiple}π needs an even \
+                     number of grid points, at least {min} (2·DL, so that the grid resolves the \
+                     damped scales); the paper uses 256, 512 or 1024"
                 ),
             ));
         }
@@ -220,11 +243,6 @@ impl KuramotoSivashinsky {
             "model.dt",
             dt as f64,
             "the Kuramoto–Sivashinsky step must be finite and positive (the paper uses 0.25)",
-        )?;
-        check_positive(
-            "domain_pi_multiple",
-            domain_pi_multiple,
-            "the domain length is DL·π with a finite positive DL (the paper uses 128)",
         )?;
         let etdrk4 = Etdrk4::<f32>::new(d, dt as f64, domain_pi_multiple)?;
         Ok(KuramotoSivashinsky {
@@ -276,10 +294,10 @@ impl KuramotoSivashinsky {
 
     /// The reference initial condition (DAPPER-style, ENFF_SPEC §8.4): the field
     /// `cos(x/16)(1 + sin(x/16))` on [`KuramotoSivashinsky::grid`], integrated in f64 with
-    /// ETDRK4 for `round(150/dt)` steps of size `dt` (600 steps at dt = 0.25), cast to f32.
-    /// The experiment adds N(0, 1) noise from the truth stream and spins it up.
+    /// 600 ETDRK4 steps of size 0.25 (model time 150, whatever the model's own `dt`), cast to
+    /// f32. The experiment adds N(0, 1) noise from the truth stream and spins it up.
     pub fn reference_initial_condition(&self) -> Result<Vec<f32>> {
-        let h = self.dt as f64;
+        let h = INITIAL_CONDITION_STEP;
         let coeffs = Etdrk4::<f64>::new(self.d, h, self.domain_pi_multiple)?;
         let mut u: Vec<f64> = self
             .grid()
@@ -295,8 +313,8 @@ impl KuramotoSivashinsky {
                 location: format!("grid point {j}"),
                 value: u[j],
                 hint: format!(
-                    "the time step {} is too large for ETDRK4 on {} points: use 0.25 or less",
-                    self.dt, self.d
+                    "the reference field blew up on {} grid points with domain {}π",
+                    self.d, self.domain_pi_multiple
                 ),
             });
         }
@@ -326,10 +344,13 @@ mod tests {
 
     #[test]
     fn ks_refuses_grids_it_cannot_take() {
-        for d in [0usize, 8, 15, 255, 1023] {
+        for d in [0usize, 8, 15, 128, 254, 255, 1023] {
             let e = KuramotoSivashinsky::paper(d, 0.25).unwrap_err().to_string();
-            assert!(e.contains("even") && e.contains("16"), "{e}");
+            assert!(e.contains("even") && e.contains("at least 256"), "{e}");
         }
+        assert_eq!(KuramotoSivashinsky::min_grid(16.0), 32);
+        assert_eq!(KuramotoSivashinsky::min_grid(3.0), 16);
+        assert!(KuramotoSivashinsky::new(32, 0.25, 16.0).is_ok());
         assert!(KuramotoSivashinsky::paper(256, 0.0).is_err());
         assert!(KuramotoSivashinsky::new(256, 0.25, f64::NAN).is_err());
     }

@@ -1,0 +1,632 @@
+//! The Kuramoto–Sivashinsky (ENFF_SPEC §8.4) and 2-D Navier–Stokes (§8.5) benchmark systems:
+//! the real FFT, ETDRK4 against an independent small-step reference, long-run sanity of KS, the
+//! Chorin projection, typed errors for grids and steps that cannot work, and twin runs of the
+//! `ks_*` / `ns_*` presets inside stated bands: the KS presets in full, the NS presets on small
+//! grids and few cycles (their full runs are ignored tests). The file runs in about 10 s on two
+//! cores with `cargo test --release`.
+
+mod common;
+
+use enff::backend::{cpu::Cpu, Backend};
+use enff::experiment::{preset, Experiment, Summary};
+use enff::model::fft::{Complex, RealFft};
+use enff::model::ns::GP_LENGTH_SCALE;
+use enff::model::{KuramotoSivashinsky, Model, NavierStokes2d, Scheme, System};
+use enff::rng::{self, NoiseKey, Stream};
+use enff::Error;
+
+type C64 = Complex<f64>;
+
+fn normals(seed: u64, len: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; len];
+    rng::fill_normal_row(&NoiseKey::new(seed, Stream::User, 0), 0, &mut out);
+    out
+}
+
+fn rms(x: &[f32]) -> f64 {
+    (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / x.len() as f64).sqrt()
+}
+
+// ---- real FFT -----------------------------------------------------------------------------
+
+/// rfft → irfft gives the signal back to f32 rounding, the spectrum satisfies Parseval, and a
+/// pure cosine lands in its own bin only.
+#[test]
+fn real_fft_round_trip_recovers_the_signal_and_parseval_holds() {
+    for len in [16usize, 256, 1024] {
+        let f = RealFft::<f32>::new(len).unwrap();
+        let x = normals(len as u64, len);
+        let mut spec = vec![Complex::new(0.0f32, 0.0); f.spectrum_len()];
+        let mut scratch = vec![Complex::new(0.0f32, 0.0); f.scratch_len()];
+        f.forward(&x, &mut spec, &mut scratch);
+        let mut back = vec![0.0f32; len];
+        f.inverse(&spec, &mut back, &mut scratch);
+        let err = x
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err < 2e-6, "len {len}: round-trip error {err}");
+        // Parseval: Σx² = (|X₀|² + |X_{N/2}|² + 2 Σ_{0<k<N/2} |X_k|²) / N.
+        let energy: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
+        let half = len / 2;
+        let spectral: f64 = spec
+            .iter()
+            .enumerate()
+            .map(|(k, z)| {
+                let w = if k == 0 || k == half { 1.0 } else { 2.0 };
+                w * (z.norm_sqr() as f64)
+            })
+            .sum::<f64>()
+            / len as f64;
+        assert!(
+            (energy - spectral).abs() < 1e-5 * energy,
+            "len {len}: Parseval {energy} vs {spectral}"
+        );
+    }
+    let len = 64;
+    let f = RealFft::<f64>::new(len).unwrap();
+    let x: Vec<f64> = (0..len)
+        .map(|j| (std::f64::consts::TAU * 5.0 * j as f64 / len as f64).cos())
+        .collect();
+    let mut spec = vec![C64::new(0.0, 0.0); f.spectrum_len()];
+    let mut scratch = vec![C64::new(0.0, 0.0); f.scratch_len()];
+    f.forward(&x, &mut spec, &mut scratch);
+    for (k, z) in spec.iter().enumerate() {
+        let expected = if k == 5 { len as f64 / 2.0 } else { 0.0 };
+        assert!(
+            (z.re - expected).abs() < 1e-10 && z.im.abs() < 1e-10,
+            "bin {k}: {z}"
+        );
+    }
+}
+
+// ---- Kuramoto–Sivashinsky -----------------------------------------------------------------
+
+/// The KS right-hand side in Fourier space, `L v + N(v)`, with a naive f64 DFT: written
+/// independently of the crate's FFT and ETDRK4 (same truncation: Nyquist wave number 0).
+fn ks_rhs_f64(v: &[C64], domain_pi_multiple: f64, d: usize, out: &mut [C64]) {
+    let bins = d / 2 + 1;
+    let tau = std::f64::consts::TAU;
+    let k_of = |b: usize| {
+        if b == d / 2 {
+            0.0
+        } else {
+            b as f64 * 2.0 / domain_pi_multiple
+        }
+    };
+    // u_j = irfft(v): real parts of bins 0 and d/2 only.
+    let u: Vec<f64> = (0..d)
+        .map(|j| {
+            let mut s = v[0].re + v[d / 2].re * if j % 2 == 0 { 1.0 } else { -1.0 };
+            for (b, vb) in v.iter().enumerate().take(d / 2).skip(1) {
+                let a = tau * (b * j) as f64 / d as f64;
+                s += 2.0 * (vb.re * a.cos() - vb.im * a.sin());
+            }
+            s / d as f64
+        })
+        .collect();
+    for b in 0..bins {
+        let mut sq = C64::new(0.0, 0.0);
+        for (j, &uj) in u.iter().enumerate() {
+            let a = -tau * (b * j) as f64 / d as f64;
+            sq += C64::new(a.cos(), a.sin()) * (uj * uj);
+        }
+        let k = k_of(b);
+        let l = k * k - k.powi(4);
+        out[b] = v[b] * l + C64::new(0.0, -0.5 * k) * sq;
+    }
+}
+
+/// Classic RK4 on the Fourier coefficients with `steps` steps of `dt`.
+fn ks_reference(u0: &[f32], domain_pi_multiple: f64, t_end: f64, steps: usize) -> Vec<f64> {
+    let d = u0.len();
+    let bins = d / 2 + 1;
+    let tau = std::f64::consts::TAU;
+    let mut v: Vec<C64> = (0..bins)
+        .map(|b| {
+            u0.iter()
+                .enumerate()
+                .fold(C64::new(0.0, 0.0), |s, (j, &x)| {
+                    let a = -tau * (b * j) as f64 / d as f64;
+                    s + C64::new(a.cos(), a.sin()) * x as f64
+                })
+        })
+        .collect();
+    let dt = t_end / steps as f64;
+    let zero = vec![C64::new(0.0, 0.0); bins];
+    let (mut k1, mut k2, mut k3, mut k4, mut tmp) = (
+        zero.clone(),
+        zero.clone(),
+        zero.clone(),
+        zero.clone(),
+        zero.clone(),
+    );
+    for _ in 0..steps {
+        ks_rhs_f64(&v, domain_pi_multiple, d, &mut k1);
+        for b in 0..bins {
+            tmp[b] = v[b] + k1[b] * (0.5 * dt);
+        }
+        ks_rhs_f64(&tmp, domain_pi_multiple, d, &mut k2);
+        for b in 0..bins {
+            tmp[b] = v[b] + k2[b] * (0.5 * dt);
+        }
+        ks_rhs_f64(&tmp, domain_pi_multiple, d, &mut k3);
+        for b in 0..bins {
+            tmp[b] = v[b] + k3[b] * dt;
+        }
+        ks_rhs_f64(&tmp, domain_pi_multiple, d, &mut k4);
+        for b in 0..bins {
+            v[b] += (k1[b] + k2[b] * 2.0 + k3[b] * 2.0 + k4[b]) * (dt / 6.0);
+        }
+    }
+    (0..d)
+        .map(|j| {
+            let mut s = v[0].re + v[d / 2].re * if j % 2 == 0 { 1.0 } else { -1.0 };
+            for (b, vb) in v.iter().enumerate().take(d / 2).skip(1) {
+                let a = tau * (b * j) as f64 / d as f64;
+                s += 2.0 * (vb.re * a.cos() - vb.im * a.sin());
+            }
+            s / d as f64
+        })
+        .collect()
+}
+
+/// ETDRK4 (f32, the crate's) against classic RK4 with 4000 steps (f64, naive DFT) on a small,
+/// stiff KS problem: d = 32 on a domain of 16π (wave numbers up to 1.9, |hL| up to 3 at
+/// h = 0.25), a smooth three-mode start, integrated to t = 4. The error shrinks with the step
+/// at close to fourth order until it meets the f32 floor.
+#[test]
+fn ks_etdrk4_matches_a_small_step_reference() {
+    let (d, dl, t_end) = (32usize, 16.0, 4.0);
+    let x: Vec<f64> = (1..=d)
+        .map(|j| dl * std::f64::consts::PI * j as f64 / d as f64)
+        .collect();
+    let u0: Vec<f32> = x
+        .iter()
+        .map(|&x| (x / 2.0).cos() * (1.0 + (x / 4.0).sin()) + 0.3 * (3.0 * x / 8.0).sin())
+        .map(|v| v as f32)
+        .collect();
+    let reference = ks_reference(&u0, dl, t_end, 4000);
+    let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let mut errors = Vec::new();
+    for dt in [0.5f32, 0.25, 0.125] {
+        let ks = KuramotoSivashinsky::new(d, dt, dl).unwrap();
+        let model = Model::new(System::KuramotoSivashinsky(ks), dt, Scheme::Rk4Classic).unwrap();
+        let cpu = Cpu::new();
+        let mut buf = cpu.upload(1, d, &u0).unwrap();
+        cpu.advance(&model, &mut buf, (t_end / dt as f64).round() as usize)
+            .unwrap();
+        let u = cpu.read(&buf).unwrap();
+        let err = u
+            .iter()
+            .zip(&reference)
+            .map(|(&a, &b)| (a as f64 - b).abs())
+            .fold(0.0f64, f64::max);
+        errors.push(err / scale);
+    }
+    eprintln!("KS ETDRK4 relative max errors at dt = 0.5, 0.25, 0.125: {errors:?}");
+    assert!(errors[1] < 2e-3, "dt = 0.25 error {:.3e}", errors[1]);
+    assert!(errors[2] < 3e-4, "dt = 0.125 error {:.3e}", errors[2]);
+    // Halving the step gains at least 8x (fourth order would be 16x).
+    assert!(errors[0] / errors[1] > 8.0, "{errors:?}");
+    assert!(errors[1] / errors[2] > 8.0, "{errors:?}");
+}
+
+/// The paper's KS (d = 256, DL = 128, dt = 0.25) from the reference initial condition over
+/// t = 2500 (10 000 steps): no NaN, the mean (a conserved quantity: the nonlinear term has no
+/// k = 0 part) stays put, and the energy settles in the chaotic regime's range.
+#[test]
+fn ks_long_run_statistics_are_sane() {
+    let ks = KuramotoSivashinsky::paper(256, 0.25).unwrap();
+    let mut u = ks.reference_initial_condition().unwrap();
+    let mean0 = u.iter().map(|&v| v as f64).sum::<f64>() / u.len() as f64;
+    let mut scratch = vec![Complex::new(0.0f32, 0.0); ks.scratch_len()];
+    let mut energies = Vec::new();
+    let mut max_abs = 0.0f32;
+    for _ in 0..100 {
+        ks.advance(&mut u, 100, &mut scratch);
+        assert!(u.iter().all(|v| v.is_finite()));
+        energies.push(rms(&u));
+        max_abs = u.iter().fold(max_abs, |m, v| m.max(v.abs()));
+    }
+    let mean = u.iter().map(|&v| v as f64).sum::<f64>() / u.len() as f64;
+    let (lo, hi) = energies[20..]
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), &e| (lo.min(e), hi.max(e)));
+    eprintln!(
+        "KS d=256: rms {lo:.3}..{hi:.3}, max |u| {max_abs:.3}, mean {mean0:.2e} -> {mean:.2e}"
+    );
+    assert!(
+        (mean - mean0).abs() < 1e-3,
+        "mean drifted {mean0} -> {mean}"
+    );
+    assert!(lo > 0.8 && hi < 2.0, "rms range {lo}..{hi}");
+    assert!(max_abs < 6.0, "max |u| {max_abs}");
+}
+
+// ---- Navier–Stokes ------------------------------------------------------------------------
+
+/// A state with p = 0 and a velocity that is half gradient (divergent) and half rotational,
+/// built from a few smooth Fourier modes on the [0, 2)² grid.
+fn divergent_state(n: usize) -> Vec<f32> {
+    let nn = n * n;
+    let pi = std::f64::consts::PI;
+    let mut x = vec![0.0f32; 3 * nn];
+    for i in 0..n {
+        for j in 0..n {
+            let (px, py) = (
+                pi * 2.0 * i as f64 / n as f64,
+                pi * 2.0 * j as f64 / n as f64,
+            );
+            // φ = cos(px)cos(2py) + 0.5 sin(3px), ψ = sin(2px)sin(py)
+            let phi_x = -(px.sin()) * (2.0 * py).cos() * pi + 1.5 * pi * (3.0 * px).cos();
+            let phi_y = -2.0 * pi * px.cos() * (2.0 * py).sin();
+            let psi_x = 2.0 * pi * (2.0 * px).cos() * py.sin();
+            let psi_y = pi * (2.0 * px).sin() * py.cos();
+            x[nn + i * n + j] = (phi_x + psi_y) as f32;
+            x[2 * nn + i * n + j] = (phi_y - psi_x) as f32;
+        }
+    }
+    x
+}
+
+/// One projection from p = 0 removes most of the divergence of a half-divergent field; a second
+/// one, warm-started from the first pressure, removes more (the warm start the model relies on).
+#[test]
+fn ns_projection_reduces_the_divergence() {
+    let n = 32;
+    let ns = NavierStokes2d::paper(n, 1e-3, 0.05).unwrap();
+    let mut x = divergent_state(n);
+    let mut div = vec![0.0f32; n * n];
+    let mut scratch = vec![0.0f32; ns.scratch_len()];
+    ns.divergence(&x, &mut div);
+    let before = rms(&div);
+    ns.project(&mut x, &mut scratch);
+    ns.divergence(&x, &mut div);
+    let once = rms(&div);
+    ns.project(&mut x, &mut scratch);
+    ns.divergence(&x, &mut div);
+    let twice = rms(&div);
+    eprintln!("NS 32²: divergence rms {before:.3e} -> {once:.3e} -> {twice:.3e}");
+    assert!(before > 1.0, "{before}");
+    assert!(once < 0.2 * before, "one projection: {before} -> {once}");
+    assert!(
+        twice < 0.5 * once,
+        "warm-started second projection: {once} -> {twice}"
+    );
+    // The rotational part is kept: the velocity is not simply damped away.
+    let speed = rms(&x[n * n..]);
+    assert!(speed > 1.0, "velocity rms after projection {speed}");
+}
+
+/// The Gaussian-process initial condition is smooth, nearly divergence-free and of unit-order
+/// amplitude, and the truth run from it stays bounded over 2000 steps (t = 2 on 32², dt = 1e-3).
+#[test]
+fn ns_initial_condition_is_projected_and_the_flow_stays_bounded() {
+    let n = 32;
+    let nn = n * n;
+    let ns = NavierStokes2d::paper(n, 1e-3, 0.05).unwrap();
+    let white = normals(7, 2 * nn);
+    let mut x = ns
+        .gaussian_process_initial_condition(&white, GP_LENGTH_SCALE, 1.0)
+        .unwrap();
+    let (u_rms, v_rms) = (rms(&x[nn..2 * nn]), rms(&x[2 * nn..]));
+    let mut div = vec![0.0f32; nn];
+    ns.divergence(&x, &mut div);
+    let div0 = rms(&div);
+    // The field before its projection: (u₀, v₀) = (u, v) + dt ∇p.
+    let mut raw = x.clone();
+    let g = 1e-3 / (2.0 * 2.0 / n as f32);
+    for i in 0..n {
+        for j in 0..n {
+            let p = |i: usize, j: usize| x[(i % n) * n + j % n];
+            raw[nn + i * n + j] += g * (p(i + 1, j) - p(i + n - 1, j));
+            raw[2 * nn + i * n + j] += g * (p(i, j + 1) - p(i, j + n - 1));
+        }
+    }
+    let (raw_u, raw_v) = (rms(&raw[nn..2 * nn]), rms(&raw[2 * nn..]));
+    ns.divergence(&raw, &mut div);
+    let div_raw = rms(&div);
+    eprintln!(
+        "NS GP IC 32²: u rms {raw_u:.3} -> {u_rms:.3}, v rms {raw_v:.3} -> {v_rms:.3}, \
+         divergence rms {div_raw:.3e} -> {div0:.3e}"
+    );
+    // Standardized to std 1 before the projection (the mean is 0, so rms = std) ...
+    for r in [raw_u, raw_v] {
+        assert!(
+            (r - 1.0).abs() < 1e-3,
+            "GP velocity rms before projection {r}"
+        );
+    }
+    // ... which removes the divergent part (about half the variance of an isotropic field) and
+    // most of the divergence (100 sweeps from p = 0 leave the longest waves partly unsolved).
+    for r in [u_rms, v_rms] {
+        assert!((0.5..0.9).contains(&r), "velocity rms {r}");
+    }
+    assert!(div0 < 0.3 * div_raw, "divergence rms {div_raw} -> {div0}");
+    let mut scratch = vec![0.0f32; ns.scratch_len()];
+    for _ in 0..20 {
+        ns.advance(&mut x, 100, &mut scratch);
+        assert!(x.iter().all(|v| v.is_finite()));
+        let speed = rms(&x[nn..]);
+        assert!((0.2..2.0).contains(&speed), "velocity rms {speed}");
+    }
+    ns.divergence(&x, &mut div);
+    assert!(
+        rms(&div) < 0.05,
+        "divergence rms after 2000 steps {}",
+        rms(&div)
+    );
+    // Pressure is part of the state: after the initial solve it settles to O(1).
+    assert!(rms(&x[..nn]) < 5.0, "pressure rms {}", rms(&x[..nn]));
+}
+
+/// Channel-major flattening (ENFF_SPEC §1.1): index c·n² + i·n + j with j the vertical index;
+/// the forcing 0.05·sin(8πy) drives u along rows of fixed j only.
+#[test]
+fn ns_forcing_acts_on_u_along_the_vertical_index() {
+    let n = 16;
+    let nn = n * n;
+    let dt = 1e-3;
+    let ns = NavierStokes2d::new(n, dt, 0.0, 0.05, 8.0, 100).unwrap();
+    let mut x = vec![0.0f32; 3 * nn];
+    let mut scratch = vec![0.0f32; ns.scratch_len()];
+    ns.step(&mut x, &mut scratch);
+    for i in 0..n {
+        for j in 0..n {
+            let y = 2.0 * j as f64 / n as f64;
+            let expected = dt as f64 * 0.05 * (8.0 * std::f64::consts::PI * y).sin();
+            let u = x[nn + i * n + j] as f64;
+            assert!(
+                (u - expected).abs() < 1e-9,
+                "u[{i},{j}] = {u}, expected {expected}"
+            );
+            assert_eq!(x[2 * nn + i * n + j], 0.0);
+        }
+    }
+}
+
+// ---- errors -------------------------------------------------------------------------------
+
+fn config_with(name: &str, sets: &[&str]) -> enff::experiment::Config {
+    let mut cfg = preset(name).unwrap().config;
+    for s in sets {
+        cfg.set(s).unwrap();
+    }
+    cfg
+}
+
+/// Odd or too-small grids are typed errors that name the sizes that work.
+#[test]
+fn grids_that_cannot_be_taken_are_refused_naming_the_sizes_that_work() {
+    for d in ["1023", "8", "0", "128", "255"] {
+        let cfg = config_with("ks_1024", &[&format!("model.d={d}")]);
+        match cfg.validate() {
+            Err(Error::InvalidParameter { name, value, fix }) => {
+                assert_eq!((name.as_str(), value.as_str()), ("model.d", d));
+                assert!(
+                    fix.contains("even") && fix.contains("at least 256"),
+                    "{fix}"
+                );
+                assert!(fix.contains("1024"), "{fix}");
+            }
+            other => panic!("KS d = {d}: expected InvalidParameter, got {other:?}"),
+        }
+    }
+    for n in ["63", "6", "20000"] {
+        let cfg = config_with("ns_64", &[&format!("model.d={n}")]);
+        match cfg.validate() {
+            Err(Error::InvalidParameter { name, value, fix }) => {
+                assert_eq!((name.as_str(), value.as_str()), ("model.d", n));
+                assert!(fix.contains("even") && fix.contains("grid side"), "{fix}");
+                assert!(fix.contains("64") && fix.contains("256"), "{fix}");
+            }
+            other => panic!("NS n = {n}: expected InvalidParameter, got {other:?}"),
+        }
+    }
+    // model.d is the grid side for Navier–Stokes: the state has 3n² components.
+    let cfg = config_with("ns_64", &["model.d=32"]);
+    cfg.validate().unwrap();
+    assert_eq!(cfg.state_dim(), 3 * 32 * 32);
+}
+
+/// A time step the explicit schemes cannot take ends the run with a divergence error that names
+/// the cycle, not with NaN metrics.
+#[test]
+fn unstable_time_steps_are_reported_as_divergence_with_the_cycle() {
+    let cases: [(&str, &[&str]); 2] = [
+        (
+            "ns_64",
+            &[
+                "model.d=16",
+                "model.dt=0.05",
+                "experiment.cycles=40",
+                "experiment.burn_in=0",
+            ],
+        ),
+        (
+            "ks_512",
+            &[
+                "model.d=256",
+                "model.dt=2",
+                "experiment.spinup=0",
+                "experiment.cycles=40",
+                "experiment.burn_in=0",
+                "filter.flow_steps=2",
+            ],
+        ),
+    ];
+    for (name, sets) in cases {
+        let cfg = config_with(name, sets);
+        let exp = Experiment::new(name, cfg, None).unwrap();
+        match exp.run(&Cpu::new(), |_| {}) {
+            Err(Error::Diverged { cycle, stage, .. }) => {
+                eprintln!("{name} {sets:?}: diverged at cycle {cycle} during {stage}");
+                assert!((2..=40).contains(&cycle), "{name}: cycle {cycle}");
+                // The blow-up shows in the forecast or, when the forecast is merely huge, in
+                // the analysis that follows it.
+                assert!(
+                    stage == "forecast" || stage == "analysis",
+                    "{name}: {stage}"
+                );
+            }
+            other => panic!(
+                "{name}: expected a divergence, got {:?}",
+                other.map(|r| r.summary.rmse_mean)
+            ),
+        }
+    }
+}
+
+/// The GPU backend refuses the grid models with a typed error until their kernels exist.
+#[test]
+fn the_gpu_backend_refuses_the_grid_models_with_a_fix() {
+    let Some((_lock, gpu)) = common::gpu() else {
+        return;
+    };
+    let model = config_with("ks_512", &[]).model().unwrap();
+    let mut buf = gpu.zeros(2, 512).unwrap();
+    match gpu.advance(&model, &mut buf, 1) {
+        Err(Error::Unsupported { backend, fix, .. }) => {
+            assert_eq!(backend, "gpu");
+            assert!(fix.contains("--backend cpu"), "{fix}");
+        }
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}
+
+// ---- twin runs of the presets ---------------------------------------------------------------
+
+fn run(name: &str, sets: &[&str], seed: u64) -> Summary {
+    let mut cfg = config_with(name, sets);
+    cfg.experiment.seed = seed;
+    let exp = Experiment::new(name, cfg, None).unwrap();
+    exp.run(&Cpu::new(), |_| {}).unwrap().summary
+}
+
+/// The paper's KS benchmark as the preset defines it, all 1000 cycles (2.5 s on two cores):
+/// the mean of the last 50 cycles must be inside the preset's band 0.045-0.07. enff measures
+/// 0.049-0.052 over the training and the five test seeds; the paper reports 0.055-0.066, and an
+/// RMSE this far below the observation error (σ_y = 0.1 in arctan space, ≈ 0.2 in state space
+/// where |u| ≈ 1.3) shows the filter combining forecast and observations.
+#[test]
+fn ks_1024_full_preset_is_inside_its_expected_band() {
+    let p = preset("ks_1024").unwrap();
+    assert_eq!(
+        (p.config.state_dim(), p.config.filter.flow_steps),
+        (1024, 4)
+    );
+    full_preset_is_inside_its_expected_band("ks_1024");
+}
+
+/// ks_512 as the preset defines it, all 1000 cycles (about 2 s): enff measures 0.059-0.076
+/// over six seeds (0.0587 on the preset's seed); band 0.05-0.09.
+#[test]
+fn ks_512_full_preset_is_inside_its_expected_band() {
+    full_preset_is_inside_its_expected_band("ks_512");
+}
+
+/// ns_64's model, observations and filter on a 32² grid for 100 cycles, with 9 flow steps
+/// instead of 99 (EnFF-F2P is flat in K: on 64² enff measures 0.0467 with 9 and 0.0462 with
+/// 99). enff measures 0.048-0.049 over seeds 13-15 (the full ns_64 on 64²: 0.046); band
+/// 0.04-0.06.
+#[test]
+fn ns_64_short_twin_run_on_32_squared_is_inside_its_band() {
+    let s = run(
+        "ns_64",
+        &[
+            "model.d=32",
+            "filter.flow_steps=9",
+            "experiment.cycles=100",
+            "experiment.burn_in=50",
+        ],
+        13,
+    );
+    eprintln!("ns_64 on 32², 100 cycles: rmse {:.4}", s.rmse_mean);
+    assert_eq!(s.d, 3 * 32 * 32);
+    assert!((0.04..0.06).contains(&s.rmse_mean), "{}", s.rmse_mean);
+}
+
+/// ns_256's settings (dt = 1e-4, 100 steps per cycle, weak guidance λ = 1e-3) on a 16² grid
+/// for 10 cycles: the preset runs end to end and stays bounded. Its low RMSE needs the 256²
+/// grid, whose viscosity damps the white noise of the initial ensemble
+/// (`ns_256_grid_damps_white_noise_perturbations`; the full run is an ignored test); on 16² that
+/// damping is negligible, so the RMSE stays near the initial ensemble-mean error 1/√20 ≈ 0.22
+/// (enff: 0.155-0.198 over seeds 14-16). Band 0.1-0.25.
+#[test]
+fn ns_256_short_twin_run_on_16_squared_stays_bounded() {
+    let s = run(
+        "ns_256",
+        &["model.d=16", "experiment.cycles=10", "experiment.burn_in=5"],
+        14,
+    );
+    eprintln!(
+        "ns_256 on 16², 10 cycles: rmse {:.4} (forecast {:.4})",
+        s.rmse_mean, s.rmse_forecast_mean
+    );
+    assert!((0.1..0.25).contains(&s.rmse_mean), "{}", s.rmse_mean);
+}
+
+// ---- full NS presets (15 s and 3 minutes on two cores: `cargo test --release -- --ignored`)
+
+fn full_preset_is_inside_its_expected_band(name: &str) {
+    let p = preset(name).unwrap();
+    let exp = Experiment::new(p.name, p.config.clone(), Some(p.expected_rmse)).unwrap();
+    let s = exp.run(&Cpu::new(), |_| {}).unwrap().summary;
+    let (lo, hi) = p.expected_rmse;
+    eprintln!("{name}: rmse {:.4} (band {lo}-{hi})", s.rmse_mean);
+    assert!(
+        (lo..hi).contains(&s.rmse_mean),
+        "{name}: time-mean RMSE {} outside {lo}-{hi} ({})",
+        s.rmse_mean,
+        p.expected_source
+    );
+}
+
+/// ns_64 with K = 100, all 200 cycles (about 15 s; 0.0462 on the preset seed).
+#[test]
+#[ignore = "full preset: run with --ignored"]
+fn ns_64_full_preset_is_inside_its_expected_band() {
+    full_preset_is_inside_its_expected_band("ns_64");
+}
+
+/// The paper's NS benchmark on 256², all 60 cycles (about 3 minutes on two cores).
+#[test]
+#[ignore = "full preset: run with --ignored"]
+fn ns_256_full_preset_is_inside_its_expected_band() {
+    full_preset_is_inside_its_expected_band("ns_256");
+}
+
+/// The mechanism the ns_256 preset relies on: on the paper's 256² grid with dt = 1e-4, the
+/// model itself damps the white-noise part of the N(truth, 1) initial ensemble within a few
+/// observation intervals (grid-scale viscous decay ν(π/Δx)²·Δt_obs ≈ 1.6 per interval), so the
+/// members become smooth flows that weak guidance (λ = 1e-3) can steer.
+#[test]
+fn ns_256_grid_damps_white_noise_perturbations() {
+    let n = 256;
+    let nn = n * n;
+    let ns = NavierStokes2d::paper(n, 1e-4, 0.05).unwrap();
+    let white = normals(21, 2 * nn);
+    let truth0 = ns
+        .gaussian_process_initial_condition(&white, GP_LENGTH_SCALE, 1.0)
+        .unwrap();
+    let noise = normals(22, 3 * nn);
+    let mut member: Vec<f32> = truth0.iter().zip(&noise).map(|(a, b)| a + b).collect();
+    let mut truth = truth0.clone();
+    let mut scratch = vec![0.0f32; ns.scratch_len()];
+    // One step first, as the preset does (the first observation is at step 1).
+    ns.advance(&mut truth, 1, &mut scratch);
+    ns.advance(&mut member, 1, &mut scratch);
+    let velocity_error = |a: &[f32], b: &[f32]| {
+        let d: Vec<f32> = a[nn..].iter().zip(&b[nn..]).map(|(x, y)| x - y).collect();
+        rms(&d)
+    };
+    let e0 = velocity_error(&member, &truth);
+    ns.advance(&mut truth, 200, &mut scratch);
+    ns.advance(&mut member, 200, &mut scratch);
+    let e2 = velocity_error(&member, &truth);
+    eprintln!("NS 256²: velocity error of a white-noise member {e0:.3} -> {e2:.3} in 2 intervals");
+    assert!(e0 > 0.5, "{e0}");
+    assert!(e2 < 0.5 * e0, "velocity error {e0} -> {e2}");
+}
