@@ -190,7 +190,6 @@ impl Experiment {
         let mut parts = vec![
             ("ensemble".to_string(), nd),
             ("flow state".to_string(), nd),
-            ("model stages (4)".to_string(), 4 * nd),
             ("truth, observation".to_string(), 4 * (d + 2 * m)),
             ("weights, pairwise partial sums".to_string(), {
                 // As the GPU splits the distances: tiles of 32 (n ≤ 32) or 64 pairs, about
@@ -201,6 +200,13 @@ impl Experiment {
                 4 * n * n * (slabs + 1)
             }),
         ];
+        // Only the Runge–Kutta models keep four stage buffers on the device.
+        if matches!(
+            cfg.model.system,
+            super::config::SystemKind::Lorenz63 | super::config::SystemKind::Lorenz96
+        ) {
+            parts.push(("model stages (4)".to_string(), 4 * nd));
+        }
         if cfg.filter.kind == "enff-f2p" {
             parts.push(("previous analysis".to_string(), nd));
         }
