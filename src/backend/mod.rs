@@ -281,3 +281,31 @@ pub(crate) fn check_path(path: &PathCoefficients, has_source: bool) -> Result<()
     }
     Ok(())
 }
+
+/// Checks that a noise mean is `rows × cols` or one `1 × cols` row to broadcast.
+pub(crate) fn check_noise_mean<B: DeviceBuffer>(out: &B, mean: Option<&B>) -> Result<()> {
+    if let Some(m) = mean {
+        let (rows, cols) = (out.rows(), out.cols());
+        if m.cols() != cols || (m.rows() != rows && m.rows() != 1) {
+            return Err(crate::Error::shape(
+                "noise mean",
+                format!("{rows} x {cols} or 1 x {cols}"),
+                format!("{} x {}", m.rows(), m.cols()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a multiplicative inflation factor.
+pub(crate) fn check_inflation(gamma: f32) -> Result<()> {
+    if gamma.is_finite() && gamma > 0.0 {
+        Ok(())
+    } else {
+        Err(crate::Error::invalid(
+            "filter.inflation",
+            gamma,
+            "inflation must be a finite positive factor (1.0 = none)",
+        ))
+    }
+}

@@ -949,15 +949,7 @@ impl Backend for Gpu {
         scale: f32,
     ) -> Result<()> {
         let (rows, cols) = (out.rows, out.cols);
-        if let Some(m) = mean {
-            if m.cols != cols || (m.rows != rows && m.rows != 1) {
-                return Err(Error::shape(
-                    "noise mean",
-                    format!("{rows} x {cols} or 1 x {cols}"),
-                    format!("{} x {}", m.rows, m.cols),
-                ));
-            }
-        }
+        super::check_noise_mean(out, mean)?;
         if cols == 0 {
             return Ok(());
         }
@@ -990,13 +982,7 @@ impl Backend for Gpu {
     }
 
     fn inflate(&self, ensemble: &mut GpuBuffer, gamma: f32) -> Result<()> {
-        if !(gamma.is_finite() && gamma > 0.0) {
-            return Err(Error::invalid(
-                "filter.inflation",
-                gamma,
-                "inflation must be a finite positive factor (1.0 = none)",
-            ));
-        }
+        super::check_inflation(gamma)?;
         if gamma == 1.0 || ensemble.rows < 2 {
             return Ok(());
         }
