@@ -151,14 +151,6 @@ pub(crate) fn apply_transform<B: Backend>(
     backend.sync()
 }
 
-fn check_inflation(inflation: f32) -> Result<()> {
-    check_positive(
-        "filter.inflation",
-        inflation as f64,
-        "inflation is a positive factor, 1.0 = none (Kalman filters are tuned in 1.0-2.0)",
-    )
-}
-
 /// The deterministic symmetric-square-root ETKF (ENFF_SPEC §6.4, the reference's "ESRF"):
 /// `C = A_y A_yᵀ/σ² + (n−1)I`, `T = √(n−1) C^{-1/2}`, `w = C⁻¹ A_y (y − ȳ)/σ²`,
 /// `x̄_a = x̄ + wᵀA`, `A_a = T A`. No localization.
@@ -171,7 +163,7 @@ pub struct Etkf<B: Backend> {
 impl<B: Backend> Etkf<B> {
     /// A validated ETKF with multiplicative inflation (1.0 = none).
     pub fn new(inflation: f32) -> Result<Self> {
-        check_inflation(inflation)?;
+        crate::backend::check_inflation(inflation)?;
         Ok(Etkf {
             inflation,
             hx: None,
@@ -253,7 +245,7 @@ pub struct EnkfPo<B: Backend> {
 impl<B: Backend> EnkfPo<B> {
     /// A validated EnKF-PO with multiplicative inflation and the seed of its perturbations.
     pub fn new(inflation: f32, seed: u64) -> Result<Self> {
-        check_inflation(inflation)?;
+        crate::backend::check_inflation(inflation)?;
         Ok(EnkfPo {
             inflation,
             seed,

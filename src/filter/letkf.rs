@@ -36,13 +36,7 @@ impl<B: Backend> Letkf<B> {
                 "the localization radius must be positive (tuned in 1-16 grid points)",
             ));
         }
-        if !(inflation.is_finite() && inflation > 0.0) {
-            return Err(Error::invalid(
-                "filter.inflation",
-                inflation,
-                "inflation is a positive factor, 1.0 = none",
-            ));
-        }
+        crate::backend::check_inflation(inflation)?;
         Ok(Letkf {
             radius,
             inflation,

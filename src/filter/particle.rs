@@ -44,13 +44,7 @@ impl<B: Backend> ParticleFilter<B> {
                 "the jitter std must be finite and non-negative (0 = none)",
             ));
         }
-        if !(inflation.is_finite() && inflation > 0.0) {
-            return Err(Error::invalid(
-                "filter.inflation",
-                inflation,
-                "inflation is a positive factor, 1.0 = none",
-            ));
-        }
+        crate::backend::check_inflation(inflation)?;
         Ok(ParticleFilter {
             resampling,
             jitter,

@@ -629,6 +629,18 @@ impl Kernels {
         let ens = module("ensemble", include_str!("../../../shaders/ensemble.wgsl"));
         let models = module("models", include_str!("../../../shaders/models.wgsl"));
         use Access::*;
+        // Both update entry points read and write the same buffers.
+        const UPDATE_BINDINGS: &[(u32, Access)] = &[
+            (1, Read),
+            (2, Read),
+            (3, Read),
+            (4, Read),
+            (5, ReadWrite),
+            (6, Read),
+            (7, ReadWrite),
+            (8, Read),
+            (9, ReadWrite),
+        ];
         let k =
             |name: &'static str, m: &wgpu::ShaderModule, entry: &str, binds: &[(u32, Access)]| {
                 make_kernel(device, name, m, entry, binds)
@@ -658,38 +670,8 @@ impl Kernels {
                 "main",
                 &[(1, ReadWrite), (2, ReadWrite)],
             ),
-            update: k(
-                "flow_update",
-                &update,
-                "main",
-                &[
-                    (1, Read),
-                    (2, Read),
-                    (3, Read),
-                    (4, Read),
-                    (5, ReadWrite),
-                    (6, Read),
-                    (7, ReadWrite),
-                    (8, Read),
-                    (9, ReadWrite),
-                ],
-            ),
-            update_tiled: k(
-                "flow_update_tiled",
-                &update,
-                "tiled",
-                &[
-                    (1, Read),
-                    (2, Read),
-                    (3, Read),
-                    (4, Read),
-                    (5, ReadWrite),
-                    (6, Read),
-                    (7, ReadWrite),
-                    (8, Read),
-                    (9, ReadWrite),
-                ],
-            ),
+            update: k("flow_update", &update, "main", UPDATE_BINDINGS),
+            update_tiled: k("flow_update_tiled", &update, "tiled", UPDATE_BINDINGS),
             noise: k("fill_normal", &noise, "main", &[(1, ReadWrite), (2, Read)]),
             colsum: k("colsum", &ens, "colsum", &[(1, Read), (2, ReadWrite)]),
             colsq: k(
