@@ -13,10 +13,12 @@ use std::sync::Arc;
 use crate::error::{check_positive, Error, Result};
 
 pub mod fft;
+pub mod geometry;
 pub mod ks;
 pub mod ns;
 pub mod rk;
 
+pub use geometry::{DistanceKind, Geometry};
 pub use ks::KuramotoSivashinsky;
 pub use ns::NavierStokes2d;
 
@@ -51,6 +53,10 @@ pub trait Dynamics: Send + Sync + fmt::Debug {
     fn dim(&self) -> usize;
     /// Writes `f(x)` into `dx`.
     fn rhs(&self, x: &[f32], dx: &mut [f32]);
+    /// Where the components sit in space, for localization (default: no structure).
+    fn geometry(&self) -> Geometry {
+        Geometry::None
+    }
 }
 
 /// The Lorenz-63 system `ẋ = σ(y−x), ẏ = x(ρ−z)−y, ż = xy−βz`.
@@ -219,6 +225,21 @@ impl Model {
             System::KuramotoSivashinsky(k) => k.d(),
             System::NavierStokes2d(n) => n.dim(),
             System::Custom(c) => c.dim(),
+        }
+    }
+
+    /// Where the state components sit in space (ENFF_SPEC §6.3 localization).
+    pub fn geometry(&self) -> Geometry {
+        match &self.system {
+            System::Lorenz63(_) | System::Rotation2d(_) => Geometry::None,
+            System::Lorenz96(l) => Geometry::Ring { len: l.d },
+            System::KuramotoSivashinsky(k) => Geometry::Ring { len: k.d() },
+            System::NavierStokes2d(n) => Geometry::Torus {
+                nx: n.n(),
+                ny: n.n(),
+                fields: 3,
+            },
+            System::Custom(c) => c.geometry(),
         }
     }
 
