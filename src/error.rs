@@ -113,6 +113,28 @@ pub enum Error {
         detail: String,
     },
 
+    /// A run stopped before its last cycle on request (an interruption).
+    #[error("run interrupted after cycle {cycle}{}", checkpoint.as_ref().map_or(String::new(), |c| format!("; checkpoint in {c}: continue with `enff run --resume DIR`")))]
+    Interrupted {
+        /// Cycles completed.
+        cycle: usize,
+        /// The checkpoint folder and cycle, if one was written.
+        checkpoint: Option<String>,
+    },
+
+    /// A run failed after writing a checkpoint: the cause, and how to continue.
+    #[error("{source}; the last checkpoint (after cycle {cycle}) is in {dir}: continue with `enff run --resume {dir}`{hint}")]
+    Resumable {
+        /// What stopped the run.
+        source: Box<Error>,
+        /// Cycle of the last checkpoint.
+        cycle: usize,
+        /// Its folder.
+        dir: String,
+        /// Extra advice (e.g. switch backend).
+        hint: String,
+    },
+
     /// A GPU adapter, device, validation or mapping failure.
     #[error("GPU error: {0}")]
     Gpu(String),
@@ -129,6 +151,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// The underlying error of a [`Error::Resumable`] (else `self`).
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Resumable { source, .. } => source.root(),
+            other => other,
+        }
+    }
+
     /// Shorthand for [`Error::InvalidParameter`].
     pub fn invalid(name: impl Into<String>, value: impl ToString, fix: impl Into<String>) -> Self {
         Error::InvalidParameter {

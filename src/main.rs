@@ -9,7 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use enff::backend::gpu::{Gpu, GpuOptions};
 use enff::backend::{cpu::Cpu, Backend};
-use enff::experiment::{output, preset, Experiment, Report, DEFAULT_PRESET, PRESETS};
+use enff::experiment::{
+    output, preset, Experiment, OnDivergence, Report, RunOptions, DEFAULT_PRESET, PRESETS,
+};
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +59,21 @@ struct RunArgs {
     /// Print the configuration that would run, validated, and exit.
     #[arg(long)]
     dry_run: bool,
+    /// Write a checkpoint (ensemble, truth, metrics, resolved config) into the output folder
+    /// every K cycles, atomically; continue an interrupted run with --resume.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    checkpoint_every: usize,
+    /// Continue the run whose checkpoint is in DIR (its own configuration; results go to DIR).
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// On a non-finite ensemble, weight or metric: stop (default) or record the event and
+    /// keep cycling.
+    #[arg(long, value_name = "stop|record", default_value = "stop")]
+    on_divergence: String,
+    /// Check the state after every flow step, so a divergence names the step and whether the
+    /// weights or the guidance produced it (one device round trip per step).
+    #[arg(long)]
+    check_every_step: bool,
 }
 
 #[derive(Subcommand)]
@@ -150,6 +167,10 @@ fn main() -> ExitCode {
             seed: None,
             out: None,
             dry_run: false,
+            checkpoint_every: 0,
+            resume: None,
+            on_divergence: "stop".into(),
+            check_every_step: false,
         }),
         Some(Command::Run(args)) => run(args),
         Some(Command::Compare(args)) => compare(args),
@@ -491,8 +512,8 @@ fn compare(args: CompareArgs) -> Result<()> {
     for (f, exp) in &experiments {
         let dir = out.join(f);
         let report = match &gpu {
-            Some(g) => run_on(g, exp, &dir),
-            None => run_on(&Cpu::new(), exp, &dir),
+            Some(g) => run_on(g, exp, &dir, &RunOptions::default()),
+            None => run_on(&Cpu::new(), exp, &dir, &RunOptions::default()),
         };
         match report {
             Ok(r) => {
@@ -550,7 +571,54 @@ fn compare(args: CompareArgs) -> Result<()> {
     Ok(())
 }
 
+/// The run's checkpoint, resumption and divergence options. `ENFF_TEST_ABORT_AFTER=K` (a test
+/// hook) stops the run after cycle K as a killed process would, once its checkpoint is written.
+fn run_options(args: &RunArgs, out: &std::path::Path) -> Result<RunOptions> {
+    let resume = match &args.resume {
+        Some(dir) => Some(enff::experiment::Checkpoint::read(dir)?),
+        None => None,
+    };
+    let fault = match std::env::var("ENFF_TEST_ABORT_AFTER") {
+        Ok(k) => Some(enff::experiment::Fault::AbortAfter(
+            k.parse()
+                .context("ENFF_TEST_ABORT_AFTER must be a cycle number")?,
+        )),
+        Err(_) => None,
+    };
+    Ok(RunOptions {
+        checkpoint_every: args.checkpoint_every,
+        checkpoint_dir: (args.checkpoint_every > 0 || resume.is_some()).then(|| out.to_path_buf()),
+        // A resumed run keeps checkpointing at the interval it was started with, or every 10.
+        resume,
+        on_divergence: OnDivergence::parse(&args.on_divergence)?,
+        step_checks: args.check_every_step,
+        fault,
+    })
+}
+
+/// The experiment a checkpoint continues: its own resolved configuration.
+fn resumed_experiment(args: &RunArgs, dir: &std::path::Path) -> Result<Experiment> {
+    let ck = enff::experiment::Checkpoint::read(dir)?;
+    let h = &ck.header;
+    let mut config = h.config.clone();
+    if let Some(f) = &args.filter {
+        config.set(&format!("filter.kind={f}"))?;
+    }
+    for s in &args.sets {
+        config.set(s)?;
+    }
+    if let Some(seed) = args.seed {
+        config.experiment.seed = seed;
+    }
+    // Changes against the checkpoint are refused (with the keys) when the run starts.
+    Ok(Experiment::new(&h.preset, config, h.expected_rmse)?)
+}
+
 fn run(args: RunArgs) -> Result<()> {
+    if let Some(dir) = args.resume.clone() {
+        let experiment = resumed_experiment(&args, &dir)?;
+        return run_experiment(&args, experiment, dir);
+    }
     let p = preset(&args.preset)?;
     let mut config = p.config.clone();
     if let Some(f) = &args.filter {
@@ -585,6 +653,12 @@ fn run(args: RunArgs) -> Result<()> {
             experiment.config().filter.kind
         ))
     });
+    run_experiment(&args, experiment, out)
+}
+
+fn run_experiment(args: &RunArgs, experiment: Experiment, out: PathBuf) -> Result<()> {
+    let options = run_options(args, &out)?;
+    let options = &options;
     // The grid models (KS, NS) have no GPU kernels yet: `auto` runs them on the CPU.
     let cpu_only = matches!(
         experiment.config().model.system,
@@ -597,26 +671,26 @@ fn run(args: RunArgs) -> Result<()> {
         args.backend
     };
     let report = match backend {
-        BackendChoice::Cpu => run_on(&Cpu::new(), &experiment, &out)?,
+        BackendChoice::Cpu => run_on(&Cpu::new(), &experiment, &out, options)?,
         BackendChoice::Gpu => {
             let gpu = Gpu::new(GpuOptions {
                 allow_software: true,
                 ..Default::default()
             })
             .context("--backend gpu")?;
-            run_on(&gpu, &experiment, &out)?
+            run_on(&gpu, &experiment, &out, options)?
         }
         BackendChoice::Auto => match Gpu::new(GpuOptions::default()) {
             Ok(gpu) => {
                 log::info!("running on the GPU: {}", gpu.describe());
-                run_on(&gpu, &experiment, &out)?
+                run_on(&gpu, &experiment, &out, options)?
             }
             Err(e) => {
                 if std::env::var("ENFF_REQUIRE_GPU").is_ok_and(|v| v == "1") {
                     anyhow::bail!("ENFF_REQUIRE_GPU=1 and no hardware GPU: {e}");
                 }
                 log::info!("no hardware GPU adapter ({e}); running on the CPU");
-                run_on(&Cpu::new(), &experiment, &out)?
+                run_on(&Cpu::new(), &experiment, &out, options)?
             }
         },
     };
@@ -630,6 +704,7 @@ fn run_on<B: Backend + 'static>(
     backend: &B,
     experiment: &Experiment,
     out: &std::path::Path,
+    options: &RunOptions,
 ) -> Result<Report> {
     let cycles = experiment.config().experiment.cycles as u64;
     let bar = ProgressBar::new(cycles);
@@ -646,7 +721,12 @@ fn run_on<B: Backend + 'static>(
         backend.describe()
     );
     let mut rows = Vec::with_capacity(cycles as usize);
-    let report = experiment.run(backend, |m| {
+    if let Some(ck) = &options.resume {
+        rows.extend(ck.header.metrics.iter().cloned());
+        bar.set_position(ck.header.cycle as u64);
+        log::info!("resuming after cycle {}", ck.header.cycle);
+    }
+    let report = experiment.run_with(backend, options, |m| {
         bar.set_message(format!("{:.4}", m.rmse));
         bar.inc(1);
         rows.push(m.clone());
@@ -654,7 +734,7 @@ fn run_on<B: Backend + 'static>(
     bar.finish_and_clear();
     match report {
         Ok(r) => Ok(r),
-        Err(e @ enff::Error::Diverged { .. }) => {
+        Err(e) if matches!(e.root(), enff::Error::Diverged { .. }) => {
             // Keep what was measured before the blow-up.
             output::write_metrics(out, &rows)
                 .with_context(|| format!("writing partial metrics to {}", out.display()))?;

@@ -61,9 +61,12 @@ fn full_size_lorenz96_bao2024_matches_the_paper_setting() {
 /// allocated, with the sizes and the run's estimate in the message.
 #[test]
 fn a_problem_too_large_for_the_device_is_refused_with_the_numbers() {
-    let Some((_lock, g)) = common::gpu() else {
+    // A backend whose largest binding is forced down to 256 KiB, so that the member
+    // check (not the device-memory check, which comes first) is what refuses the run.
+    let Some(g) = common::gpu_split(256 << 10) else {
         return;
     };
+    let g = &g;
     let too_big = g.max_chunk_bytes() / 4 + 1;
     let p = preset("lorenz96_bao2024").unwrap();
     let mut cfg = p.config.clone();
@@ -82,4 +85,68 @@ fn a_problem_too_large_for_the_device_is_refused_with_the_numbers() {
         ),
     }
     assert_eq!(g.buffers_allocated(), before, "nothing allocated");
+}
+
+/// The run is checked against the device's memory before allocating: n = 1000 at d = 10⁶ is
+/// accepted on an 80 GB card and refused on a 16 GB one with the largest n and d that fit.
+#[test]
+fn memory_check_states_what_would_fit() {
+    let p = preset("lorenz96_bao2024").unwrap();
+    let mut cfg = p.config.clone();
+    cfg.set("model.d=1e6").unwrap();
+    cfg.set("ensemble.n=1000").unwrap();
+    let exp = Experiment::new(p.name, cfg.clone(), None).unwrap();
+    exp.check_memory(80_000_000_000, "gpu").unwrap();
+    let capacity = 16u64 << 30;
+    let detail = match exp.check_memory(capacity, "gpu") {
+        Err(enff::Error::TooLarge { detail }) => detail,
+        other => panic!("expected TooLarge, got {other:?}"),
+    };
+    let number_after = |key: &str| -> usize {
+        let at = detail
+            .find(key)
+            .unwrap_or_else(|| panic!("{key} in {detail}"))
+            + key.len();
+        detail[at..]
+            .trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let n_fit = number_after("ensemble.n ≤");
+    let d_fit = number_after("model.d ≤");
+    assert!(detail.contains("GiB") && detail.contains("gpu"), "{detail}");
+    // The stated limits are tight: they fit, one more does not.
+    let usable = capacity / 10 * 9;
+    let total = |n: usize, d: usize| {
+        let mut c = cfg.clone();
+        c.ensemble.n = n;
+        c.model.d = d;
+        Experiment::new(p.name, c, None)
+            .unwrap()
+            .memory_estimate()
+            .total
+    };
+    assert!(total(n_fit, 1_000_000) <= usable && total(n_fit + 1, 1_000_000) > usable);
+    assert!(total(1000, d_fit) <= usable && total(1000, d_fit + 1) > usable);
+    assert!((400..700).contains(&n_fit), "n that fits 16 GiB: {n_fit}");
+}
+
+/// A CPU run over the backend's memory cap is refused before the first allocation.
+#[test]
+fn cpu_run_over_its_memory_cap_is_refused_up_front() {
+    let p = preset("lorenz96_bao2024").unwrap();
+    let mut cfg = p.config.clone();
+    cfg.set("model.d=100000").unwrap();
+    let exp = Experiment::new(p.name, cfg, None).unwrap();
+    let cpu = enff::backend::cpu::Cpu::new().with_memory_limit(32 << 20);
+    match exp.run(&cpu, |_| panic!("no cycle may run")) {
+        Err(enff::Error::TooLarge { detail }) => {
+            assert!(detail.contains("ensemble.n ≤"), "{detail}");
+            assert!(detail.contains("cpu"), "{detail}");
+        }
+        other => panic!("expected TooLarge, got {:?}", other.map(|r| r.summary)),
+    }
 }

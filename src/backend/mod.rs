@@ -115,6 +115,13 @@ pub trait Backend: Send + Sync {
     /// One line describing the device (CPU threads, adapter name …).
     fn describe(&self) -> String;
 
+    /// Memory this backend can hold its buffers in, bytes, where known: a GPU's device-local
+    /// memory, the host's available memory for the CPU. Experiments compare their estimate
+    /// with it before allocating anything.
+    fn memory_capacity(&self) -> Option<u64> {
+        None
+    }
+
     // ---- memory ------------------------------------------------------------------------------
 
     /// A zero-filled `rows × cols` buffer.

@@ -2,10 +2,13 @@
 
 use std::time::Instant;
 
-use serde::Serialize;
+use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{config_hash, Checkpoint, CheckpointHeader, DivergenceEvent};
 use super::config::{Config, InitialMean};
-use crate::backend::Backend;
+use crate::backend::{Backend, EnsembleStats};
 use crate::error::{Error, Result};
 use crate::filter::{Enff, Filter, Observation};
 use crate::model::System;
@@ -13,7 +16,7 @@ use crate::observe::ObservationOperator;
 use crate::rng::{self, NoiseKey, Stream};
 
 /// Metrics of one assimilation cycle (after the analysis unless marked forecast).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CycleMetrics {
     /// Cycle number, 1-based.
     pub cycle: usize,
@@ -86,6 +89,91 @@ pub struct Summary {
     pub seconds_forecast: f64,
     /// Total analysis time, seconds.
     pub seconds_analysis: f64,
+    /// Cycles where a non-finite value was met and the run went on
+    /// (`--on-divergence record`); their metrics are left out of the means.
+    pub divergences: Vec<DivergenceEvent>,
+    /// The cycle this run was resumed after, if it continued a checkpoint.
+    pub resumed_from: Option<usize>,
+}
+
+/// What a run does when the ensemble, the weights or the metrics become non-finite.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDivergence {
+    /// Stop with [`Error::Diverged`] naming the cycle and stage (the default).
+    #[default]
+    Stop,
+    /// Log the event and keep cycling: a failed analysis is replaced by the forecast, a failed
+    /// forecast by a fresh draw of the initial ensemble; the cycle's metrics are kept (NaN
+    /// where they were non-finite) and left out of the summary's means.
+    Record,
+}
+
+impl OnDivergence {
+    /// Parses `stop` or `record`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "stop" => Ok(OnDivergence::Stop),
+            "record" => Ok(OnDivergence::Record),
+            other => Err(Error::invalid(
+                "--on-divergence",
+                other,
+                "use `stop` (end the run with an error) or `record` (log and keep cycling)",
+            )),
+        }
+    }
+}
+
+/// Where a test-injected fault strikes ([`Fault`]).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultStage {
+    /// A NaN in the forecast ensemble.
+    Forecast,
+    /// A NaN in the flow state at flow step `k` (1-based) of the analysis.
+    FlowStep(usize),
+    /// A NaN in the observation operator's output during guidance.
+    Guidance,
+    /// A NaN in the truth, so that only the metrics are non-finite.
+    Metrics,
+}
+
+/// Faults a test injects into a run through [`RunOptions::fault`].
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Stop with [`Error::Interrupted`] once this cycle is complete (and checkpointed if due),
+    /// as a killed process would.
+    AbortAfter(usize),
+    /// A NaN at this cycle and stage.
+    NonFinite {
+        /// Cycle (1-based).
+        cycle: usize,
+        /// Stage.
+        stage: FaultStage,
+    },
+    /// The device reports itself lost at the start of this cycle.
+    DeviceLost(usize),
+    /// An allocation fails for lack of device memory at the start of this cycle.
+    OutOfMemory(usize),
+}
+
+/// How to run: checkpoints, resumption, divergence policy.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Write a checkpoint every this many cycles (0: never) into `checkpoint_dir`.
+    pub checkpoint_every: usize,
+    /// Folder of the checkpoint file ([`super::checkpoint::CHECKPOINT_FILE`]).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue from this checkpoint instead of starting at cycle 1.
+    pub resume: Option<Checkpoint>,
+    /// What to do on a non-finite value.
+    pub on_divergence: OnDivergence,
+    /// Check the state after every flow step so a divergence names the step (slower).
+    pub step_checks: bool,
+    /// Test-only fault injection.
+    #[doc(hidden)]
+    pub fault: Option<Fault>,
 }
 
 /// Everything a run produced.
@@ -226,61 +314,100 @@ impl Experiment {
         }
     }
 
-    /// Runs the experiment on `backend`, calling `on_cycle` after every cycle.
-    pub fn run<B: Backend + 'static>(
-        &self,
-        backend: &B,
-        on_cycle: impl FnMut(&CycleMetrics),
-    ) -> Result<Report> {
-        self.run_inner(backend, on_cycle).map_err(|e| match e {
-            Error::TooLarge { detail } => {
-                let est = self.memory_estimate();
-                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-                Error::TooLarge {
-                    detail: format!(
-                        "{detail}. This run (n = {}, d = {}) needs about {:.2} GiB on the {} \
-                         backend ({:.3} GiB per member): reduce ensemble.n or model.d",
-                        self.config.ensemble.n,
-                        self.config.state_dim(),
-                        gib(est.total),
-                        backend.name(),
-                        gib(est.per_member)
-                    ),
+    /// Refuses, before anything is allocated, a run whose memory estimate exceeds `capacity`
+    /// bytes (less a 10% reserve for the driver, shaders and transient buffers) on the backend
+    /// named `backend`; the error states the estimate and the largest `ensemble.n` (and, for
+    /// Lorenz-96, `model.d`) that would fit.
+    pub fn check_memory(&self, capacity: u64, backend: &str) -> Result<()> {
+        let usable = capacity / 10 * 9;
+        let est = self.memory_estimate();
+        if est.total <= usable {
+            return Ok(());
+        }
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let fits = |cfg: &Config| Experiment::estimate_of(cfg) <= usable;
+        // Largest value of one setting that fits, by bisection (the estimate grows with it).
+        let largest = |set: &dyn Fn(&mut Config, usize), lo: usize, hi: usize| {
+            let probe = |v: usize| {
+                let mut c = self.config.clone();
+                set(&mut c, v);
+                fits(&c)
+            };
+            if !probe(lo) {
+                return None;
+            }
+            let (mut lo, mut hi) = (lo, hi);
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if probe(mid) {
+                    lo = mid
+                } else {
+                    hi = mid
                 }
             }
-            other => other,
+            Some(lo)
+        };
+        let cfg = &self.config;
+        let mut options = Vec::new();
+        match largest(&|c, v| c.ensemble.n = v, 2, cfg.ensemble.n) {
+            Some(n) => options.push(format!("ensemble.n ≤ {n} at d = {}", cfg.state_dim())),
+            None => options.push("not even 2 members at this d".to_string()),
+        }
+        if cfg.model.system == super::config::SystemKind::Lorenz96 {
+            if let Some(d) = largest(&|c, v| c.model.d = v, 4, cfg.model.d) {
+                options.push(format!("model.d ≤ {d} at n = {}", cfg.ensemble.n));
+            }
+        }
+        let parts = est
+            .parts
+            .iter()
+            .map(|(name, b)| format!("{name} {:.2} GiB", gib(*b)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(Error::TooLarge {
+            detail: format!(
+                "this run (n = {}, d = {}) needs about {:.2} GiB ({parts}) but the {backend} \
+                 backend has {:.2} GiB ({:.2} GiB usable after a 10% reserve). What would fit: \
+                 {}; or another backend (--backend cpu|gpu)",
+                cfg.ensemble.n,
+                cfg.state_dim(),
+                gib(est.total),
+                gib(capacity),
+                gib(usable),
+                options.join(", or ")
+            ),
         })
     }
 
-    fn run_inner<B: Backend + 'static>(
+    fn estimate_of(config: &Config) -> u64 {
+        Experiment {
+            name: String::new(),
+            config: config.clone(),
+            expected_rmse: None,
+        }
+        .memory_estimate()
+        .total
+    }
+
+    /// The truth at the first observation time: the system's initial condition, spun up.
+    fn initial_truth<B: Backend>(
         &self,
         backend: &B,
-        mut on_cycle: impl FnMut(&CycleMetrics),
-    ) -> Result<Report> {
+        model: &crate::model::Model,
+        truth: &mut B::Buffer,
+    ) -> Result<()> {
         let cfg = &self.config;
-        let seed = cfg.experiment.seed;
-        let theta = rng::uniform(&NoiseKey::new(seed, Stream::Truth, 0).with_step(1), 0, 0)
-            * std::f64::consts::TAU;
-        let model = cfg.model_with_theta(theta)?;
-        let op = cfg.observation_operator()?;
-        let (n, d) = (cfg.ensemble.n, model.dim());
-        let m = op.obs_dim(d)?;
-        let obs_every = cfg.observe.obs_every;
-        let mut filter = build_filter::<B>(cfg, &model)?;
-        let started = Instant::now();
-
-        // Truth: initial condition, then spin-up to the first observation time.
-        let mut truth = backend.zeros(1, d)?;
-        let truth_key = NoiseKey::new(seed, Stream::Truth, 0);
+        let d = model.dim();
+        let truth_key = NoiseKey::new(cfg.experiment.seed, Stream::Truth, 0);
         match &model.system {
             System::Rotation2d(_) => {
-                backend.write(&mut truth, &[cfg.experiment.truth_init_mean, 0.0])?;
+                backend.write(truth, &[cfg.experiment.truth_init_mean, 0.0])?;
             }
             // ENFF_SPEC §8.4: the reference field plus N(0, truth_init_std²) noise, then spin-up.
             System::KuramotoSivashinsky(ks) => {
                 let mean = backend.upload(1, d, &ks.reference_initial_condition()?)?;
                 backend.fill_normal(
-                    &mut truth,
+                    truth,
                     truth_key,
                     Some(&mean),
                     cfg.experiment.truth_init_std,
@@ -295,40 +422,167 @@ impl Experiment {
                     crate::model::ns::GP_LENGTH_SCALE,
                     cfg.experiment.truth_init_std,
                 )?;
-                backend.write(&mut truth, &x0)?;
+                backend.write(truth, &x0)?;
             }
             _ => {
                 let mean = backend.upload(1, d, &vec![cfg.experiment.truth_init_mean; d])?;
                 backend.fill_normal(
-                    &mut truth,
+                    truth,
                     truth_key,
                     Some(&mean),
                     cfg.experiment.truth_init_std,
                 )?;
             }
         }
-        backend.advance(&model, &mut truth, cfg.experiment.spinup)?;
+        backend.advance(model, truth, cfg.experiment.spinup)?;
         backend
-            .check_finite(&truth, "truth after spin-up")
+            .check_finite(truth, "truth after spin-up")
             .map_err(|e| Error::Diverged {
                 cycle: 0,
                 stage: "truth spin-up".into(),
                 detail: e.to_string(),
-            })?;
+            })
+    }
 
-        // Initial ensemble around the truth at the first observation time, or around zero.
-        let mut ensemble = backend.zeros(n, d)?;
+    /// The initial ensemble around the truth or around zero; `draw` 0 at the start, the cycle
+    /// number when a diverged ensemble is drawn afresh.
+    fn initial_ensemble<B: Backend>(
+        &self,
+        backend: &B,
+        truth: &B::Buffer,
+        ensemble: &mut B::Buffer,
+        draw: usize,
+    ) -> Result<()> {
+        let cfg = &self.config;
         let centre = match cfg.ensemble.init_mean {
-            InitialMean::Truth => Some(&truth),
+            InitialMean::Truth => Some(truth),
             InitialMean::Zero => None,
         };
         backend.fill_normal(
-            &mut ensemble,
-            NoiseKey::new(seed, Stream::InitialEnsemble, 0),
+            ensemble,
+            NoiseKey::new(cfg.experiment.seed, Stream::InitialEnsemble, draw as u32),
             centre,
             cfg.ensemble.init_std,
-        )?;
+        )
+    }
+
+    /// Runs the experiment on `backend`, calling `on_cycle` after every cycle. A run that
+    /// cannot fit in the backend's memory (where it reports its size) is refused first.
+    pub fn run<B: Backend + 'static>(
+        &self,
+        backend: &B,
+        on_cycle: impl FnMut(&CycleMetrics),
+    ) -> Result<Report> {
+        self.run_with(backend, &RunOptions::default(), on_cycle)
+    }
+
+    /// [`Experiment::run`] with checkpoints, resumption and a divergence policy. When a
+    /// checkpoint has been written, a failure later in the run comes back as
+    /// [`Error::Resumable`], naming the checkpoint and how to continue.
+    pub fn run_with<B: Backend + 'static>(
+        &self,
+        backend: &B,
+        options: &RunOptions,
+        on_cycle: impl FnMut(&CycleMetrics),
+    ) -> Result<Report> {
+        if let Some(capacity) = backend.memory_capacity() {
+            self.check_memory(capacity, backend.name())?;
+        }
+        if let Some(ck) = &options.resume {
+            ck.check_compatible(&self.config)?;
+        }
+        if options.checkpoint_every > 0 && options.checkpoint_dir.is_none() {
+            return Err(Error::invalid(
+                "--checkpoint-every",
+                options.checkpoint_every,
+                "checkpoints need a folder: give --out DIR",
+            ));
+        }
+        let mut last_checkpoint = None;
+        self.run_inner(backend, options, on_cycle, &mut last_checkpoint)
+            .map_err(|e| match e {
+                Error::TooLarge { detail } => {
+                    let est = self.memory_estimate();
+                    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                    Error::TooLarge {
+                        detail: format!(
+                            "{detail}. This run (n = {}, d = {}) needs about {:.2} GiB on the {} \
+                             backend ({:.3} GiB per member): reduce ensemble.n or model.d",
+                            self.config.ensemble.n,
+                            self.config.state_dim(),
+                            gib(est.total),
+                            backend.name(),
+                            gib(est.per_member)
+                        ),
+                    }
+                }
+                other => other,
+            })
+            .map_err(|e| match (e, &last_checkpoint, &options.checkpoint_dir) {
+                (e @ Error::Interrupted { .. }, _, _) => e,
+                (e, Some(cycle), Some(dir)) => Error::Resumable {
+                    hint: if backend.name() == "gpu" {
+                        " (add --backend cpu to continue without the GPU)".into()
+                    } else {
+                        String::new()
+                    },
+                    source: Box::new(e),
+                    cycle: *cycle,
+                    dir: dir.display().to_string(),
+                },
+                (e, _, _) => e,
+            })
+    }
+
+    fn run_inner<B: Backend + 'static>(
+        &self,
+        backend: &B,
+        options: &RunOptions,
+        mut on_cycle: impl FnMut(&CycleMetrics),
+        last_checkpoint: &mut Option<usize>,
+    ) -> Result<Report> {
+        let cfg = &self.config;
+        let seed = cfg.experiment.seed;
+        let theta = rng::uniform(&NoiseKey::new(seed, Stream::Truth, 0).with_step(1), 0, 0)
+            * std::f64::consts::TAU;
+        let model = cfg.model_with_theta(theta)?;
+        let op = cfg.observation_operator()?;
+        let (n, d) = (cfg.ensemble.n, model.dim());
+        let m = op.obs_dim(d)?;
+        let obs_every = cfg.observe.obs_every;
+        let mut filter = build_filter::<B>(cfg, &model)?;
+        filter.set_step_checks(options.step_checks || options.fault.is_some());
+        let started = Instant::now();
+        let resume = options.resume.as_ref();
+        let fault = options.fault;
+        let nan_at =
+            |cycle: usize, stage: FaultStage| fault == Some(Fault::NonFinite { cycle, stage });
+
+        // Truth and initial ensemble: from the checkpoint, or drawn and spun up.
+        let mut truth = backend.zeros(1, d)?;
+        let mut ensemble = backend.zeros(n, d)?;
+        if let Some(ck) = resume {
+            if (ck.header.n, ck.header.d) != (n, d) {
+                return Err(Error::shape(
+                    "checkpoint ensemble",
+                    format!("{n} × {d}"),
+                    format!("{} × {}", ck.header.n, ck.header.d),
+                ));
+            }
+            backend.write(&mut truth, &ck.truth)?;
+            backend.write(&mut ensemble, &ck.ensemble)?;
+            filter.restore_state(&ck.filter_state)?;
+        } else {
+            self.initial_truth(backend, &model, &mut truth)?;
+            self.initial_ensemble(backend, &truth, &mut ensemble, 0)?;
+        }
         let mut previous = if filter.needs_previous_analysis() {
+            Some(backend.zeros(n, d)?)
+        } else {
+            None
+        };
+        // The forecast kept aside, to fall back on when an analysis fails (record mode).
+        let mut fallback = if options.on_divergence == OnDivergence::Record {
             Some(backend.zeros(n, d)?)
         } else {
             None
@@ -337,14 +591,34 @@ impl Experiment {
         let mut y = backend.zeros(1, m)?;
 
         let mut metrics = Vec::with_capacity(cfg.experiment.cycles);
-        let (mut total_forecast, mut total_analysis) = (0.0f64, 0.0f64);
-        for k in 0..cfg.experiment.cycles {
+        let mut divergences = Vec::new();
+        let (mut total_forecast, mut total_analysis, mut before) = (0.0f64, 0.0f64, 0.0f64);
+        let first = match resume {
+            Some(ck) => {
+                metrics.extend(ck.header.metrics.iter().cloned());
+                divergences.extend(ck.header.divergences.iter().cloned());
+                [before, total_forecast, total_analysis] = ck.header.seconds;
+                ck.header.cycle
+            }
+            None => 0,
+        };
+        for k in first..cfg.experiment.cycles {
             let cycle = k + 1;
-            let diverged = |stage: &str, e: Error| Error::Diverged {
-                cycle,
-                stage: stage.to_string(),
-                detail: e.to_string(),
-            };
+            match fault {
+                Some(Fault::DeviceLost(c)) if c == cycle => {
+                    return Err(Error::Gpu(format!(
+                        "the device was lost (injected at cycle {cycle}); restart the run (or \
+                         use --backend cpu)"
+                    )))
+                }
+                Some(Fault::OutOfMemory(c)) if c == cycle => {
+                    return Err(Error::TooLarge {
+                        detail: format!("out of device memory (injected at cycle {cycle})"),
+                    })
+                }
+                _ => {}
+            }
+            let mut diverged: Option<DivergenceEvent> = None;
             // Forecast (none on the first cycle: the ensemble starts at the first obs time).
             let t_forecast = Instant::now();
             if let Some(p) = previous.as_mut() {
@@ -359,13 +633,26 @@ impl Experiment {
             if k > 0 {
                 backend.advance(&model, &mut truth, obs_every)?;
             }
-            let fc = backend.ensemble_stats(&ensemble, &truth)?;
+            if nan_at(cycle, FaultStage::Forecast) {
+                poison(backend, &mut ensemble)?;
+            }
+            if nan_at(cycle, FaultStage::Metrics) {
+                poison(backend, &mut truth)?;
+            }
+            let mut fc = backend.ensemble_stats(&ensemble, &truth)?;
             if !(fc.rmse.is_finite() && fc.spread.is_finite()) {
-                let e = backend
-                    .check_finite(&ensemble, "forecast ensemble")
-                    .err()
-                    .unwrap_or(Error::Gpu("non-finite forecast metrics".into()));
-                return Err(diverged("forecast", e));
+                let event = locate(backend, &ensemble, &truth, cycle, "forecast")?;
+                if options.on_divergence == OnDivergence::Stop || event.stage == "metrics" {
+                    return Err(event.into_error());
+                }
+                // Record: start again from a fresh draw of the initial ensemble.
+                self.initial_ensemble(backend, &truth, &mut ensemble, cycle)?;
+                fc = backend.ensemble_stats(&ensemble, &truth)?;
+                log::warn!("{} ; the ensemble was drawn afresh", event.message());
+                diverged = Some(DivergenceEvent {
+                    detail: format!("{}; the ensemble was drawn afresh", event.detail),
+                    ..event
+                });
             }
 
             // Observation y = h(x_true) + σ_y η.
@@ -378,32 +665,73 @@ impl Experiment {
             )?;
 
             // Analysis.
+            if let Some(f) = fallback.as_mut() {
+                backend.copy(&ensemble, f)?;
+            }
+            filter.inject_fault(match fault {
+                Some(Fault::NonFinite {
+                    cycle: c,
+                    stage: FaultStage::FlowStep(s),
+                }) if c == cycle => Some(crate::filter::InjectedFault::FlowStep(s)),
+                Some(Fault::NonFinite {
+                    cycle: c,
+                    stage: FaultStage::Guidance,
+                }) if c == cycle => Some(crate::filter::InjectedFault::Guidance),
+                _ => None,
+            });
             let t_analysis = Instant::now();
             let obs = Observation {
                 y: &y,
                 operator: &op,
                 noise_std: cfg.observe.noise_std,
             };
-            filter
-                .analyse(
-                    backend,
-                    &mut ensemble,
-                    previous.as_ref(),
-                    &obs,
-                    cycle as u32,
-                )
-                .map_err(|e| match e {
-                    Error::NonFinite { .. } => diverged("analysis", e),
-                    other => other,
-                })?;
-            let an = backend.ensemble_stats(&ensemble, &truth)?;
+            let outcome = filter.analyse(
+                backend,
+                &mut ensemble,
+                previous.as_ref(),
+                &obs,
+                cycle as u32,
+            );
+            let nan = EnsembleStats {
+                rmse: f64::NAN,
+                spread: f64::NAN,
+            };
+            let mut failure: Option<(String, String)> = None;
+            let mut an = match outcome {
+                Ok(()) => backend.ensemble_stats(&ensemble, &truth)?,
+                // A filter that locates the failure itself (EnFF: flow step k).
+                Err(Error::Diverged { stage, detail, .. }) => {
+                    failure = Some((stage, detail));
+                    nan
+                }
+                Err(e @ Error::NonFinite { .. }) => {
+                    failure = Some(("analysis".to_string(), e.to_string()));
+                    nan
+                }
+                Err(other) => return Err(other),
+            };
             let seconds_analysis = t_analysis.elapsed().as_secs_f64();
             if !(an.rmse.is_finite() && an.spread.is_finite()) {
-                let e = backend
-                    .check_finite(&ensemble, "analysis ensemble")
-                    .err()
-                    .unwrap_or(Error::Gpu("non-finite analysis metrics".into()));
-                return Err(diverged("analysis", e));
+                let event = match failure.take() {
+                    Some((stage, detail)) => DivergenceEvent {
+                        cycle,
+                        stage,
+                        detail,
+                    },
+                    None => locate(backend, &ensemble, &truth, cycle, "analysis")?,
+                };
+                match (&mut fallback, options.on_divergence) {
+                    (Some(f), OnDivergence::Record) if event.stage != "metrics" => {
+                        backend.copy(f, &mut ensemble)?;
+                        log::warn!("{}; the forecast was kept as the analysis", event.message());
+                        an = backend.ensemble_stats(&ensemble, &truth)?;
+                        diverged = Some(DivergenceEvent {
+                            detail: format!("{}; the forecast was kept", event.detail),
+                            ..event
+                        });
+                    }
+                    _ => return Err(event.into_error()),
+                }
             }
             total_forecast += seconds_forecast;
             total_analysis += seconds_analysis;
@@ -420,11 +748,71 @@ impl Experiment {
             };
             on_cycle(&row);
             metrics.push(row);
+            if let Some(event) = diverged {
+                divergences.push(event);
+            }
+            let due = options.checkpoint_every > 0
+                && (cycle % options.checkpoint_every == 0 || cycle == cfg.experiment.cycles);
+            if let (true, Some(dir)) = (due, &options.checkpoint_dir) {
+                let ck = Checkpoint {
+                    header: CheckpointHeader {
+                        format: 1,
+                        enff_version: env!("CARGO_PKG_VERSION").to_string(),
+                        config_hash: config_hash(cfg),
+                        config: cfg.clone(),
+                        preset: self.name.clone(),
+                        expected_rmse: self.expected_rmse,
+                        backend: backend.name().to_string(),
+                        cycle,
+                        n,
+                        d,
+                        metrics: metrics.clone(),
+                        divergences: divergences.clone(),
+                        seconds: [
+                            before + started.elapsed().as_secs_f64(),
+                            total_forecast,
+                            total_analysis,
+                        ],
+                        filter_state_len: 0,
+                    },
+                    ensemble: backend.read(&ensemble)?,
+                    truth: backend.read(&truth)?,
+                    filter_state: filter.save_state(),
+                };
+                let ck = Checkpoint {
+                    header: CheckpointHeader {
+                        filter_state_len: ck.filter_state.len(),
+                        ..ck.header
+                    },
+                    ..ck
+                };
+                ck.write(dir)?;
+                *last_checkpoint = Some(cycle);
+            }
+            if fault == Some(Fault::AbortAfter(cycle)) && cycle < cfg.experiment.cycles {
+                return Err(Error::Interrupted {
+                    cycle,
+                    checkpoint: last_checkpoint.map(|c| {
+                        format!(
+                            "{} (after cycle {c})",
+                            options
+                                .checkpoint_dir
+                                .as_ref()
+                                .map_or(String::new(), |d| d.display().to_string())
+                        )
+                    }),
+                });
+            }
         }
-        let seconds_total = started.elapsed().as_secs_f64();
-        let kept = &metrics[cfg.experiment.burn_in..];
-        let mean =
-            |f: fn(&CycleMetrics) -> f64| kept.iter().map(f).sum::<f64>() / kept.len() as f64;
+        let seconds_total = before + started.elapsed().as_secs_f64();
+        let bad: std::collections::HashSet<usize> = divergences.iter().map(|e| e.cycle).collect();
+        let kept: Vec<&CycleMetrics> = metrics[cfg.experiment.burn_in..]
+            .iter()
+            .filter(|r| !bad.contains(&r.cycle))
+            .collect();
+        let mean = |f: fn(&CycleMetrics) -> f64| {
+            kept.iter().map(|r| f(r)).sum::<f64>() / kept.len() as f64
+        };
         let summary = Summary {
             preset: self.name.clone(),
             filter: filter.name(),
@@ -450,7 +838,66 @@ impl Experiment {
             seconds_per_cycle: seconds_total / cfg.experiment.cycles as f64,
             seconds_forecast: total_forecast,
             seconds_analysis: total_analysis,
+            divergences,
+            resumed_from: resume.map(|ck| ck.header.cycle),
         };
         Ok(Report { summary, metrics })
+    }
+}
+
+/// Puts a NaN into the first element of `buf` (fault injection).
+fn poison<B: Backend>(backend: &B, buf: &mut B::Buffer) -> Result<()> {
+    let mut host = backend.read(buf)?;
+    host[0] = f32::NAN;
+    backend.write(buf, &host)
+}
+
+/// Names the stage of a non-finite metric: the ensemble itself (`stage`) or, when the
+/// ensemble is finite, the metrics (a non-finite truth or an overflow in the statistics).
+fn locate<B: Backend>(
+    backend: &B,
+    ensemble: &B::Buffer,
+    truth: &B::Buffer,
+    cycle: usize,
+    stage: &str,
+) -> Result<DivergenceEvent> {
+    Ok(
+        match backend.check_finite(ensemble, &format!("{stage} ensemble")) {
+            Err(e @ Error::NonFinite { .. }) => DivergenceEvent {
+                cycle,
+                stage: stage.to_string(),
+                detail: e.to_string(),
+            },
+            Err(other) => return Err(other),
+            Ok(()) => DivergenceEvent {
+                cycle,
+                stage: "metrics".to_string(),
+                detail: match backend.check_finite(truth, "truth") {
+                    Err(e) => e.to_string(),
+                    Ok(()) => {
+                        "the ensemble is finite but its RMSE or spread is not (overflow)".into()
+                    }
+                },
+            },
+        },
+    )
+}
+
+impl DivergenceEvent {
+    /// The event as the error that stops a run.
+    pub fn into_error(self) -> Error {
+        Error::Diverged {
+            cycle: self.cycle,
+            stage: self.stage,
+            detail: self.detail,
+        }
+    }
+
+    /// One line for the log.
+    pub fn message(&self) -> String {
+        format!(
+            "divergence at cycle {} during {}: {}",
+            self.cycle, self.stage, self.detail
+        )
     }
 }

@@ -98,6 +98,8 @@ pub struct Enff<B: Backend> {
     config: EnffConfig,
     path: Path,
     work: Option<Workspace<B>>,
+    step_checks: bool,
+    fault: Option<super::InjectedFault>,
 }
 
 impl<B: Backend> Enff<B> {
@@ -109,6 +111,8 @@ impl<B: Backend> Enff<B> {
             config,
             path,
             work: None,
+            step_checks: false,
+            fault: None,
         })
     }
 
@@ -225,6 +229,31 @@ impl<B: Backend> Enff<B> {
         let path = self.path;
         let source = if path.needs_source() { previous } else { None };
         let (n, d) = (ensemble.rows(), ensemble.cols());
+        let checks = self.step_checks;
+        let fault = self.fault.take();
+        let poisoned_y = match fault {
+            Some(super::InjectedFault::Guidance) => {
+                let mut host = backend.read(obs.y)?;
+                host[0] = f32::NAN;
+                Some(backend.upload(1, host.len(), &host)?)
+            }
+            _ => None,
+        };
+        let obs = &Observation::<B> {
+            y: poisoned_y.as_ref().unwrap_or(obs.y),
+            operator: obs.operator,
+            noise_std: obs.noise_std,
+        };
+        let steps = cfg.flow_steps;
+        // A non-finite value met at flow step k (0-based), named for the user.
+        let at_step = |k: usize, what: &str, e: Error| match e {
+            Error::NonFinite { .. } => Error::Diverged {
+                cycle: 0,
+                stage: format!("analysis, flow step {} of {steps}: {what}", k + 1),
+                detail: e.to_string(),
+            },
+            other => other,
+        };
         let w = self.workspace(backend, n, d)?;
         let target: &B::Buffer = ensemble;
         if let Some(bias) = w.bias.as_mut() {
@@ -244,6 +273,11 @@ impl<B: Backend> Enff<B> {
         for k in 0..cfg.flow_steps {
             let (t0, t1) = (grid[k], grid[k + 1]);
             let dt = t1 - t0;
+            if fault == Some(super::InjectedFault::FlowStep(k + 1)) {
+                let mut host = backend.read(&w.x)?;
+                host[0] = f32::NAN;
+                backend.write(&mut w.x, &host)?;
+            }
             backend.flow_logits(
                 &w.x,
                 target,
@@ -252,7 +286,10 @@ impl<B: Backend> Enff<B> {
                 w.bias.as_ref(),
                 &mut w.weights,
             )?;
-            backend.softmax_rows(&mut w.weights)?;
+            backend
+                .softmax_rows(&mut w.weights)
+                .and_then(|_| if checks { backend.sync() } else { Ok(()) })
+                .map_err(|e| at_step(k, "weights", e))?;
             match (cfg.integrator, w.heun.as_mut()) {
                 (Integrator::Heun, Some((x_pred, v1))) => {
                     // Predictor: x̃ = x + Δ v(x, t0), keeping v(x, t0).
@@ -281,7 +318,10 @@ impl<B: Backend> Enff<B> {
                         w.bias.as_ref(),
                         &mut w.weights,
                     )?;
-                    backend.softmax_rows(&mut w.weights)?;
+                    backend
+                        .softmax_rows(&mut w.weights)
+                        .and_then(|_| if checks { backend.sync() } else { Ok(()) })
+                        .map_err(|e| at_step(k, "weights", e))?;
                     backend.flow_update(
                         &mut w.x,
                         &FlowUpdate {
@@ -316,6 +356,14 @@ impl<B: Backend> Enff<B> {
                     )?;
                 }
             }
+            if checks {
+                // The weights were finite, so the velocity (a convex combination of finite
+                // targets along the path) is too: a non-finite state comes from the guidance.
+                backend
+                    .check_finite(&w.x, "flow state")
+                    .and_then(|_| backend.sync())
+                    .map_err(|e| at_step(k, "guidance", e))?;
+            }
         }
         backend.inflate(&mut w.x, cfg.inflation)?;
         // Hand the flowed buffer over instead of copying it: the workspace keeps the forecast's
@@ -337,6 +385,14 @@ impl<B: Backend> Filter<B> for Enff<B> {
 
     fn needs_previous_analysis(&self) -> bool {
         self.path.needs_source()
+    }
+
+    fn set_step_checks(&mut self, on: bool) {
+        self.step_checks = on;
+    }
+
+    fn inject_fault(&mut self, fault: Option<super::InjectedFault>) {
+        self.fault = fault;
     }
 
     fn analyse(

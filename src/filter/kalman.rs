@@ -85,6 +85,22 @@ impl<B: Backend> Filter<B> for KalmanFilter {
         "kf".into()
     }
 
+    fn save_state(&self) -> Vec<f64> {
+        let mut s = vec![self.analyses as f64];
+        s.extend(self.p.iter());
+        s
+    }
+
+    fn restore_state(&mut self, state: &[f64]) -> Result<()> {
+        let d = self.p.nrows();
+        if state.len() != 1 + d * d {
+            return Err(Error::shape("Kalman filter state", 1 + d * d, state.len()));
+        }
+        self.analyses = state[0] as usize;
+        self.p = DMatrix::from_column_slice(d, d, &state[1..]);
+        Ok(())
+    }
+
     fn analyse(
         &mut self,
         backend: &B,

@@ -31,6 +31,16 @@ pub struct Observation<'a, B: Backend + ?Sized> {
 }
 
 /// A data-assimilation analysis step.
+/// Test-only faults a filter can inject into its own analysis.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectedFault {
+    /// A NaN in the flow state at the start of flow step `k` (1-based).
+    FlowStep(usize),
+    /// A NaN in the observations the guidance sees (after the input checks).
+    Guidance,
+}
+
 pub trait Filter<B: Backend> {
     /// Name as used in summaries (`enff-f2p`, `enff-ot` …).
     fn name(&self) -> String;
@@ -45,6 +55,29 @@ pub trait Filter<B: Backend> {
     fn effective_sample_size(&self) -> Option<f64> {
         None
     }
+
+    /// The filter's own state carried between cycles, for checkpoints (the Kalman filter's
+    /// covariance; ensemble filters keep none: empty).
+    fn save_state(&self) -> Vec<f64> {
+        Vec::new()
+    }
+
+    /// Restores a state saved by [`Filter::save_state`].
+    fn restore_state(&mut self, state: &[f64]) -> crate::Result<()> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::Error::shape("filter state", 0, state.len()))
+        }
+    }
+
+    /// Checks the state after every internal step (flow step) so that a non-finite value is
+    /// reported with the step and what produced it; costs a device round trip per step.
+    fn set_step_checks(&mut self, _on: bool) {}
+
+    /// Test-only: a fault to inject into the next analysis.
+    #[doc(hidden)]
+    fn inject_fault(&mut self, _fault: Option<InjectedFault>) {}
 
     /// Replaces the forecast in `ensemble` by the analysis for observation `obs` at `cycle`.
     /// `previous` is the previous analysis when [`Filter::needs_previous_analysis`] is true.

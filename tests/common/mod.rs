@@ -24,6 +24,7 @@ pub fn gpu() -> Option<(MutexGuard<'static, ()>, &'static Gpu)> {
         open(GpuOptions {
             allow_software: true,
             max_chunk_bytes: None,
+            ..Default::default()
         })
     })
     .as_ref()
@@ -35,6 +36,7 @@ pub fn gpu_split(bytes: u64) -> Option<Gpu> {
     open(GpuOptions {
         allow_software: true,
         max_chunk_bytes: Some(bytes),
+        ..Default::default()
     })
 }
 

@@ -147,6 +147,8 @@ pub struct Cpu {
     scratch: Mutex<Scratch>,
     /// Unguided velocities for operators without a fused kernel (`n × d`, grown on demand).
     rows_scratch: Mutex<Vec<f32>>,
+    /// A cap on the memory runs may use (bytes), below what the host reports.
+    memory_limit: Option<u64>,
 }
 
 impl Default for Cpu {
@@ -165,7 +167,15 @@ impl Cpu {
                 next_logits: None,
             }),
             rows_scratch: Mutex::new(Vec::new()),
+            memory_limit: None,
         }
+    }
+
+    /// Caps the memory experiments may plan to use on this backend (bytes); a run whose
+    /// estimate exceeds it is refused before allocating, with what would fit.
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
     }
 
     /// Number of worker threads.
@@ -253,6 +263,13 @@ impl Backend for Cpu {
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn memory_capacity(&self) -> Option<u64> {
+        match (self.memory_limit, host_available_memory()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn describe(&self) -> String {
@@ -655,4 +672,12 @@ mod tests {
         cpu.check_finite(&a, "a").unwrap();
         assert_eq!(a.stamp(), s2, "reads keep the stamp");
     }
+}
+
+/// Host memory available to a new allocation (`MemAvailable` on Linux), bytes.
+fn host_available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -24,6 +24,9 @@ pub struct AdapterSummary {
     pub max_workgroup_storage: u32,
     /// Storage buffers per shader stage.
     pub max_storage_buffers: u32,
+    /// Device-local memory, bytes, where the API reports it (the largest device-local heap
+    /// on Vulkan); `None` elsewhere.
+    pub device_memory: Option<u64>,
 }
 
 impl AdapterSummary {
@@ -42,6 +45,7 @@ impl AdapterSummary {
             max_storage_binding: limits.max_storage_buffer_binding_size,
             max_workgroup_storage: limits.max_compute_workgroup_storage_size,
             max_storage_buffers: limits.max_storage_buffers_per_shader_stage,
+            device_memory: device_memory(adapter),
         }
     }
 
@@ -63,8 +67,41 @@ impl AdapterSummary {
             self.max_storage_binding >> 20,
             self.max_workgroup_storage >> 10,
             self.max_storage_buffers
-        )
+        ) + &match self.device_memory {
+            Some(b) => format!(", {:.1} GiB device memory", b as f64 / (1u64 << 30) as f64),
+            None => String::new(),
+        }
     }
+}
+
+/// The largest device-local memory heap of a Vulkan adapter, in bytes.
+#[cfg(not(target_arch = "wasm32"))]
+fn device_memory(adapter: &wgpu::Adapter) -> Option<u64> {
+    /// `VK_MEMORY_HEAP_DEVICE_LOCAL_BIT`.
+    const DEVICE_LOCAL: u32 = 0x1;
+    if adapter.get_info().backend != wgpu::Backend::Vulkan {
+        return None;
+    }
+    // SAFETY: the raw handles are only used for a read-only property query while the
+    // adapter (and so its instance) is alive; nothing is created or destroyed.
+    unsafe {
+        let hal = adapter.as_hal::<wgpu::hal::api::Vulkan>()?;
+        let props = hal
+            .shared_instance()
+            .raw_instance()
+            .get_physical_device_memory_properties(hal.raw_physical_device());
+        props
+            .memory_heaps_as_slice()
+            .iter()
+            .filter(|h| h.flags.as_raw() & DEVICE_LOCAL != 0)
+            .map(|h| h.size)
+            .max()
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+fn device_memory(_adapter: &wgpu::Adapter) -> Option<u64> {
+    None
 }
 
 pub(crate) fn instance() -> wgpu::Instance {

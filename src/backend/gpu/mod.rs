@@ -53,6 +53,9 @@ pub struct GpuOptions {
     pub allow_software: bool,
     /// Split buffers into member blocks of at most this many bytes (tests force tiny blocks).
     pub max_chunk_bytes: Option<u64>,
+    /// Plan runs as if the device had at most this much memory (bytes): a cap below the
+    /// device-local memory the adapter reports, or a budget where it reports none.
+    pub memory_limit: Option<u64>,
 }
 
 /// A `rows × cols` f32 matrix on the GPU, split into member blocks when it is large.
@@ -172,6 +175,8 @@ pub struct Gpu {
     lost: Arc<AtomicBool>,
     /// Device buffers created so far (matrices and scratch; not transient read-back staging).
     allocations: std::sync::atomic::AtomicU64,
+    /// See [`GpuOptions::memory_limit`].
+    memory_limit: Option<u64>,
 }
 
 fn flag_reset() -> Vec<u32> {
@@ -317,6 +322,7 @@ impl Gpu {
             uncaptured,
             lost,
             allocations: std::sync::atomic::AtomicU64::new(0),
+            memory_limit: options.memory_limit,
         })
     }
 
@@ -796,6 +802,13 @@ impl Backend for Gpu {
 
     fn name(&self) -> &'static str {
         "gpu"
+    }
+
+    fn memory_capacity(&self) -> Option<u64> {
+        match (self.memory_limit, self.summary.device_memory) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn describe(&self) -> String {
