@@ -6,9 +6,11 @@
 //! ```
 
 pub mod config;
+pub mod file;
 pub mod output;
 pub mod presets;
 mod run;
+pub mod sweep;
 
 pub use config::Config;
 pub use presets::{preset, Preset, DEFAULT_PRESET, PRESETS};
