@@ -1025,7 +1025,9 @@ mod tests {
 
     #[test]
     fn empty_or_bad_sweeps_are_refused_before_running() {
-        let cases: Vec<(Vec<Axis>, usize, Vec<Range>, usize, &str)> = vec![
+        // (grid, random, ranges, seeds, text the error must hold)
+        type Case = (Vec<Axis>, usize, Vec<Range>, usize, &'static str);
+        let cases: Vec<Case> = vec![
             (vec![], 0, vec![], 1, "--grid"),
             (
                 vec![Axis {
