@@ -21,7 +21,7 @@ status=0
     echo "== cycle benchmark (Lorenz-96, forecast + analysis)"
     .device/enff bench --cycles --cpu-budget 10 || status=1
     echo "== full-size preset on the GPU"
-    .device/enff run lorenz96_bao2024 --set model.d=1000000 --out /tmp/enff-l96-1e6 || status=1
+    .device/enff run lorenz96_bao2024 --set model.d=1000000 --out /tmp/enff-l96-1e6 --force || status=1
     echo "== summary"
     grep -E "test result|GPU/CPU|speed" "$log" 2>/dev/null | tail -n 20
     echo "gpu-check status: $status"

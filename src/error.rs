@@ -139,6 +139,43 @@ pub enum Error {
     #[error("GPU error: {0}")]
     Gpu(String),
 
+    /// An experiment file (TOML) that does not parse or names a bad setting.
+    #[error("{}", describe_config_file(.file, *.line, *.column, .key.as_deref(), .message))]
+    ConfigFile {
+        /// The file (or `<text>` for a string).
+        file: String,
+        /// 1-based line of the offending text, when known.
+        line: Option<usize>,
+        /// 1-based column of the offending text, when known.
+        column: Option<usize>,
+        /// The setting involved (`filter.sigma_min`), when known.
+        key: Option<String>,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
+    /// An output directory that already holds files.
+    #[error(
+        "output directory {path} exists and is not empty: choose another --out, or pass --force \
+         to write into it (files of the same name are replaced)"
+    )]
+    OutputExists {
+        /// The directory.
+        path: String,
+    },
+
+    /// A sweep directory that belongs to another sweep.
+    #[error(
+        "sweep directory {path} holds a different experiment ({reason}): use another --out, or \
+         pass --force to discard its results and start afresh"
+    )]
+    SweepMismatch {
+        /// The directory.
+        path: String,
+        /// What differs.
+        reason: String,
+    },
+
     /// Reading or writing a result file failed.
     #[error("I/O error on {path}: {source}")]
     Io {
@@ -176,6 +213,26 @@ impl Error {
             got: got.to_string(),
         }
     }
+}
+
+fn describe_config_file(
+    file: &str,
+    line: Option<usize>,
+    column: Option<usize>,
+    key: Option<&str>,
+    message: &str,
+) -> String {
+    let mut s = file.to_string();
+    if let Some(l) = line {
+        s.push_str(&format!(", line {l}"));
+        if let Some(c) = column {
+            s.push_str(&format!(", column {c}"));
+        }
+    }
+    if let Some(k) = key {
+        s.push_str(&format!(": setting `{k}`"));
+    }
+    format!("{s}: {message}")
 }
 
 /// Returns an error naming `name` if `value` is not finite and strictly positive.

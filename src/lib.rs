@@ -19,9 +19,10 @@
 //! | error, spread | `rmse` of the ensemble mean vs truth; `spread` = sqrt(mean unbiased variance) |
 //!
 //! ## Layout
-//! `experiment` (configs, presets, the one cycle loop) → `filter` (one analysis per file) →
-//! `flow` (paths, guidance, integrators) → `model`, `observe` → `backend` (where numbers live:
-//! [`backend::cpu::Cpu`] is the reference) → `rng` (Philox, identical on every backend).
+//! `experiment` (configs and TOML files, presets, the one cycle loop, sweeps) → `filter` (one
+//! analysis per file) → `flow` (paths, guidance, integrators) → `model`, `observe` → `backend`
+//! (where numbers live: [`backend::cpu::Cpu`] is the reference) → `rng` (Philox, identical on
+//! every backend).
 //!
 //! ## CPU/GPU contract
 //! Every kernel operation of [`backend::Backend`] has one meaning on every backend; the CPU

@@ -1,6 +1,7 @@
-//! The `enff` command: run twin experiments and benchmarks.
+//! The `enff` command: run twin experiments, files of them, sweeps and benchmarks.
 
-use std::path::PathBuf;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -9,21 +10,54 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use enff::backend::gpu::{Gpu, GpuOptions};
 use enff::backend::{cpu::Cpu, Backend};
+use enff::experiment::config::SystemKind;
 use enff::experiment::{
-    output, preset, Experiment, OnDivergence, Report, RunOptions, DEFAULT_PRESET, PRESETS,
+    file, output, preset, sweep, Config, Experiment, OnDivergence, Report, RunOptions, Summary,
+    DEFAULT_PRESET, PRESETS,
 };
 
 #[derive(Parser)]
 #[command(
     name = "enff",
     version,
-    about = "Ensemble Flow Filter data assimilation: twin experiments and benchmarks",
+    about = "Ensemble Flow Filter data assimilation: twin experiments, sweeps and benchmarks",
     long_about = "Runs data-assimilation twin experiments with the Ensemble Flow Filter \
                   (EnFF). With no command, runs the default preset (lorenz96_bao2024)."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Hide progress bars and log lines (warnings and errors still go to stderr).
+    #[arg(long, global = true)]
+    quiet: bool,
+    /// Print the result (run summary, seed statistics, sweep ranking, comparison) as JSON on
+    /// stdout, and nothing else there.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// How results and progress are shown.
+#[derive(Clone, Copy, Debug)]
+struct Ui {
+    quiet: bool,
+    json: bool,
+}
+
+impl Ui {
+    /// A progress bar on stderr (hidden with --quiet, and by indicatif when stderr is not a
+    /// terminal).
+    fn bar(&self, len: u64, template: &str) -> ProgressBar {
+        if self.quiet {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(len);
+        bar.set_style(
+            ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -36,10 +70,66 @@ enum BackendChoice {
     Gpu,
 }
 
+/// The backend a command runs on.
+enum AnyBackend {
+    Cpu(Cpu),
+    Gpu(Box<Gpu>),
+}
+
+/// Runs `$body` with `$b` bound to the concrete backend.
+macro_rules! on_backend {
+    ($backend:expr, $b:ident => $body:expr) => {
+        match $backend {
+            AnyBackend::Cpu($b) => $body,
+            AnyBackend::Gpu(g) => {
+                let $b: &Gpu = g;
+                $body
+            }
+        }
+    };
+}
+
+impl AnyBackend {
+    /// The backend for `choice`; `config`, when given, lets `auto` keep the grid models (no
+    /// GPU kernels yet) on the CPU.
+    fn choose(choice: BackendChoice, config: Option<&Config>) -> Result<AnyBackend> {
+        let cpu_only =
+            config.is_some_and(|c| matches!(c.model.system, SystemKind::Ks | SystemKind::Ns));
+        Ok(match choice {
+            BackendChoice::Cpu => AnyBackend::Cpu(Cpu::new()),
+            BackendChoice::Auto if cpu_only => {
+                log::info!("this model has no GPU kernels yet: running on the CPU");
+                AnyBackend::Cpu(Cpu::new())
+            }
+            BackendChoice::Gpu => AnyBackend::Gpu(Box::new(
+                Gpu::new(GpuOptions {
+                    allow_software: true,
+                    ..Default::default()
+                })
+                .context("--backend gpu")?,
+            )),
+            BackendChoice::Auto => match Gpu::new(GpuOptions::default()) {
+                Ok(gpu) => {
+                    log::info!("running on the GPU: {}", gpu.describe());
+                    AnyBackend::Gpu(Box::new(gpu))
+                }
+                Err(e) => {
+                    if std::env::var("ENFF_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                        anyhow::bail!("ENFF_REQUIRE_GPU=1 and no hardware GPU: {e}");
+                    }
+                    log::info!("no hardware GPU adapter ({e}); running on the CPU");
+                    AnyBackend::Cpu(Cpu::new())
+                }
+            },
+        })
+    }
+}
+
 #[derive(clap::Args, Clone, Debug)]
 struct RunArgs {
-    /// Preset to run (see `enff presets`).
-    #[arg(default_value = DEFAULT_PRESET)]
+    /// Preset name (see `enff preset list`) or experiment file (`my.toml`, e.g. from
+    /// `enff preset show NAME > my.toml`): an existing path or a name ending in .toml is a file.
+    #[arg(default_value = DEFAULT_PRESET, value_name = "PRESET|FILE")]
     preset: String,
     /// Filter: enff-f2p, enff-ot, ensf, etkf, letkf, enkf, bpf or kf (default: the preset's).
     #[arg(long)]
@@ -53,10 +143,19 @@ struct RunArgs {
     /// Seed of every random stream (default: the preset's).
     #[arg(long)]
     seed: Option<u64>,
-    /// Output folder for summary.json and metrics.csv (default: runs/<preset>-<filter>).
+    /// Run K seeds (seed, seed+1, …) and report mean ± std of rmse_mean and spread_mean
+    /// (seeds.csv; each seed's files in seed-<SEED>/).
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    seeds: usize,
+    /// Output folder for config.toml, summary.json and metrics.csv (default:
+    /// runs/<preset>-<filter>, numbered -2, -3, … when taken).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Print the configuration that would run, validated, and exit.
+    /// Write into an --out folder that already holds files (same-named files are replaced).
+    #[arg(long)]
+    force: bool,
+    /// Print the configuration that would run (TOML, runnable as a file), validated, with
+    /// its memory estimate, and exit.
     #[arg(long)]
     dry_run: bool,
     /// Write a checkpoint (ensemble, truth, metrics, resolved config) into the output folder
@@ -78,9 +177,15 @@ struct RunArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a twin experiment and write summary.json and metrics.csv.
+    /// Run a twin experiment (preset or TOML file) and write config.toml, summary.json and
+    /// metrics.csv.
     Run(RunArgs),
-    /// List the presets with their expected RMSE.
+    /// List presets or export one as a TOML experiment file.
+    Preset {
+        #[command(subcommand)]
+        command: PresetCommand,
+    },
+    /// List the presets with their expected RMSE (same as `enff preset list`).
     Presets,
     /// Show the backends this build can use.
     Info,
@@ -89,11 +194,77 @@ enum Command {
     /// Run several filters on identical truth, observations and initial ensemble, and
     /// tabulate their skill and cost (also written as compare.csv and compare.md).
     Compare(CompareArgs),
+    /// Run every point of a grid (or of random draws) with several seeds, appending each run
+    /// to results.csv (resumable), and rank the settings by mean RMSE.
+    Sweep(SweepArgs),
+}
+
+#[derive(Subcommand)]
+enum PresetCommand {
+    /// One line per preset: name, description, expected RMSE.
+    List,
+    /// Print a preset as a TOML experiment file with every setting (`> my.toml`, then
+    /// `enff run my.toml`).
+    Show(ShowArgs),
 }
 
 #[derive(clap::Args, Clone, Debug)]
+struct ShowArgs {
+    /// Preset name (or experiment file).
+    #[arg(value_name = "PRESET|FILE")]
+    preset: String,
+    /// Filter to put in the file (default: the preset's).
+    #[arg(long)]
+    filter: Option<String>,
+    /// Settings to change before printing (section.key=value).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+struct SweepArgs {
+    /// Preset name or experiment file: the base configuration.
+    #[arg(value_name = "PRESET|FILE")]
+    preset: String,
+    /// A grid axis, e.g. --grid filter.sigma_min=1e-3,1e-2,1e-1 (repeatable; points are the
+    /// cartesian product).
+    #[arg(long = "grid", value_name = "KEY=V1,V2,…")]
+    grids: Vec<String>,
+    /// Draw N random points from the --range settings (seeded by experiment.seed).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    random: usize,
+    /// A range for --random, uniform or log-uniform: --range filter.guidance_scale=0.01:1:log.
+    #[arg(long = "range", value_name = "KEY=LO:HI[:log]")]
+    ranges: Vec<String>,
+    /// Seeds per point (seed, seed+1, …).
+    #[arg(long, default_value_t = 1)]
+    seeds: usize,
+    /// Filter of the base configuration (default: the preset's).
+    #[arg(long)]
+    filter: Option<String>,
+    /// Change a setting of the base configuration (section.key=value).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// First seed (default: the preset's).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Where the numbers live and the kernels run.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Sweep folder (default: runs/sweep-<preset>); re-running the same sweep there resumes it.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Discard whatever the sweep folder holds and start afresh.
+    #[arg(long)]
+    force: bool,
+    /// Rows of the best-settings table to print.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+}
+#[derive(clap::Args, Clone, Debug)]
 struct CompareArgs {
-    /// Preset to run.
+    /// Preset name or experiment file.
+    #[arg(value_name = "PRESET|FILE")]
     preset: String,
     /// Comma-separated filters, e.g. enff-f2p,enff-ot,etkf,enkf,bpf.
     #[arg(
@@ -112,9 +283,15 @@ struct CompareArgs {
     /// Seed of every random stream (default: the preset's).
     #[arg(long)]
     seed: Option<u64>,
-    /// Output folder (default: runs/compare-<preset>).
+    /// Seeds per filter (seed, seed+1, …): the table shows mean ± std over them.
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    seeds: usize,
+    /// Output folder (default: runs/compare-<preset>, numbered -2, -3, … when taken).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Write into an --out folder that already holds files.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -154,29 +331,48 @@ fn main() -> ExitCode {
     if std::env::var_os("NODEVICE_SELECT").is_none() {
         std::env::set_var("NODEVICE_SELECT", "1");
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp(None)
-        .init();
     let cli = Cli::parse();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if cli.quiet {
+        logger.filter_level(log::LevelFilter::Warn);
+    }
+    logger.format_timestamp(None).init();
+    let ui = Ui {
+        quiet: cli.quiet,
+        json: cli.json,
+    };
     let result = match cli.command {
-        None => run(RunArgs {
-            preset: DEFAULT_PRESET.into(),
-            filter: None,
-            sets: Vec::new(),
-            backend: BackendChoice::Auto,
-            seed: None,
-            out: None,
-            dry_run: false,
-            checkpoint_every: 0,
-            resume: None,
-            on_divergence: "stop".into(),
-            check_every_step: false,
-        }),
-        Some(Command::Run(args)) => run(args),
-        Some(Command::Compare(args)) => compare(args),
-        Some(Command::Presets) => presets(),
+        None => run(
+            RunArgs {
+                preset: DEFAULT_PRESET.into(),
+                filter: None,
+                sets: Vec::new(),
+                backend: BackendChoice::Auto,
+                seed: None,
+                seeds: 1,
+                out: None,
+                force: false,
+                dry_run: false,
+                checkpoint_every: 0,
+                resume: None,
+                on_divergence: "stop".into(),
+                check_every_step: false,
+            },
+            ui,
+        ),
+        Some(Command::Run(args)) => run(args, ui),
+        Some(Command::Compare(args)) => compare(args, ui),
+        Some(Command::Preset {
+            command: PresetCommand::List,
+        })
+        | Some(Command::Presets) => preset_list(),
+        Some(Command::Preset {
+            command: PresetCommand::Show(args),
+        }) => preset_show(args),
+        Some(Command::Sweep(args)) => sweep_command(args, ui),
         Some(Command::Info) => info(),
-        Some(Command::Bench(args)) => bench(args),
+        Some(Command::Bench(args)) => bench(args, ui),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -187,15 +383,109 @@ fn main() -> ExitCode {
     }
 }
 
-fn presets() -> Result<()> {
+/// An experiment's source: a preset or a TOML file, with the name its results are filed under.
+struct Source {
+    name: String,
+    config: Config,
+    /// The preset whose expected RMSE band applies when the filter settings are its own.
+    preset: Option<enff::experiment::Preset>,
+}
+
+impl Source {
+    /// `arg` is a file when it names an existing path or ends in `.toml`, else a preset.
+    fn load(arg: &str) -> Result<Source> {
+        let path = Path::new(arg);
+        if path.exists() || arg.ends_with(".toml") {
+            let f = file::read_toml(path)?;
+            let name = f.name.clone().unwrap_or_else(|| {
+                path.file_stem()
+                    .map_or("custom".into(), |s| s.to_string_lossy().into_owned())
+            });
+            let preset = preset(&name).ok();
+            Ok(Source {
+                name,
+                config: f.config,
+                preset,
+            })
+        } else {
+            let p = preset(arg)?;
+            Ok(Source {
+                name: p.name.to_string(),
+                config: p.config.clone(),
+                preset: Some(p),
+            })
+        }
+    }
+
+    /// Applies `--filter`, `--set` and `--seed` in that order.
+    fn apply(&mut self, filter: Option<&str>, sets: &[String], seed: Option<u64>) -> Result<()> {
+        if let Some(f) = filter {
+            self.config.set(&format!("filter.kind={f}"))?;
+        }
+        for s in sets {
+            self.config.set(s)?;
+        }
+        if let Some(seed) = seed {
+            self.config.experiment.seed = seed;
+        }
+        Ok(())
+    }
+
+    /// The preset's expected RMSE band, when the filter settings are still the preset's.
+    fn expected(&self, config: &Config) -> Option<(f64, f64)> {
+        self.preset
+            .as_ref()
+            .filter(|p| p.config.filter == config.filter)
+            .map(|p| p.expected_rmse)
+    }
+
+    fn experiment(&self) -> Result<Experiment> {
+        Ok(Experiment::new(
+            &self.name,
+            self.config.clone(),
+            self.expected(&self.config),
+        )?)
+    }
+}
+
+/// The output folder: `--out` (refused when it holds files, unless `force`), else the first
+/// vacant one of `default`, `default-2`, ….
+fn output_dir(out: Option<&Path>, default: PathBuf, force: bool) -> Result<PathBuf> {
+    let dir = match out {
+        Some(o) => o.to_path_buf(),
+        None => output::vacant_dir(&default),
+    };
+    output::prepare_dir(&dir, force)?;
+    Ok(dir)
+}
+
+fn preset_list() -> Result<()> {
     for name in PRESETS {
         let p = preset(name)?;
-        println!("{name}\n    {}", p.description);
         println!(
-            "    expected rmse {:.3}–{:.3} ({})",
-            p.expected_rmse.0, p.expected_rmse.1, p.expected_source
+            "{name:<22} {} — expected rmse {:.3}–{:.3}",
+            p.description, p.expected_rmse.0, p.expected_rmse.1
         );
     }
+    Ok(())
+}
+
+fn preset_show(args: ShowArgs) -> Result<()> {
+    let mut src = Source::load(&args.preset)?;
+    src.apply(args.filter.as_deref(), &args.sets, None)?;
+    src.config.validate()?;
+    let mut comment = String::new();
+    if let Some(p) = &src.preset {
+        comment.push_str(&format!("{}: {}\n", p.name, p.description));
+        if let Some((a, b)) = src.expected(&src.config) {
+            comment.push_str(&format!(
+                "expected rmse_mean {a:.3}–{b:.3} ({})\n",
+                p.expected_source
+            ));
+        }
+    }
+    comment.push_str("Run it with: enff run <this file>");
+    print!("{}", file::to_toml(&src.name, &comment, &src.config)?);
     Ok(())
 }
 
@@ -219,7 +509,7 @@ fn info() -> Result<()> {
     Ok(())
 }
 
-fn bench(args: BenchArgs) -> Result<()> {
+fn bench(args: BenchArgs, ui: Ui) -> Result<()> {
     let path = match args.path.as_str() {
         "f2p" => enff::flow::PathKind::F2p,
         "ot" => enff::flow::PathKind::Ot,
@@ -279,7 +569,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     // The CPU always runs: GPU figures are reported as ratios against it in the same run.
     let run_cpu = true;
     if args.cycles {
-        return bench_cycles(&args, &grid, &cpu, gpu.as_ref(), run_cpu);
+        return bench_cycles(&args, &grid, &cpu, gpu.as_ref(), run_cpu, ui);
     }
     println!(
         "enff bench: one EnFF-{} analysis = {} flow steps (+ source noise, checks, copy)",
@@ -298,7 +588,12 @@ fn bench(args: BenchArgs) -> Result<()> {
     let mut notes = Vec::new();
     let mut ratios = Vec::new();
     let mut cpu_gflops = 20.0f64;
+    let bar = ui.bar(
+        grid.len() as u64,
+        "{spinner} bench {pos}/{len} [{bar:30}] {msg} eta {eta}",
+    );
     for (n, d) in grid {
+        bar.set_message(format!("n={n} d={d}"));
         let mut cpu_row = None;
         if run_cpu {
             let est = enff::bench::flops_per_analysis(n, d, args.flow_steps) / (cpu_gflops * 1e9);
@@ -334,7 +629,9 @@ fn bench(args: BenchArgs) -> Result<()> {
                 Err(e) => return Err(e.into()),
             }
         }
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     print!("{}", enff::bench::format_table(&rows));
     for r in ratios {
         println!("  {r}");
@@ -352,6 +649,7 @@ fn cycle_row<B: Backend + 'static>(
     d: usize,
     flow_steps: usize,
     cycles: usize,
+    bar: &ProgressBar,
 ) -> Result<enff::experiment::Summary> {
     let p = preset("lorenz96_bao2024")?;
     let mut cfg = p.config.clone();
@@ -366,7 +664,12 @@ fn cycle_row<B: Backend + 'static>(
         cfg.set(&s)?;
     }
     let exp = Experiment::new(p.name, cfg, None)?;
-    Ok(exp.run(backend, |_| {})?.summary)
+    let label = format!("{} n={n} d={d}", backend.name());
+    Ok(exp
+        .run(backend, |m| {
+            bar.set_message(format!("{label} cycle {} rmse {:.4}", m.cycle, m.rmse))
+        })?
+        .summary)
 }
 
 fn bench_cycles(
@@ -375,6 +678,7 @@ fn bench_cycles(
     cpu: &Cpu,
     gpu: Option<&Gpu>,
     run_cpu: bool,
+    ui: Ui,
 ) -> Result<()> {
     let cycles = if args.quick { 3 } else { 5 };
     println!(
@@ -390,7 +694,12 @@ fn bench_cycles(
         "back", "n", "d", "s/cycle", "forecast s", "analysis s", "fcst GB/s*", "floor GB*"
     );
     let mut cpu_rate = 5e8f64; // member-components per second, refined after each CPU row
+    let bar = ui.bar(
+        grid.len() as u64,
+        "{spinner} bench {pos}/{len} [{bar:30}] {msg} eta {eta}",
+    );
     for &(n, d) in grid {
+        bar.set_message(format!("n={n} d={d}"));
         // RK4 as five passes (4 stages + combine) over x and the stage vectors: 20 n·d floats
         // moved per model step; the floor is one read and one write of the ensemble (8 n·d B).
         let steps = 10.0;
@@ -401,44 +710,50 @@ fn bench_cycles(
             let est = (n * d) as f64 * (steps + 4.0 * n as f64 * args.flow_steps as f64) / cpu_rate
                 * cycles as f64;
             if est > args.cpu_budget * cycles as f64 {
-                println!("cpu   {n:>5} {d:>9}  skipped: estimated {est:.0} s (--cpu-budget)");
+                bar.suspend(|| {
+                    println!("cpu   {n:>5} {d:>9}  skipped: estimated {est:.0} s (--cpu-budget)")
+                });
             } else {
-                let s = cycle_row(cpu, n, d, args.flow_steps, cycles)?;
+                let s = cycle_row(cpu, n, d, args.flow_steps, cycles, &bar)?;
                 cpu_rate = (n * d) as f64 * (steps + 4.0 * n as f64 * args.flow_steps as f64)
                     / s.seconds_per_cycle.max(1e-9);
                 rows.push(("cpu", s));
             }
         }
         if let Some(g) = gpu {
-            match cycle_row(g, n, d, args.flow_steps, cycles) {
+            match cycle_row(g, n, d, args.flow_steps, cycles, &bar) {
                 Ok(s) => rows.push(("gpu", s)),
-                Err(e) => println!("gpu   {n:>5} {d:>9}  does not fit: {e:#}"),
+                Err(e) => bar.suspend(|| println!("gpu   {n:>5} {d:>9}  does not fit: {e:#}")),
             }
         }
-        for (name, s) in &rows {
-            let per = |t: f64| t / s.cycles as f64;
-            let f = per(s.seconds_forecast);
-            println!(
-                "{:<5} {:>5} {:>9} {:>12.4} {:>12.4} {:>12.4} {:>13.1} {:>11.3}",
-                name,
-                n,
-                d,
-                per(s.seconds_forecast + s.seconds_analysis),
-                f,
-                per(s.seconds_analysis),
-                moved / f.max(1e-12) / 1e9,
-                floor / 1e9
-            );
-        }
-        if rows.len() == 2 {
-            let (c, g) = (&rows[0].1, &rows[1].1);
-            println!(
-                "      GPU/CPU speed-up per cycle: {:.2}x",
-                (c.seconds_forecast + c.seconds_analysis)
-                    / (g.seconds_forecast + g.seconds_analysis)
-            );
-        }
+        bar.suspend(|| {
+            for (name, s) in &rows {
+                let per = |t: f64| t / s.cycles as f64;
+                let f = per(s.seconds_forecast);
+                println!(
+                    "{:<5} {:>5} {:>9} {:>12.4} {:>12.4} {:>12.4} {:>13.1} {:>11.3}",
+                    name,
+                    n,
+                    d,
+                    per(s.seconds_forecast + s.seconds_analysis),
+                    f,
+                    per(s.seconds_analysis),
+                    moved / f.max(1e-12) / 1e9,
+                    floor / 1e9
+                );
+            }
+            if rows.len() == 2 {
+                let (c, g) = (&rows[0].1, &rows[1].1);
+                println!(
+                    "      GPU/CPU speed-up per cycle: {:.2}x",
+                    (c.seconds_forecast + c.seconds_analysis)
+                        / (g.seconds_forecast + g.seconds_analysis)
+                );
+            }
+        });
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     println!(
         "  *: forecast traffic counted as 20·4·n·d bytes per model step (four RK stages and the \
          combination as separate passes, as the GPU runs them); floor = one read and one write \
@@ -461,119 +776,174 @@ fn parse_count(s: &str) -> Result<usize> {
     Ok(f as usize)
 }
 
-fn compare(args: CompareArgs) -> Result<()> {
-    let p = preset(&args.preset)?;
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs").join(format!("compare-{}", p.name)));
+fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
+    anyhow::ensure!(args.seeds >= 1, "--seeds 0: run at least one seed");
+    let src = Source::load(&args.preset)?;
     // Build and validate every configuration before running anything.
     let mut experiments = Vec::new();
     for f in &args.filters {
-        let mut config = p.config.clone();
-        config.set(&format!("filter.kind={f}"))?;
+        let mut s = Source {
+            name: src.name.clone(),
+            config: src.config.clone(),
+            preset: src.preset.clone(),
+        };
+        s.apply(Some(f), &[], args.seed)?;
         if f == "kf" {
-            config.set("ensemble.n=1")?;
+            s.config.set("ensemble.n=1")?;
         }
-        for s in &args.sets {
-            match s.split_once(':') {
+        for set in &args.sets {
+            match set.split_once(':') {
                 Some((only, rest)) if !only.contains('=') => {
                     if only == f {
-                        config.set(rest)?;
+                        s.config.set(rest)?;
                     }
                 }
-                _ => config.set(s)?,
+                _ => s.config.set(set)?,
             }
         }
-        if let Some(seed) = args.seed {
-            config.experiment.seed = seed;
-        }
-        let expected = (config.filter == p.config.filter).then_some(p.expected_rmse);
-        experiments.push((f.clone(), Experiment::new(p.name, config, expected)?));
+        experiments.push((f.clone(), s.experiment()?));
     }
-    let gpu = match args.backend {
-        BackendChoice::Cpu => None,
-        BackendChoice::Gpu => Some(Gpu::new(GpuOptions {
-            allow_software: true,
-            ..Default::default()
-        })?),
-        BackendChoice::Auto => match Gpu::new(GpuOptions::default()) {
-            Ok(g) => Some(g),
-            Err(e) => {
-                if std::env::var("ENFF_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                    anyhow::bail!("ENFF_REQUIRE_GPU=1 and no hardware GPU: {e}");
-                }
-                log::info!("no hardware GPU adapter ({e}); running on the CPU");
-                None
-            }
-        },
-    };
-    let mut rows = Vec::new();
+    let out = output_dir(
+        args.out.as_deref(),
+        PathBuf::from("runs").join(format!("compare-{}", src.name)),
+        args.force,
+    )?;
+    let backend = AnyBackend::choose(args.backend, Some(experiments[0].1.config()))?;
+    // Per filter: the summaries of its seeds, or the first error.
+    let mut rows: Vec<(String, Vec<Summary>, String)> = Vec::new();
     for (f, exp) in &experiments {
-        let dir = out.join(f);
-        let report = match &gpu {
-            Some(g) => run_on(g, exp, &dir, &RunOptions::default()),
-            None => run_on(&Cpu::new(), exp, &dir, &RunOptions::default()),
-        };
-        match report {
-            Ok(r) => {
-                output::write_report(&dir, &r)?;
-                rows.push((f.clone(), Some(r.summary), String::new()));
+        let mut summaries = Vec::new();
+        let mut error = String::new();
+        for k in 0..args.seeds {
+            let (exp, dir) = if args.seeds == 1 {
+                (exp.clone(), out.join(f))
+            } else {
+                let e = with_seed(exp, k)?;
+                let dir = out
+                    .join(f)
+                    .join(format!("seed-{}", e.config().experiment.seed));
+                (e, dir)
+            };
+            let label = format!("{f} {}/{}", k + 1, args.seeds);
+            match on_backend!(&backend, b => run_on(b, &exp, &dir, ui, &label, &RunOptions::default()))
+            {
+                Ok(r) => {
+                    write_run(&dir, &exp, &r)?;
+                    summaries.push(r.summary);
+                }
+                Err(e) => {
+                    error = format!("{e:#}");
+                    break;
+                }
             }
-            Err(e) => rows.push((f.clone(), None, format!("{e:#}"))),
         }
+        rows.push((f.clone(), summaries, error));
     }
     let mut md = String::from(
         "| filter | rmse_mean | spread_mean | s/analysis | s/cycle |\n|---|---|---|---|---|\n",
     );
-    let mut csv =
-        String::from("filter,rmse_mean,spread_mean,seconds_per_analysis,seconds_per_cycle,error\n");
-    println!(
-        "enff compare: {} ({} cycles, burn-in {}, seed {})",
-        p.name,
-        experiments[0].1.config().experiment.cycles,
-        experiments[0].1.config().experiment.burn_in,
-        experiments[0].1.config().experiment.seed
+    let mut csv = String::from(
+        "filter,rmse_mean,spread_mean,seconds_per_analysis,seconds_per_cycle,seeds,rmse_std,\
+         spread_std,error\n",
     );
-    println!(
-        "{:<10} {:>10} {:>12} {:>12} {:>10}",
-        "filter", "rmse_mean", "spread_mean", "s/analysis", "s/cycle"
-    );
-    for (f, s, err) in &rows {
-        match s {
-            Some(s) => {
-                let per = s.seconds_analysis / s.cycles as f64;
-                println!(
-                    "{f:<10} {:>10.4} {:>12.4} {:>12.5} {:>10.5}",
-                    s.rmse_mean, s.spread_mean, per, s.seconds_per_cycle
-                );
-                md.push_str(&format!(
-                    "| {f} | {:.4} | {:.4} | {:.5} | {:.5} |\n",
-                    s.rmse_mean, s.spread_mean, per, s.seconds_per_cycle
-                ));
-                csv.push_str(&format!(
-                    "{f},{},{},{},{},\n",
-                    s.rmse_mean, s.spread_mean, per, s.seconds_per_cycle
-                ));
-            }
-            None => {
-                let short = err.lines().next().unwrap_or("").replace(',', ";");
-                println!("{f:<10} failed: {short}");
-                md.push_str(&format!("| {f} | failed: {short} | | | |\n"));
-                csv.push_str(&format!("{f},,,,,{short}\n"));
-            }
+    let cfg = experiments[0].1.config();
+    let mut text = format!(
+        "enff compare: {} ({} cycles, burn-in {}, seed {}{})\n",
+        src.name,
+        cfg.experiment.cycles,
+        cfg.experiment.burn_in,
+        cfg.experiment.seed,
+        if args.seeds > 1 {
+            format!(", {} seeds: mean ± std", args.seeds)
+        } else {
+            String::new()
         }
+    );
+    text.push_str(&format!(
+        "{:<10} {:>18} {:>18} {:>12} {:>10}\n",
+        "filter", "rmse_mean", "spread_mean", "s/analysis", "s/cycle"
+    ));
+    let mut json_rows = Vec::new();
+    for (f, summaries, err) in &rows {
+        if !err.is_empty() {
+            let short = err.lines().next().unwrap_or("").replace(',', ";");
+            text.push_str(&format!("{f:<10} failed: {short}\n"));
+            md.push_str(&format!("| {f} | failed: {short} | | | |\n"));
+            csv.push_str(&format!("{f},,,,,{},,,{short}\n", summaries.len()));
+            json_rows.push(serde_json::json!({ "filter": f, "error": err }));
+            continue;
+        }
+        let col = |g: fn(&Summary) -> f64| {
+            sweep::mean_std(&summaries.iter().map(g).collect::<Vec<f64>>())
+        };
+        let (rmse, spread) = (col(|s| s.rmse_mean), col(|s| s.spread_mean));
+        let per = col(|s| s.seconds_analysis / s.cycles as f64).0;
+        let per_cycle = col(|s| s.seconds_per_cycle).0;
+        let pm = |(m, sd): (f64, f64)| {
+            if args.seeds > 1 {
+                format!("{m:.4} ± {sd:.4}")
+            } else {
+                format!("{m:.4}")
+            }
+        };
+        text.push_str(&format!(
+            "{f:<10} {:>18} {:>18} {per:>12.5} {per_cycle:>10.5}\n",
+            pm(rmse),
+            pm(spread)
+        ));
+        md.push_str(&format!(
+            "| {f} | {} | {} | {per:.5} | {per_cycle:.5} |\n",
+            pm(rmse),
+            pm(spread)
+        ));
+        csv.push_str(&format!(
+            "{f},{},{},{per},{per_cycle},{},{},{},\n",
+            rmse.0,
+            spread.0,
+            summaries.len(),
+            rmse.1,
+            spread.1
+        ));
+        json_rows.push(serde_json::json!({
+            "filter": f,
+            "seeds": summaries.len(),
+            "rmse_mean": rmse.0,
+            "rmse_std": rmse.1,
+            "spread_mean": spread.0,
+            "spread_std": spread.1,
+            "seconds_per_analysis": per,
+            "seconds_per_cycle": per_cycle,
+        }));
     }
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     output::write_atomic(&out.join("compare.csv"), csv.as_bytes())?;
     output::write_atomic(&out.join("compare.md"), md.as_bytes())?;
-    println!("  results      {}", out.display());
+    if ui.json {
+        println!("{}", serde_json::to_string_pretty(&json_rows)?);
+    } else {
+        print!("{text}");
+        println!("  results      {}", out.display());
+    }
     Ok(())
+}
+
+/// `exp` with its seed advanced by `k`.
+fn with_seed(exp: &Experiment, k: usize) -> Result<Experiment> {
+    let mut config = exp.config().clone();
+    config.experiment.seed = config.experiment.seed.wrapping_add(k as u64);
+    let expected = exp.expected_rmse();
+    Ok(Experiment::new(exp.name(), config, expected)?)
+}
+
+/// Writes a finished run's files: config.toml, metrics.csv and summary.json.
+fn write_run(dir: &Path, experiment: &Experiment, report: &Report) -> Result<()> {
+    output::write_config(dir, experiment.name(), experiment.config())
+        .and_then(|_| output::write_report(dir, report))
+        .with_context(|| format!("writing results to {}", dir.display()))
 }
 
 /// The run's checkpoint, resumption and divergence options. `ENFF_TEST_ABORT_AFTER=K` (a test
 /// hook) stops the run after cycle K as a killed process would, once its checkpoint is written.
-fn run_options(args: &RunArgs, out: &std::path::Path) -> Result<RunOptions> {
+fn run_options(args: &RunArgs, out: &Path) -> Result<RunOptions> {
     let resume = match &args.resume {
         Some(dir) => Some(enff::experiment::Checkpoint::read(dir)?),
         None => None,
@@ -588,7 +958,6 @@ fn run_options(args: &RunArgs, out: &std::path::Path) -> Result<RunOptions> {
     Ok(RunOptions {
         checkpoint_every: args.checkpoint_every,
         checkpoint_dir: (args.checkpoint_every > 0 || resume.is_some()).then(|| out.to_path_buf()),
-        // A resumed run keeps checkpointing at the interval it was started with, or every 10.
         resume,
         on_divergence: OnDivergence::parse(&args.on_divergence)?,
         step_checks: args.check_every_step,
@@ -596,8 +965,9 @@ fn run_options(args: &RunArgs, out: &std::path::Path) -> Result<RunOptions> {
     })
 }
 
-/// The experiment a checkpoint continues: its own resolved configuration.
-fn resumed_experiment(args: &RunArgs, dir: &std::path::Path) -> Result<Experiment> {
+/// `--resume DIR`: the checkpoint's own resolved configuration, continued in DIR. Changes
+/// against it (`--set`, `--filter`, `--seed`) are refused with the keys when the run starts.
+fn resume(args: &RunArgs, dir: &Path, ui: Ui) -> Result<()> {
     let ck = enff::experiment::Checkpoint::read(dir)?;
     let h = &ck.header;
     let mut config = h.config.clone();
@@ -610,109 +980,170 @@ fn resumed_experiment(args: &RunArgs, dir: &std::path::Path) -> Result<Experimen
     if let Some(seed) = args.seed {
         config.experiment.seed = seed;
     }
-    // Changes against the checkpoint are refused (with the keys) when the run starts.
-    Ok(Experiment::new(&h.preset, config, h.expected_rmse)?)
+    let experiment = Experiment::new(&h.preset, config, h.expected_rmse)?;
+    let options = run_options(args, dir)?;
+    let backend = AnyBackend::choose(args.backend, Some(experiment.config()))?;
+    let report = on_backend!(&backend, b => run_on(b, &experiment, dir, ui, "", &options))?;
+    write_run(dir, &experiment, &report)?;
+    if ui.json {
+        println!("{}", serde_json::to_string_pretty(&report.summary)?);
+    } else {
+        print_summary(&report, dir);
+    }
+    Ok(())
 }
 
-fn run(args: RunArgs) -> Result<()> {
+fn run(args: RunArgs, ui: Ui) -> Result<()> {
+    anyhow::ensure!(args.seeds >= 1, "--seeds 0: run at least one seed");
     if let Some(dir) = args.resume.clone() {
-        let experiment = resumed_experiment(&args, &dir)?;
-        return run_experiment(&args, experiment, dir);
+        return resume(&args, &dir, ui);
     }
-    let p = preset(&args.preset)?;
-    let mut config = p.config.clone();
-    if let Some(f) = &args.filter {
-        config.set(&format!("filter.kind={f}"))?;
-    }
-    for s in &args.sets {
-        config.set(s)?;
-    }
-    if let Some(seed) = args.seed {
-        config.experiment.seed = seed;
-    }
-    // The preset's expected RMSE belongs to its own filter settings.
-    let expected = (config.filter == p.config.filter).then_some(p.expected_rmse);
-    let experiment = Experiment::new(p.name, config, expected)?;
+    anyhow::ensure!(
+        args.seeds == 1 || args.checkpoint_every == 0,
+        "--checkpoint-every with --seeds: checkpoint one seed at a time (--seed S)"
+    );
+    let mut src = Source::load(&args.preset)?;
+    src.apply(args.filter.as_deref(), &args.sets, args.seed)?;
+    let experiment = src.experiment()?;
     if args.dry_run {
-        println!("{}", serde_json::to_string_pretty(experiment.config())?);
-        let est = experiment.memory_estimate();
-        println!(
-            "memory estimate: {:.3} GiB ({:.4} GiB per member)",
-            est.total as f64 / (1u64 << 30) as f64,
-            est.per_member as f64 / (1u64 << 30) as f64
-        );
-        for (name, b) in &est.parts {
-            println!("  {name:<32} {:>10.1} MiB", *b as f64 / (1u64 << 20) as f64);
-        }
-        return Ok(());
+        return dry_run(&experiment, ui);
     }
-    let out = args.out.clone().unwrap_or_else(|| {
+    let out = output_dir(
+        args.out.as_deref(),
         PathBuf::from("runs").join(format!(
             "{}-{}",
             experiment.name(),
             experiment.config().filter.kind
-        ))
-    });
-    run_experiment(&args, experiment, out)
+        )),
+        args.force,
+    )?;
+    let backend = AnyBackend::choose(args.backend, Some(experiment.config()))?;
+    if args.seeds > 1 {
+        return run_seeds(&experiment, args.seeds, &out, &backend, ui);
+    }
+    let options = run_options(&args, &out)?;
+    let report = on_backend!(&backend, b => run_on(b, &experiment, &out, ui, "", &options))?;
+    write_run(&out, &experiment, &report)?;
+    if ui.json {
+        println!("{}", serde_json::to_string_pretty(&report.summary)?);
+    } else {
+        print_summary(&report, &out);
+    }
+    Ok(())
 }
 
-fn run_experiment(args: &RunArgs, experiment: Experiment, out: PathBuf) -> Result<()> {
-    let options = run_options(args, &out)?;
-    let options = &options;
-    // The grid models (KS, NS) have no GPU kernels yet: `auto` runs them on the CPU.
-    let cpu_only = matches!(
-        experiment.config().model.system,
-        enff::experiment::config::SystemKind::Ks | enff::experiment::config::SystemKind::Ns
+fn dry_run(experiment: &Experiment, ui: Ui) -> Result<()> {
+    let est = experiment.memory_estimate();
+    if ui.json {
+        let v = serde_json::json!({ "config": experiment.config(), "memory": est });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    // Valid TOML throughout: the estimate is in comments, so the output runs as a file.
+    print!(
+        "{}",
+        file::to_toml(
+            experiment.name(),
+            "Validated configuration (enff run --dry-run)",
+            experiment.config()
+        )?
     );
-    let backend = if cpu_only && args.backend == BackendChoice::Auto {
-        log::info!("this model has no GPU kernels yet: running on the CPU");
-        BackendChoice::Cpu
-    } else {
-        args.backend
-    };
-    let report = match backend {
-        BackendChoice::Cpu => run_on(&Cpu::new(), &experiment, &out, options)?,
-        BackendChoice::Gpu => {
-            let gpu = Gpu::new(GpuOptions {
-                allow_software: true,
-                ..Default::default()
-            })
-            .context("--backend gpu")?;
-            run_on(&gpu, &experiment, &out, options)?
-        }
-        BackendChoice::Auto => match Gpu::new(GpuOptions::default()) {
-            Ok(gpu) => {
-                log::info!("running on the GPU: {}", gpu.describe());
-                run_on(&gpu, &experiment, &out, options)?
-            }
-            Err(e) => {
-                if std::env::var("ENFF_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                    anyhow::bail!("ENFF_REQUIRE_GPU=1 and no hardware GPU: {e}");
-                }
-                log::info!("no hardware GPU adapter ({e}); running on the CPU");
-                run_on(&Cpu::new(), &experiment, &out, options)?
-            }
-        },
-    };
-    output::write_report(&out, &report)
-        .with_context(|| format!("writing results to {}", out.display()))?;
-    print_summary(&report, &out);
+    println!(
+        "\n# memory estimate: {:.3} GiB ({:.4} GiB per member)",
+        est.total as f64 / (1u64 << 30) as f64,
+        est.per_member as f64 / (1u64 << 30) as f64
+    );
+    for (name, b) in &est.parts {
+        println!(
+            "#   {name:<32} {:>10.1} MiB",
+            *b as f64 / (1u64 << 20) as f64
+        );
+    }
+    Ok(())
+}
+
+/// `--seeds K`: the experiment with seeds seed … seed+K-1, each in `OUT/seed-<SEED>/`, then
+/// `OUT/seeds.csv` and `OUT/summary.json` with mean ± std over the seeds.
+fn run_seeds(
+    experiment: &Experiment,
+    seeds: usize,
+    out: &Path,
+    backend: &AnyBackend,
+    ui: Ui,
+) -> Result<()> {
+    output::write_config(out, experiment.name(), experiment.config())?;
+    let mut summaries = Vec::new();
+    for k in 0..seeds {
+        let exp = with_seed(experiment, k)?;
+        let dir = out.join(format!("seed-{}", exp.config().experiment.seed));
+        let label = format!("seed {}/{seeds}", k + 1);
+        let report =
+            on_backend!(backend, b => run_on(b, &exp, &dir, ui, &label, &RunOptions::default()))?;
+        write_run(&dir, &exp, &report)?;
+        summaries.push(report.summary);
+    }
+    let col =
+        |g: fn(&Summary) -> f64| sweep::mean_std(&summaries.iter().map(g).collect::<Vec<_>>());
+    let (rmse, spread) = (col(|s| s.rmse_mean), col(|s| s.spread_mean));
+    let aggregate = serde_json::json!({
+        "preset": experiment.name(),
+        "filter": experiment.config().filter.kind,
+        "seeds": summaries.iter().map(|s| s.seed).collect::<Vec<_>>(),
+        "rmse_mean": { "mean": rmse.0, "std": rmse.1 },
+        "spread_mean": { "mean": spread.0, "std": spread.1 },
+        "runs": summaries,
+    });
+    let text = serde_json::to_string_pretty(&aggregate)?;
+    output::write_atomic(
+        &out.join("seeds.csv"),
+        sweep::seeds_csv(&summaries).as_bytes(),
+    )?;
+    output::write_atomic(&out.join("summary.json"), text.as_bytes())?;
+    if ui.json {
+        println!("{text}");
+        return Ok(());
+    }
+    let s0 = &summaries[0];
+    println!(
+        "enff run: {} with {} on {}, {seeds} seeds",
+        s0.preset, s0.filter, s0.backend
+    );
+    println!("  {:>12} {:>12} {:>12}", "seed", "rmse_mean", "spread_mean");
+    for s in &summaries {
+        println!(
+            "  {:>12} {:>12.4} {:>12.4}",
+            s.seed, s.rmse_mean, s.spread_mean
+        );
+    }
+    println!(
+        "  {:>12} {:>12} {:>12}",
+        "mean ± std",
+        format!("{:.4} ± {:.4}", rmse.0, rmse.1),
+        format!("{:.4} ± {:.4}", spread.0, spread.1)
+    );
+    if let Some((a, b)) = s0.expected_rmse {
+        println!("  expected rmse {a:.3}–{b:.3}");
+    }
+    println!("  results      {}", out.display());
     Ok(())
 }
 
 fn run_on<B: Backend + 'static>(
     backend: &B,
     experiment: &Experiment,
-    out: &std::path::Path,
+    out: &Path,
+    ui: Ui,
+    label: &str,
     options: &RunOptions,
 ) -> Result<Report> {
     let cycles = experiment.config().experiment.cycles as u64;
-    let bar = ProgressBar::new(cycles);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} cycle {pos}/{len} [{bar:30}] rmse {msg} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+    let bar = ui.bar(
+        cycles,
+        "{spinner} {prefix}cycle {pos}/{len} [{bar:30}] rmse {msg} eta {eta}",
     );
+    if !label.is_empty() {
+        bar.set_prefix(format!("{label}: "));
+    }
     log::info!(
         "{}: n={} d={} on {}",
         experiment.name(),
@@ -735,8 +1166,9 @@ fn run_on<B: Backend + 'static>(
     match report {
         Ok(r) => Ok(r),
         Err(e) if matches!(e.root(), enff::Error::Diverged { .. }) => {
-            // Keep what was measured before the blow-up.
+            // Keep what was measured before the blow-up, with the configuration that did it.
             output::write_metrics(out, &rows)
+                .and_then(|_| output::write_config(out, experiment.name(), experiment.config()))
                 .with_context(|| format!("writing partial metrics to {}", out.display()))?;
             Err(anyhow::Error::new(e).context(format!(
                 "the metrics of the {} completed cycles are in {}",
@@ -746,6 +1178,132 @@ fn run_on<B: Backend + 'static>(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn sweep_command(args: SweepArgs, ui: Ui) -> Result<()> {
+    let mut src = Source::load(&args.preset)?;
+    src.apply(args.filter.as_deref(), &args.sets, args.seed)?;
+    let grid = args
+        .grids
+        .iter()
+        .map(|g| sweep::Axis::parse(g))
+        .collect::<enff::Result<Vec<_>>>()?;
+    let ranges = args
+        .ranges
+        .iter()
+        .map(|r| sweep::Range::parse(r))
+        .collect::<enff::Result<Vec<_>>>()?;
+    let plan = sweep::Sweep::new(
+        &src.name,
+        src.config.clone(),
+        grid,
+        args.random,
+        ranges,
+        args.seeds,
+    )?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("sweep-{}", src.name)));
+    let backend = AnyBackend::choose(args.backend, Some(plan.base()))?;
+    let bar = ui.bar(0, "{spinner} run {pos}/{len} [{bar:30}] {msg} eta {eta}");
+    let mut current = String::new();
+    let outcome = on_backend!(&backend, b => sweep::run_sweep(&plan, &out, args.force, b, |ev| {
+        match ev {
+            sweep::Event::Begin { runs, done } => {
+                bar.set_length(runs as u64);
+                bar.set_position(done as u64);
+                bar.reset_eta();
+                if done > 0 {
+                    log::info!("{}: {done} of {runs} runs already done, resuming", out.display());
+                }
+            }
+            sweep::Event::RunStart { point, seed } => {
+                current = point
+                    .settings
+                    .iter()
+                    .map(|(k, v)| format!("{}={v}", k.rsplit('.').next().unwrap_or(k)))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                current.push_str(&format!(" seed={seed}"));
+                bar.set_message(current.clone());
+            }
+            sweep::Event::Cycle(m) => bar.set_message(format!("{current} rmse {:.4}", m.rmse)),
+            sweep::Event::RunEnd(_) => bar.inc(1),
+        }
+        ControlFlow::Continue(())
+    }))
+    .with_context(|| format!("sweep in {}", out.display()))?;
+    bar.finish_and_clear();
+    let ranking = sweep::rank(&plan, &outcome.rows);
+    sweep::write_ranking(&out, &plan, &ranking)?;
+    if ui.json {
+        let rows: Vec<serde_json::Value> = ranking
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "point": p.point.index,
+                    "settings": p.point.settings.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                    "runs": p.runs,
+                    "failed": p.failed,
+                    "rmse_mean": p.rmse.0,
+                    "rmse_std": p.rmse.1,
+                    "spread_mean": p.spread.0,
+                    "spread_std": p.spread.1,
+                    "seconds_per_cycle": p.seconds_per_cycle,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "enff sweep: {} — {} points × {} seeds; {} runs now, {} already done",
+        plan.name(),
+        plan.points().len(),
+        plan.seeds(),
+        outcome.ran,
+        outcome.skipped
+    );
+    let keys = plan.keys();
+    let short: Vec<&str> = keys
+        .iter()
+        .map(|k| k.rsplit('.').next().unwrap_or(k))
+        .collect();
+    let mut header = format!("{:>4} ", "rank");
+    for k in &short {
+        header.push_str(&format!("{:>w$} ", k, w = k.len().max(10)));
+    }
+    header.push_str(&format!(
+        "{:>20} {:>20} {:>6}",
+        "rmse_mean", "spread_mean", "failed"
+    ));
+    println!("{header}");
+    for (i, p) in ranking.iter().take(args.top).enumerate() {
+        let mut line = format!("{:>4} ", i + 1);
+        for (k, (_, v)) in short.iter().zip(&p.point.settings) {
+            line.push_str(&format!("{:>w$} ", v, w = k.len().max(10)));
+        }
+        let pm = |(m, s): (f64, f64)| {
+            if p.runs == 0 {
+                "—".to_string()
+            } else {
+                format!("{m:.4} ± {s:.4}")
+            }
+        };
+        line.push_str(&format!(
+            "{:>20} {:>20} {:>6}",
+            pm(p.rmse),
+            pm(p.spread),
+            format!("{}/{}", p.failed, p.failed + p.runs)
+        ));
+        println!("{line}");
+    }
+    if ranking.len() > args.top {
+        println!("  … {} more in best.csv", ranking.len() - args.top);
+    }
+    println!("  results      {}", out.display());
+    Ok(())
 }
 
 fn print_summary(report: &Report, out: &std::path::Path) {

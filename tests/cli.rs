@@ -357,6 +357,10 @@ fn a_divergence_names_the_cycle_and_keeps_the_metrics_so_far() {
     let err = stderr(&o);
     assert!(err.contains("divergence at cycle"), "{err}");
     assert!(!out.join("summary.json").exists());
+    assert!(
+        out.join("config.toml").exists(),
+        "the configuration that diverged is kept"
+    );
     let csv = std::fs::read_to_string(out.join("metrics.csv")).expect("partial metrics kept");
     let rows = csv.lines().count() - 1;
     assert!(err.contains(&format!("{rows} completed cycles")), "{err}");
@@ -409,4 +413,92 @@ fn compare_runs_filters_on_identical_inputs_and_writes_tables() {
         serde_json::from_str(&std::fs::read_to_string(out.join("enkf/summary.json")).unwrap())
             .unwrap();
     assert_eq!(s["filter"], "enkf");
+}
+
+#[test]
+fn quiet_hides_logs_and_json_keeps_stdout_pure() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |out: &str, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_enff"))
+            .args(["run", "rotation2d", "--backend", "cpu", "--out", out])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .env_remove("ENFF_REQUIRE_GPU")
+            .output()
+            .unwrap()
+    };
+    let loud = run(dir.path().join("a").to_str().unwrap(), &[]);
+    assert!(loud.status.success());
+    assert!(stderr(&loud).contains("INFO"), "{}", stderr(&loud));
+    let quiet = run(
+        dir.path().join("b").to_str().unwrap(),
+        &["--quiet", "--json"],
+    );
+    assert!(quiet.status.success(), "{}", stderr(&quiet));
+    assert_eq!(stderr(&quiet), "", "--quiet leaves stderr empty");
+    let v: serde_json::Value = serde_json::from_slice(&quiet.stdout).expect("stdout is JSON");
+    assert_eq!(v["preset"], "rotation2d");
+    assert!(v["rmse_mean"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn compare_with_seeds_and_json_reports_mean_and_std() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cmp");
+    let o = enff(&[
+        "compare",
+        "lorenz96_sakov2008",
+        "--filters",
+        "enff-f2p,etkf",
+        "--seeds",
+        "2",
+        "--seed",
+        "7",
+        "--set",
+        "experiment.cycles=10",
+        "--set",
+        "experiment.burn_in=2",
+        "--backend",
+        "cpu",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is JSON");
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        let f = r["filter"].as_str().unwrap();
+        assert_eq!(r["seeds"], 2, "{r}");
+        assert!(r["rmse_std"].as_f64().unwrap() > 0.0, "{r}");
+        // The mean is that of the two seeds' own summaries.
+        let seed = |k: u64| -> f64 {
+            let d = std::fs::read_dir(out.join(f))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.to_string_lossy().ends_with(&format!("seed-{}", 7 + k)))
+                .unwrap();
+            let s: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap())
+                    .unwrap();
+            s["rmse_mean"].as_f64().unwrap()
+        };
+        let mean = (seed(0) + seed(1)) / 2.0;
+        assert!(
+            (r["rmse_mean"].as_f64().unwrap() - mean).abs() < 1e-12,
+            "{r}"
+        );
+    }
+    // The folder is taken now.
+    let again = enff(&[
+        "compare",
+        "lorenz96_sakov2008",
+        "--filters",
+        "etkf",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("--force"), "{}", stderr(&again));
 }

@@ -7,9 +7,11 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod file;
 pub mod output;
 pub mod presets;
 mod run;
+pub mod sweep;
 
 pub use checkpoint::{Checkpoint, DivergenceEvent};
 pub use config::Config;

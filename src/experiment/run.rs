@@ -259,6 +259,11 @@ impl Experiment {
         &self.config
     }
 
+    /// The expected band of `rmse_mean`, if the experiment has one.
+    pub fn expected_rmse(&self) -> Option<(f64, f64)> {
+        self.expected_rmse
+    }
+
     /// The preset name.
     pub fn name(&self) -> &str {
         &self.name
