@@ -502,3 +502,66 @@ fn compare_with_seeds_and_json_reports_mean_and_std() {
     assert!(!again.status.success());
     assert!(stderr(&again).contains("--force"), "{}", stderr(&again));
 }
+
+/// A run killed after cycle 9 (the test hook) with checkpoints every 4 cycles continues with
+/// `enff run --resume DIR` and ends with the metrics of an uninterrupted run.
+#[test]
+fn killed_run_resumes_from_its_checkpoint_to_the_same_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, cut) = (dir.path().join("whole"), dir.path().join("cut"));
+    let common = [
+        "run",
+        "lorenz96_sakov2008",
+        "--backend",
+        "cpu",
+        "--set",
+        "experiment.cycles=15",
+        "--set",
+        "experiment.burn_in=2",
+        "--checkpoint-every",
+        "4",
+        "--out",
+    ];
+    let mut a: Vec<&str> = common.to_vec();
+    a.push(whole.to_str().unwrap());
+    assert!(enff(&a).status.success());
+    let mut b: Vec<&str> = common.to_vec();
+    b.push(cut.to_str().unwrap());
+    let killed = Command::new(env!("CARGO_BIN_EXE_enff"))
+        .args(&b)
+        .env("RUST_LOG", "warn")
+        .env("ENFF_TEST_ABORT_AFTER", "9")
+        .env_remove("ENFF_REQUIRE_GPU")
+        .output()
+        .unwrap();
+    assert!(!killed.status.success());
+    assert!(stderr(&killed).contains("--resume"), "{}", stderr(&killed));
+    assert!(
+        !cut.join("summary.json").exists(),
+        "no summary for an unfinished run"
+    );
+    let resumed = enff(&["run", "--resume", cut.to_str().unwrap(), "--backend", "cpu"]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let skill = |p: &Path| -> Vec<String> {
+        std::fs::read_to_string(p.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .map(|l| l.split(',').take(6).collect::<Vec<_>>().join(","))
+            .collect()
+    };
+    assert_eq!(skill(&whole), skill(&cut));
+    // A changed setting is refused with the key.
+    let refused = enff(&[
+        "run",
+        "--resume",
+        cut.to_str().unwrap(),
+        "--set",
+        "filter.sigma_min=0.3",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("filter.sigma_min"),
+        "{}",
+        stderr(&refused)
+    );
+}

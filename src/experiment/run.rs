@@ -866,26 +866,34 @@ fn locate<B: Backend>(
     cycle: usize,
     stage: &str,
 ) -> Result<DivergenceEvent> {
-    Ok(
-        match backend.check_finite(ensemble, &format!("{stage} ensemble")) {
-            Err(e @ Error::NonFinite { .. }) => DivergenceEvent {
-                cycle,
-                stage: stage.to_string(),
-                detail: e.to_string(),
-            },
-            Err(other) => return Err(other),
-            Ok(()) => DivergenceEvent {
+    // `check_finite` may defer its verdict to the next sync (GPU): take it now.
+    let checked = backend
+        .check_finite(ensemble, &format!("{stage} ensemble"))
+        .and_then(|_| backend.sync());
+    let event = match checked {
+        Err(e @ Error::NonFinite { .. }) => DivergenceEvent {
+            cycle,
+            stage: stage.to_string(),
+            detail: e.to_string(),
+        },
+        Err(other) => return Err(other),
+        Ok(()) => {
+            let truth_checked = backend
+                .check_finite(truth, "truth")
+                .and_then(|_| backend.sync());
+            DivergenceEvent {
                 cycle,
                 stage: "metrics".to_string(),
-                detail: match backend.check_finite(truth, "truth") {
+                detail: match truth_checked {
                     Err(e) => e.to_string(),
                     Ok(()) => {
                         "the ensemble is finite but its RMSE or spread is not (overflow)".into()
                     }
                 },
-            },
-        },
-    )
+            }
+        }
+    };
+    Ok(event)
 }
 
 impl DivergenceEvent {

@@ -628,6 +628,14 @@ impl Backend for Cpu {
     }
 }
 
+/// Host memory available to a new allocation (`MemAvailable` on Linux), bytes.
+fn host_available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -672,12 +680,4 @@ mod tests {
         cpu.check_finite(&a, "a").unwrap();
         assert_eq!(a.stamp(), s2, "reads keep the stamp");
     }
-}
-
-/// Host memory available to a new allocation (`MemAvailable` on Linux), bytes.
-fn host_available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }

@@ -177,6 +177,9 @@ pub struct Gpu {
     allocations: std::sync::atomic::AtomicU64,
     /// See [`GpuOptions::memory_limit`].
     memory_limit: Option<u64>,
+    /// Held for the whole of each backend call, so that the dispatches of one call (which
+    /// share scratch buffers) are never interleaved with another thread's.
+    call: parking_lot::ReentrantMutex<()>,
 }
 
 fn flag_reset() -> Vec<u32> {
@@ -323,6 +326,7 @@ impl Gpu {
             lost,
             allocations: std::sync::atomic::AtomicU64::new(0),
             memory_limit: options.memory_limit,
+            call: parking_lot::ReentrantMutex::new(()),
         })
     }
 
@@ -334,6 +338,11 @@ impl Gpu {
     /// Largest member-block size in bytes.
     pub fn max_chunk_bytes(&self) -> u64 {
         self.max_binding
+    }
+
+    /// Exclusive use of the device's stream of work for one backend call (re-entrant).
+    fn exclusive(&self) -> parking_lot::ReentrantMutexGuard<'_, ()> {
+        self.call.lock()
     }
 
     /// Destroys the device as a driver reset would; every later call reports a lost device.
@@ -826,6 +835,7 @@ impl Backend for Gpu {
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<GpuBuffer> {
+        let _call = self.exclusive();
         let row_bytes = (cols.max(1) * 4) as u64;
         if row_bytes > self.max_binding {
             return Err(Error::TooLarge {
@@ -855,12 +865,14 @@ impl Backend for Gpu {
     }
 
     fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<GpuBuffer> {
+        let _call = self.exclusive();
         let mut b = self.zeros(rows, cols)?;
         self.write(&mut b, data)?;
         Ok(b)
     }
 
     fn write(&self, buf: &mut GpuBuffer, data: &[f32]) -> Result<()> {
+        let _call = self.exclusive();
         if data.len() != buf.rows * buf.cols {
             return Err(Error::shape(
                 "buffer write",
@@ -888,6 +900,7 @@ impl Backend for Gpu {
     }
 
     fn read(&self, buf: &GpuBuffer) -> Result<Vec<f32>> {
+        let _call = self.exclusive();
         self.health()?;
         let total = (buf.rows * buf.cols * 4) as u64;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -922,6 +935,7 @@ impl Backend for Gpu {
     }
 
     fn copy(&self, src: &GpuBuffer, dst: &mut GpuBuffer) -> Result<()> {
+        let _call = self.exclusive();
         shape_err("copy destination", dst, src.rows, src.cols)?;
         self.health()?;
         let mut rec = self.lock_rec()?;
@@ -943,6 +957,7 @@ impl Backend for Gpu {
         mean: Option<&GpuBuffer>,
         scale: f32,
     ) -> Result<()> {
+        let _call = self.exclusive();
         let (rows, cols) = (out.rows, out.cols);
         super::check_noise_mean(out, mean)?;
         if cols == 0 {
@@ -977,6 +992,7 @@ impl Backend for Gpu {
     }
 
     fn inflate(&self, ensemble: &mut GpuBuffer, gamma: f32) -> Result<()> {
+        let _call = self.exclusive();
         super::check_inflation(gamma)?;
         if gamma == 1.0 || ensemble.rows < 2 {
             return Ok(());
@@ -1005,6 +1021,7 @@ impl Backend for Gpu {
     }
 
     fn check_finite(&self, buf: &GpuBuffer, name: &str) -> Result<()> {
+        let _call = self.exclusive();
         let slot = self.flag_slot(name, buf.cols)?;
         for (c, chunk) in buf.chunks.iter().enumerate() {
             let (r0, r1) = buf.chunk_rows(c);
@@ -1027,6 +1044,7 @@ impl Backend for Gpu {
     }
 
     fn sync(&self) -> Result<()> {
+        let _call = self.exclusive();
         self.health()?;
         let pending = {
             let mut rec = self.lock_rec()?;
@@ -1062,6 +1080,7 @@ impl Backend for Gpu {
     }
 
     fn advance(&self, model: &Model, states: &mut GpuBuffer, steps: usize) -> Result<()> {
+        let _call = self.exclusive();
         let d = model.dim();
         shape_err("model state", states, states.rows, d)?;
         if steps == 0 || states.rows == 0 {
@@ -1196,6 +1215,7 @@ impl Backend for Gpu {
         x: &GpuBuffer,
         out: &mut GpuBuffer,
     ) -> Result<()> {
+        let _call = self.exclusive();
         let op = self.builtin_obs(operator)?;
         let m = operator.obs_dim(x.cols)?;
         shape_err("observation output", out, x.rows, m)?;
@@ -1244,6 +1264,7 @@ impl Backend for Gpu {
         obs_noise_std: f32,
         out: &mut GpuBuffer,
     ) -> Result<()> {
+        let _call = self.exclusive();
         let op = self.builtin_obs(operator)?;
         let (n, d) = (x.rows, x.cols);
         let m = operator.obs_dim(d)?;
@@ -1285,6 +1306,7 @@ impl Backend for Gpu {
         bias: Option<&GpuBuffer>,
         logits: &mut GpuBuffer,
     ) -> Result<()> {
+        let _call = self.exclusive();
         let (n, d) = (x.rows, x.cols);
         shape_err("flow target", target, n, d)?;
         if let Some(s) = source {
@@ -1385,6 +1407,7 @@ impl Backend for Gpu {
     }
 
     fn softmax_rows(&self, logits: &mut GpuBuffer) -> Result<()> {
+        let _call = self.exclusive();
         let n = logits.cols;
         if logits.rows != n {
             return Err(Error::shape(
@@ -1411,6 +1434,7 @@ impl Backend for Gpu {
         up: &FlowUpdate<'_, Self>,
         mut velocity_out: Option<&mut GpuBuffer>,
     ) -> Result<()> {
+        let _call = self.exclusive();
         let (n, d) = (state.rows, state.cols);
         shape_err("flow weights", up.weights, n, n)?;
         shape_err("flow target", up.target, n, d)?;
@@ -1542,6 +1566,7 @@ impl Backend for Gpu {
     }
 
     fn ensemble_stats(&self, ensemble: &GpuBuffer, truth: &GpuBuffer) -> Result<EnsembleStats> {
+        let _call = self.exclusive();
         let (n, d) = (ensemble.rows, ensemble.cols);
         shape_err("truth", truth, 1, d)?;
         if n == 0 || d == 0 {
