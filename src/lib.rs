@@ -49,6 +49,7 @@
 //! # }
 //! ```
 
+pub mod assimilator;
 pub mod backend;
 pub mod bench;
 pub mod ensemble;
@@ -56,10 +57,12 @@ pub mod error;
 pub mod experiment;
 pub mod filter;
 pub mod flow;
+pub mod io;
 pub mod model;
 pub mod observe;
 pub mod rng;
 
+pub use assimilator::{Assimilator, AssimilatorBuilder};
 pub use ensemble::Ensemble;
 pub use error::{Error, Result};
 

@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use enff::backend::gpu::{Gpu, GpuOptions};
 use enff::backend::{cpu::Cpu, Backend};
+use enff::experiment::trace::{Recorder, Trace, TraceOptions};
 use enff::experiment::{output, preset, Experiment, Report, DEFAULT_PRESET, PRESETS};
 
 #[derive(Parser)]
@@ -57,6 +58,18 @@ struct RunArgs {
     /// Print the configuration that would run, validated, and exit.
     #[arg(long)]
     dry_run: bool,
+    #[command(flatten)]
+    plots: PlotArgs,
+    /// Write the analysis ensemble every EVERY cycles as OUT/ensembles/cycle_XXXX.npy.
+    #[arg(long, value_name = "EVERY")]
+    save_ensembles: Option<usize>,
+}
+
+#[derive(clap::Args, Clone, Debug, Default)]
+struct PlotArgs {
+    /// Skip the plots (rmse_spread, hovmoller or field; PNG and SVG).
+    #[arg(long)]
+    no_plots: bool,
 }
 
 #[derive(Subcommand)]
@@ -72,6 +85,9 @@ enum Command {
     /// Run several filters on identical truth, observations and initial ensemble, and
     /// tabulate their skill and cost (also written as compare.csv and compare.md).
     Compare(CompareArgs),
+    /// One analysis step for a model that lives elsewhere: forecast and observation in as
+    /// .npy files, the analysis ensemble out.
+    Assimilate(AssimilateArgs),
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -98,6 +114,8 @@ struct CompareArgs {
     /// Output folder (default: runs/compare-<preset>).
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    plots: PlotArgs,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -150,12 +168,15 @@ fn main() -> ExitCode {
             seed: None,
             out: None,
             dry_run: false,
+            plots: PlotArgs::default(),
+            save_ensembles: None,
         }),
         Some(Command::Run(args)) => run(args),
         Some(Command::Compare(args)) => compare(args),
         Some(Command::Presets) => presets(),
         Some(Command::Info) => info(),
         Some(Command::Bench(args)) => bench(args),
+        Some(Command::Assimilate(args)) => assimilate(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -488,15 +509,19 @@ fn compare(args: CompareArgs) -> Result<()> {
         },
     };
     let mut rows = Vec::new();
+    let mut curves = Vec::new();
     for (f, exp) in &experiments {
         let dir = out.join(f);
+        let traced = trace_options(&args.plots, None, &dir);
         let report = match &gpu {
-            Some(g) => run_on(g, exp, &dir),
-            None => run_on(&Cpu::new(), exp, &dir),
+            Some(g) => run_on(g, exp, &dir, &traced),
+            None => run_on(&Cpu::new(), exp, &dir, &traced),
         };
         match report {
-            Ok(r) => {
+            Ok((r, trace)) => {
                 output::write_report(&dir, &r)?;
+                write_plots(&args.plots, &dir, &r, &trace)?;
+                curves.push((f.clone(), r.metrics.clone()));
                 rows.push((f.clone(), Some(r.summary), String::new()));
             }
             Err(e) => rows.push((f.clone(), None, format!("{e:#}"))),
@@ -546,6 +571,13 @@ fn compare(args: CompareArgs) -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     output::write_atomic(&out.join("compare.csv"), csv.as_bytes())?;
     output::write_atomic(&out.join("compare.md"), md.as_bytes())?;
+    if !args.plots.no_plots && !curves.is_empty() {
+        enff::experiment::plots::write_compare_plot(
+            &out,
+            &format!("{}: rmse and spread of every filter", p.name),
+            &curves,
+        )?;
+    }
     println!("  results      {}", out.display());
     Ok(())
 }
@@ -596,32 +628,34 @@ fn run(args: RunArgs) -> Result<()> {
     } else {
         args.backend
     };
-    let report = match backend {
-        BackendChoice::Cpu => run_on(&Cpu::new(), &experiment, &out)?,
+    let traced = trace_options(&args.plots, args.save_ensembles, &out);
+    let (report, trace) = match backend {
+        BackendChoice::Cpu => run_on(&Cpu::new(), &experiment, &out, &traced)?,
         BackendChoice::Gpu => {
             let gpu = Gpu::new(GpuOptions {
                 allow_software: true,
                 ..Default::default()
             })
             .context("--backend gpu")?;
-            run_on(&gpu, &experiment, &out)?
+            run_on(&gpu, &experiment, &out, &traced)?
         }
         BackendChoice::Auto => match Gpu::new(GpuOptions::default()) {
             Ok(gpu) => {
                 log::info!("running on the GPU: {}", gpu.describe());
-                run_on(&gpu, &experiment, &out)?
+                run_on(&gpu, &experiment, &out, &traced)?
             }
             Err(e) => {
                 if std::env::var("ENFF_REQUIRE_GPU").is_ok_and(|v| v == "1") {
                     anyhow::bail!("ENFF_REQUIRE_GPU=1 and no hardware GPU: {e}");
                 }
                 log::info!("no hardware GPU adapter ({e}); running on the CPU");
-                run_on(&Cpu::new(), &experiment, &out)?
+                run_on(&Cpu::new(), &experiment, &out, &traced)?
             }
         },
     };
     output::write_report(&out, &report)
         .with_context(|| format!("writing results to {}", out.display()))?;
+    write_plots(&args.plots, &out, &report, &trace)?;
     print_summary(&report, &out);
     Ok(())
 }
@@ -630,7 +664,8 @@ fn run_on<B: Backend + 'static>(
     backend: &B,
     experiment: &Experiment,
     out: &std::path::Path,
-) -> Result<Report> {
+    traced: &TraceOptions,
+) -> Result<(Report, Trace)> {
     let cycles = experiment.config().experiment.cycles as u64;
     let bar = ProgressBar::new(cycles);
     bar.set_style(
@@ -646,14 +681,19 @@ fn run_on<B: Backend + 'static>(
         backend.describe()
     );
     let mut rows = Vec::with_capacity(cycles as usize);
-    let report = experiment.run(backend, |m| {
-        bar.set_message(format!("{:.4}", m.rmse));
-        bar.inc(1);
-        rows.push(m.clone());
-    });
+    let mut recorder = Recorder::<B>::new(experiment.config(), traced.clone())?;
+    let report = experiment.run_observed(
+        backend,
+        |m| {
+            bar.set_message(format!("{:.4}", m.rmse));
+            bar.inc(1);
+            rows.push(m.clone());
+        },
+        |state| recorder.observe(state),
+    );
     bar.finish_and_clear();
     match report {
-        Ok(r) => Ok(r),
+        Ok(r) => Ok((r, recorder.finish())),
         Err(e @ enff::Error::Diverged { .. }) => {
             // Keep what was measured before the blow-up.
             output::write_metrics(out, &rows)
@@ -693,4 +733,126 @@ fn print_summary(report: &Report, out: &std::path::Path) {
         s.seconds_total, s.seconds_per_cycle, s.seconds_forecast, s.seconds_analysis
     );
     println!("  results      {}", out.display());
+}
+
+/// What a run records for its plots and snapshots.
+fn trace_options(
+    plots: &PlotArgs,
+    save_every: Option<usize>,
+    out: &std::path::Path,
+) -> TraceOptions {
+    TraceOptions {
+        fields: !plots.no_plots,
+        save_every,
+        save_dir: out.join("ensembles"),
+        ..TraceOptions::default()
+    }
+}
+
+/// Writes a run's plots into its output folder unless --no-plots.
+fn write_plots(
+    plots: &PlotArgs,
+    out: &std::path::Path,
+    report: &Report,
+    trace: &Trace,
+) -> Result<()> {
+    if plots.no_plots {
+        return Ok(());
+    }
+    let written = enff::experiment::plots::write_run_plots(out, report, Some(trace))
+        .with_context(|| format!("writing plots to {}", out.display()))?;
+    log::debug!("wrote {} plot files", written.len());
+    Ok(())
+}
+
+#[derive(clap::Args, Clone, Debug)]
+struct AssimilateArgs {
+    /// Forecast ensemble, shape (n, d): one row per member; float32 or float64.
+    #[arg(long, value_name = "F.npy")]
+    forecast: PathBuf,
+    /// Observation, shape (m,) or (1, m), m = the operator's output size.
+    #[arg(long, value_name = "Y.npy")]
+    obs: PathBuf,
+    /// Observation noise std (R = S^2 I).
+    #[arg(long, value_name = "S")]
+    obs_noise_std: f32,
+    /// Previous analysis, shape (n, d), the source of EnFF-F2P (default: the forecast).
+    #[arg(long, value_name = "A.npy")]
+    previous: Option<PathBuf>,
+    /// Observation operator applied to the observed components: identity, arctan or tanh.
+    #[arg(long, default_value = "identity")]
+    obs_op: String,
+    /// Observe every K-th component (1 = all).
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    obs_every: usize,
+    /// First observed component.
+    #[arg(long, default_value_t = 0)]
+    obs_offset: usize,
+    /// Filter: enff-f2p, enff-ot, ensf, etkf, enkf, letkf or bpf.
+    #[arg(long, default_value = "enff-f2p")]
+    filter: String,
+    /// Filter setting, e.g. --set filter.sigma_min=0.05 --set filter.flow_steps=9.
+    #[arg(long = "set", value_name = "filter.KEY=VALUE")]
+    sets: Vec<String>,
+    /// Seed of the filter's random numbers.
+    #[arg(long)]
+    seed: u64,
+    /// Cycle number of this analysis; with the seed it picks the random numbers (count it
+    /// up when you call assimilate once per cycle).
+    #[arg(long, default_value_t = 1)]
+    cycle: u32,
+    /// Where the analysis ensemble goes, shape (n, d), in the forecast's dtype.
+    #[arg(long, value_name = "OUT.npy")]
+    out: PathBuf,
+    /// Where the numbers live and the kernels run.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
+    backend: BackendChoice,
+}
+
+fn assimilate(args: AssimilateArgs) -> Result<()> {
+    use enff::experiment::assimilate::{assimilate_files, AnalysisSpec, AssimilateFiles};
+    let spec = AnalysisSpec {
+        filter: args.filter.clone(),
+        sets: args.sets.clone(),
+        obs_noise_std: args.obs_noise_std,
+        operator: enff::observe::Observe::parse_pointwise(&args.obs_op).context("--obs-op")?,
+        obs_every: args.obs_every,
+        obs_offset: args.obs_offset,
+        seed: args.seed,
+        cycle: args.cycle,
+    };
+    let files = AssimilateFiles {
+        forecast: args.forecast.clone(),
+        obs: args.obs.clone(),
+        previous: args.previous.clone(),
+        out: args.out.clone(),
+    };
+    let outcome = match args.backend {
+        BackendChoice::Cpu => assimilate_files(&Cpu::new(), &files, &spec)?,
+        BackendChoice::Gpu => {
+            let gpu = Gpu::new(GpuOptions {
+                allow_software: true,
+                ..Default::default()
+            })
+            .context("--backend gpu")?;
+            assimilate_files(&gpu, &files, &spec)?
+        }
+        BackendChoice::Auto => match Gpu::new(GpuOptions::default()) {
+            Ok(gpu) => assimilate_files(&gpu, &files, &spec)?,
+            Err(e) => {
+                log::info!("no hardware GPU adapter ({e}); running on the CPU");
+                assimilate_files(&Cpu::new(), &files, &spec)?
+            }
+        },
+    };
+    println!(
+        "enff assimilate: {} analysis of n = {} members, d = {}, m = {} observations -> {} ({})",
+        outcome.filter,
+        outcome.n,
+        outcome.d,
+        outcome.m,
+        args.out.display(),
+        outcome.dtype.descr()
+    );
+    Ok(())
 }

@@ -5,11 +5,16 @@
 //! cycle k = 1..K:  forecast (model) → analysis (filter) → metrics (on the backend)
 //! ```
 
+pub mod assimilate;
 pub mod config;
 pub mod output;
+pub mod plots;
 pub mod presets;
 mod run;
+pub mod trace;
 
 pub use config::Config;
 pub use presets::{preset, Preset, DEFAULT_PRESET, PRESETS};
-pub use run::{build_filter, CycleMetrics, Experiment, MemoryEstimate, Report, Summary};
+pub use run::{
+    build_filter, CycleMetrics, CycleState, Experiment, MemoryEstimate, Report, Summary,
+};

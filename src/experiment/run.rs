@@ -97,6 +97,20 @@ pub struct Report {
     pub metrics: Vec<CycleMetrics>,
 }
 
+/// The state after one cycle's analysis, as it lives on the backend.
+pub struct CycleState<'a, B: Backend> {
+    /// The backend holding the buffers.
+    pub backend: &'a B,
+    /// Cycle number, 1-based.
+    pub cycle: usize,
+    /// Model time of the observation.
+    pub time: f64,
+    /// The truth (`1 × d`).
+    pub truth: &'a B::Buffer,
+    /// The analysis ensemble (`n × d`).
+    pub ensemble: &'a B::Buffer,
+}
+
 /// Device memory a run needs (see [`Experiment::memory_estimate`]).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MemoryEstimate {
@@ -232,30 +246,44 @@ impl Experiment {
         backend: &B,
         on_cycle: impl FnMut(&CycleMetrics),
     ) -> Result<Report> {
-        self.run_inner(backend, on_cycle).map_err(|e| match e {
-            Error::TooLarge { detail } => {
-                let est = self.memory_estimate();
-                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-                Error::TooLarge {
-                    detail: format!(
-                        "{detail}. This run (n = {}, d = {}) needs about {:.2} GiB on the {} \
+        self.run_observed(backend, on_cycle, |_| Ok(()))
+    }
+
+    /// [`Experiment::run`] that also hands the truth and the analysis ensemble, as they live on
+    /// the backend, to `on_state` after every cycle (for plots and ensemble snapshots; see
+    /// [`super::trace`]). An error from `on_state` stops the run.
+    pub fn run_observed<B: Backend + 'static>(
+        &self,
+        backend: &B,
+        on_cycle: impl FnMut(&CycleMetrics),
+        on_state: impl FnMut(&CycleState<'_, B>) -> Result<()>,
+    ) -> Result<Report> {
+        self.run_inner(backend, on_cycle, on_state)
+            .map_err(|e| match e {
+                Error::TooLarge { detail } => {
+                    let est = self.memory_estimate();
+                    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                    Error::TooLarge {
+                        detail: format!(
+                            "{detail}. This run (n = {}, d = {}) needs about {:.2} GiB on the {} \
                          backend ({:.3} GiB per member): reduce ensemble.n or model.d",
-                        self.config.ensemble.n,
-                        self.config.state_dim(),
-                        gib(est.total),
-                        backend.name(),
-                        gib(est.per_member)
-                    ),
+                            self.config.ensemble.n,
+                            self.config.state_dim(),
+                            gib(est.total),
+                            backend.name(),
+                            gib(est.per_member)
+                        ),
+                    }
                 }
-            }
-            other => other,
-        })
+                other => other,
+            })
     }
 
     fn run_inner<B: Backend + 'static>(
         &self,
         backend: &B,
         mut on_cycle: impl FnMut(&CycleMetrics),
+        mut on_state: impl FnMut(&CycleState<'_, B>) -> Result<()>,
     ) -> Result<Report> {
         let cfg = &self.config;
         let seed = cfg.experiment.seed;
@@ -419,6 +447,13 @@ impl Experiment {
                 ess: filter.effective_sample_size(),
             };
             on_cycle(&row);
+            on_state(&CycleState {
+                backend,
+                cycle,
+                time: row.time,
+                truth: &truth,
+                ensemble: &ensemble,
+            })?;
             metrics.push(row);
         }
         let seconds_total = started.elapsed().as_secs_f64();
