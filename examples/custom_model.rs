@@ -102,10 +102,7 @@ fn main() -> anyhow::Result<()> {
         .seed(3)
         .build(&cpu)?;
 
-    println!(
-        "observing h(x) = {} with noise std {sigma_y}",
-        "(x0 + x1, tanh x2)"
-    );
+    println!("observing h(x) = (x0 + x1, tanh x2) with noise std {sigma_y}");
     println!("cycle   rmse analysis   spread   mean state");
     let x0 = cpu.read(&truth)?;
     println!(

@@ -91,7 +91,7 @@ fn header_is_byte_for_byte_what_numpy_writes() {
 /// A file with the given header dict and `data_bytes` bytes of data.
 fn with_header(dict: &str, data_bytes: usize) -> Vec<u8> {
     let mut h = dict.to_string();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');
@@ -133,7 +133,8 @@ fn malformed_files_give_typed_problems() {
         decode(&v9),
         Err(NpyProblem::UnsupportedVersion { major: 9, .. })
     ));
-    let cases: [(&str, usize, fn(&NpyProblem) -> bool); 7] = [
+    type Case = (&'static str, usize, fn(&NpyProblem) -> bool);
+    let cases: [Case; 7] = [
         (
             "{'descr': '<i8', 'fortran_order': False, 'shape': (2, 2), }",
             32,

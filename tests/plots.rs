@@ -126,9 +126,7 @@ fn a_lorenz96_run_writes_rmse_and_hovmoller_plots_and_snapshots() {
         ..TraceOptions::default()
     };
     let mut rec = Recorder::<Cpu>::new(exp.config(), options).unwrap();
-    let report = exp
-        .run_observed(&cpu, |_| {}, |s| rec.observe(s))
-        .unwrap();
+    let report = exp.run_observed(&cpu, |_| {}, |s| rec.observe(s)).unwrap();
     let trace = rec.finish();
     // At most 512 components (every 3rd of 1100 = 367) and 5 cycles (every 3rd, and the last).
     let h = trace.hovmoller.as_ref().unwrap();
@@ -189,13 +187,14 @@ fn a_navier_stokes_run_writes_field_snapshots() {
     );
     let cpu = Cpu::new();
     let mut rec = Recorder::<Cpu>::new(exp.config(), TraceOptions::default()).unwrap();
-    let report = exp
-        .run_observed(&cpu, |_| {}, |s| rec.observe(s))
-        .unwrap();
+    let report = exp.run_observed(&cpu, |_| {}, |s| rec.observe(s)).unwrap();
     let trace = rec.finish();
     assert!(trace.hovmoller.is_none());
     let f = trace.field.as_ref().unwrap();
-    assert_eq!((f.n, f.cycle, f.truth.len(), f.mean.len()), (16, 2, 768, 768));
+    assert_eq!(
+        (f.n, f.cycle, f.truth.len(), f.mean.len()),
+        (16, 2, 768, 768)
+    );
     let written = write_run_plots(dir.path(), &report, Some(&trace)).unwrap();
     assert_eq!(written.len(), 4);
     assert_png(&dir.path().join("field.png"), FIELD_SIZE, 0.25, 100);
@@ -243,8 +242,7 @@ fn run_and_compare_write_plots_unless_told_not_to() {
         assert!(run.join(f).is_file(), "{f} missing");
     }
     let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     let snap = read_npy(&run.join("ensembles/cycle_0010.npy")).unwrap();
     assert_eq!(
         snap.shape,

@@ -167,7 +167,7 @@ impl<B: Backend> Recorder<B> {
         use crate::backend::DeviceBuffer;
         let (n, d) = (s.ensemble.rows(), s.ensemble.cols());
         if let Some(op) = self.sub {
-            if (s.cycle - 1) % self.cycle_stride == 0 || s.cycle == self.cycles {
+            if (s.cycle - 1).is_multiple_of(self.cycle_stride) || s.cycle == self.cycles {
                 use crate::observe::ObservationOperator;
                 let m = op.obs_dim(d)?;
                 if self.sub_ensemble.is_none() {
@@ -204,7 +204,7 @@ impl<B: Backend> Recorder<B> {
             });
         }
         if let Some(every) = self.options.save_every {
-            if s.cycle % every == 0 {
+            if s.cycle.is_multiple_of(every) {
                 std::fs::create_dir_all(&self.options.save_dir).map_err(|e| Error::Io {
                     path: self.options.save_dir.display().to_string(),
                     source: e,
