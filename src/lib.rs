@@ -22,6 +22,9 @@
 //! `experiment` (configs, presets, the one cycle loop) → `filter` (one analysis per file) →
 //! `flow` (paths, guidance, integrators) → `model`, `observe` → `backend` (where numbers live:
 //! [`backend::cpu::Cpu`] is the reference) → `rng` (Philox, identical on every backend).
+//! Around them: [`Assimilator`] (any filter around a user's own model and observation
+//! operator, driven cycle by cycle), [`io`] (NumPy `.npy` files), and in `experiment` the
+//! one-step analysis of `enff assimilate`, the run traces and the plots.
 //!
 //! ## CPU/GPU contract
 //! Every kernel operation of [`backend::Backend`] has one meaning on every backend; the CPU

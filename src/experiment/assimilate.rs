@@ -56,7 +56,9 @@ impl AnalysisSpec {
             .subsample(self.obs_every, self.obs_offset)
             .map_err(|e| match e {
                 Error::InvalidParameter { name, value, fix } => Error::InvalidParameter {
-                    name: name.replace("observe.every", "--obs-every"),
+                    name: name
+                        .replace("observe.every", "--obs-every")
+                        .replace("observe.offset", "--obs-offset"),
                     value,
                     fix,
                 },

@@ -1006,7 +1006,8 @@ impl Scale {
 }
 
 /// A `rows × cols` grid drawn into a pixel rectangle: row 0 at the bottom, column 0 at the left.
-/// Bitmaps get one rectangle per pixel; SVG at most 200 × 150 cells (nearest value).
+/// Bitmaps get one rectangle per pixel; SVG at most 120 × 90 cells (nearest value), which
+/// keeps a three-panel SVG near 3 MB.
 fn heatmap<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     mode: TextMode,
@@ -1019,7 +1020,7 @@ fn heatmap<DB: DrawingBackend>(
     let (w, h) = ((x1 - x0).max(1) as usize, (y1 - y0).max(1) as usize);
     let (cw, ch) = match mode {
         TextMode::Pixel => (w, h),
-        TextMode::Native => (w.min(cols).min(200), h.min(rows).min(150)),
+        TextMode::Native => (w.min(cols).min(120), h.min(rows).min(90)),
     };
     if rows == 0 || cols == 0 {
         return Ok(());
@@ -1438,9 +1439,13 @@ mod tests {
         assert_eq!(step, 2.0);
         assert_eq!(t, vec![0.0, 2.0, 4.0, 6.0, 8.0]);
         assert_eq!(format_tick(0.25, 0.05), "0.25");
-        let lt = log_ticks(0.03, 4.0);
-        assert_eq!(lt.first().copied(), Some(0.05));
-        assert!(lt.contains(&1.0) && lt.iter().all(|v| *v <= 4.0));
+        // Over more than two decades, the powers of ten only; over fewer, 1, 2 and 5 of each.
+        assert_eq!(log_ticks(0.03, 4.0), vec![0.1, 1.0]);
+        let lt = log_ticks(0.03, 0.9);
+        assert_eq!(lt.len(), 4);
+        for (a, b) in lt.iter().zip([0.05, 0.1, 0.2, 0.5]) {
+            assert!((a - b).abs() < 1e-12, "{lt:?}");
+        }
     }
 
     #[test]
