@@ -176,6 +176,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A `.npy` file that enff cannot read (truncated, wrong dtype or rank, bad header).
+    #[error("cannot read {path}: {problem}")]
+    Npy {
+        /// The file involved.
+        path: String,
+        /// What is wrong with it.
+        problem: crate::io::NpyProblem,
+    },
+
     /// Reading or writing a result file failed.
     #[error("I/O error on {path}: {source}")]
     Io {

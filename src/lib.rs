@@ -19,10 +19,12 @@
 //! | error, spread | `rmse` of the ensemble mean vs truth; `spread` = sqrt(mean unbiased variance) |
 //!
 //! ## Layout
-//! `experiment` (configs and TOML files, presets, the one cycle loop, sweeps) → `filter` (one
-//! analysis per file) → `flow` (paths, guidance, integrators) → `model`, `observe` → `backend`
-//! (where numbers live: [`backend::cpu::Cpu`] is the reference) → `rng` (Philox, identical on
-//! every backend).
+//! `experiment` (configs and TOML files, presets, the one cycle loop, sweeps) → `filter` (one analysis per file) →
+//! `flow` (paths, guidance, integrators) → `model`, `observe` → `backend` (where numbers live:
+//! [`backend::cpu::Cpu`] is the reference) → `rng` (Philox, identical on every backend).
+//! Around them: [`Assimilator`] (any filter around a user's own model and observation
+//! operator, driven cycle by cycle), [`io`] (NumPy `.npy` files), and in `experiment` the
+//! one-step analysis of `enff assimilate`, the run traces and the plots.
 //!
 //! ## CPU/GPU contract
 //! Every kernel operation of [`backend::Backend`] has one meaning on every backend; the CPU
@@ -50,6 +52,7 @@
 //! # }
 //! ```
 
+pub mod assimilator;
 pub mod backend;
 pub mod bench;
 pub mod ensemble;
@@ -57,10 +60,12 @@ pub mod error;
 pub mod experiment;
 pub mod filter;
 pub mod flow;
+pub mod io;
 pub mod model;
 pub mod observe;
 pub mod rng;
 
+pub use assimilator::{Assimilator, AssimilatorBuilder};
 pub use ensemble::Ensemble;
 pub use error::{Error, Result};
 

@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use enff::backend::gpu::{Gpu, GpuOptions};
 use enff::backend::{cpu::Cpu, Backend};
 use enff::experiment::config::SystemKind;
+use enff::experiment::trace::{Recorder, Trace, TraceOptions};
 use enff::experiment::{
     file, output, preset, sweep, Config, Experiment, OnDivergence, Report, RunOptions, Summary,
     DEFAULT_PRESET, PRESETS,
@@ -173,6 +174,18 @@ struct RunArgs {
     /// weights or the guidance produced it (one device round trip per step).
     #[arg(long)]
     check_every_step: bool,
+    #[command(flatten)]
+    plots: PlotArgs,
+    /// Write the analysis ensemble every EVERY cycles as OUT/ensembles/cycle_XXXX.npy.
+    #[arg(long, value_name = "EVERY")]
+    save_ensembles: Option<usize>,
+}
+
+#[derive(clap::Args, Clone, Debug, Default)]
+struct PlotArgs {
+    /// Skip the plots (rmse_spread, hovmoller or field; PNG and SVG).
+    #[arg(long)]
+    no_plots: bool,
 }
 
 #[derive(Subcommand)]
@@ -197,6 +210,9 @@ enum Command {
     /// Run every point of a grid (or of random draws) with several seeds, appending each run
     /// to results.csv (resumable), and rank the settings by mean RMSE.
     Sweep(SweepArgs),
+    /// One analysis step for a model that lives elsewhere: forecast and observation in as
+    /// .npy files, the analysis ensemble out.
+    Assimilate(AssimilateArgs),
 }
 
 #[derive(Subcommand)]
@@ -292,6 +308,8 @@ struct CompareArgs {
     /// Write into an --out folder that already holds files.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    plots: PlotArgs,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -358,6 +376,8 @@ fn main() -> ExitCode {
                 resume: None,
                 on_divergence: "stop".into(),
                 check_every_step: false,
+                plots: PlotArgs::default(),
+                save_ensembles: None,
             },
             ui,
         ),
@@ -371,6 +391,7 @@ fn main() -> ExitCode {
             command: PresetCommand::Show(args),
         }) => preset_show(args),
         Some(Command::Sweep(args)) => sweep_command(args, ui),
+        Some(Command::Assimilate(args)) => assimilate(args),
         Some(Command::Info) => info(),
         Some(Command::Bench(args)) => bench(args, ui),
     };
@@ -811,6 +832,7 @@ fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
     let backend = AnyBackend::choose(args.backend, Some(experiments[0].1.config()))?;
     // Per filter: the summaries of its seeds, or the first error.
     let mut rows: Vec<(String, Vec<Summary>, String)> = Vec::new();
+    let mut curves = Vec::new();
     for (f, exp) in &experiments {
         let mut summaries = Vec::new();
         let mut error = String::new();
@@ -825,10 +847,15 @@ fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
                 (e, dir)
             };
             let label = format!("{f} {}/{}", k + 1, args.seeds);
-            match on_backend!(&backend, b => run_on(b, &exp, &dir, ui, &label, &RunOptions::default()))
+            let traced = trace_options(&args.plots, None, &dir);
+            match on_backend!(&backend, b => run_on(b, &exp, &dir, ui, &label, &RunOptions::default(), &traced))
             {
-                Ok(r) => {
+                Ok((r, trace)) => {
                     write_run(&dir, &exp, &r)?;
+                    write_plots(&args.plots, &dir, &r, &trace)?;
+                    if k == 0 {
+                        curves.push((f.clone(), r.metrics.clone()));
+                    }
                     summaries.push(r.summary);
                 }
                 Err(e) => {
@@ -917,6 +944,13 @@ fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
     }
     output::write_atomic(&out.join("compare.csv"), csv.as_bytes())?;
     output::write_atomic(&out.join("compare.md"), md.as_bytes())?;
+    if !args.plots.no_plots && !curves.is_empty() {
+        enff::experiment::plots::write_compare_plot(
+            &out,
+            &format!("{}: rmse and spread of every filter", src.name),
+            &curves,
+        )?;
+    }
     if ui.json {
         println!("{}", serde_json::to_string_pretty(&json_rows)?);
     } else {
@@ -983,8 +1017,11 @@ fn resume(args: &RunArgs, dir: &Path, ui: Ui) -> Result<()> {
     let experiment = Experiment::new(&h.preset, config, h.expected_rmse)?;
     let options = run_options(args, dir)?;
     let backend = AnyBackend::choose(args.backend, Some(experiment.config()))?;
-    let report = on_backend!(&backend, b => run_on(b, &experiment, dir, ui, "", &options))?;
+    let traced = trace_options(&args.plots, args.save_ensembles, dir);
+    let (report, trace) =
+        on_backend!(&backend, b => run_on(b, &experiment, dir, ui, "", &options, &traced))?;
     write_run(dir, &experiment, &report)?;
+    write_plots(&args.plots, dir, &report, &trace)?;
     if ui.json {
         println!("{}", serde_json::to_string_pretty(&report.summary)?);
     } else {
@@ -1019,11 +1056,14 @@ fn run(args: RunArgs, ui: Ui) -> Result<()> {
     )?;
     let backend = AnyBackend::choose(args.backend, Some(experiment.config()))?;
     if args.seeds > 1 {
-        return run_seeds(&experiment, args.seeds, &out, &backend, ui);
+        return run_seeds(&experiment, args.seeds, &out, &backend, ui, &args.plots);
     }
     let options = run_options(&args, &out)?;
-    let report = on_backend!(&backend, b => run_on(b, &experiment, &out, ui, "", &options))?;
+    let traced = trace_options(&args.plots, args.save_ensembles, &out);
+    let (report, trace) =
+        on_backend!(&backend, b => run_on(b, &experiment, &out, ui, "", &options, &traced))?;
     write_run(&out, &experiment, &report)?;
+    write_plots(&args.plots, &out, &report, &trace)?;
     if ui.json {
         println!("{}", serde_json::to_string_pretty(&report.summary)?);
     } else {
@@ -1070,6 +1110,7 @@ fn run_seeds(
     out: &Path,
     backend: &AnyBackend,
     ui: Ui,
+    plots: &PlotArgs,
 ) -> Result<()> {
     output::write_config(out, experiment.name(), experiment.config())?;
     let mut summaries = Vec::new();
@@ -1077,9 +1118,10 @@ fn run_seeds(
         let exp = with_seed(experiment, k)?;
         let dir = out.join(format!("seed-{}", exp.config().experiment.seed));
         let label = format!("seed {}/{seeds}", k + 1);
-        let report =
-            on_backend!(backend, b => run_on(b, &exp, &dir, ui, &label, &RunOptions::default()))?;
+        let traced = trace_options(plots, None, &dir);
+        let (report, trace) = on_backend!(backend, b => run_on(b, &exp, &dir, ui, &label, &RunOptions::default(), &traced))?;
         write_run(&dir, &exp, &report)?;
+        write_plots(plots, &dir, &report, &trace)?;
         summaries.push(report.summary);
     }
     let col =
@@ -1135,7 +1177,8 @@ fn run_on<B: Backend + 'static>(
     ui: Ui,
     label: &str,
     options: &RunOptions,
-) -> Result<Report> {
+    traced: &TraceOptions,
+) -> Result<(Report, Trace)> {
     let cycles = experiment.config().experiment.cycles as u64;
     let bar = ui.bar(
         cycles,
@@ -1157,14 +1200,20 @@ fn run_on<B: Backend + 'static>(
         bar.set_position(ck.header.cycle as u64);
         log::info!("resuming after cycle {}", ck.header.cycle);
     }
-    let report = experiment.run_with(backend, options, |m| {
-        bar.set_message(format!("{:.4}", m.rmse));
-        bar.inc(1);
-        rows.push(m.clone());
-    });
+    let mut recorder = Recorder::<B>::new(experiment.config(), traced.clone())?;
+    let report = experiment.run_full(
+        backend,
+        options,
+        |m| {
+            bar.set_message(format!("{:.4}", m.rmse));
+            bar.inc(1);
+            rows.push(m.clone());
+        },
+        |state| recorder.observe(state),
+    );
     bar.finish_and_clear();
     match report {
-        Ok(r) => Ok(r),
+        Ok(r) => Ok((r, recorder.finish())),
         Err(e) if matches!(e.root(), enff::Error::Diverged { .. }) => {
             // Keep what was measured before the blow-up, with the configuration that did it.
             output::write_metrics(out, &rows)
@@ -1331,4 +1380,126 @@ fn print_summary(report: &Report, out: &std::path::Path) {
         s.seconds_total, s.seconds_per_cycle, s.seconds_forecast, s.seconds_analysis
     );
     println!("  results      {}", out.display());
+}
+
+/// What a run records for its plots and snapshots.
+fn trace_options(
+    plots: &PlotArgs,
+    save_every: Option<usize>,
+    out: &std::path::Path,
+) -> TraceOptions {
+    TraceOptions {
+        fields: !plots.no_plots,
+        save_every,
+        save_dir: out.join("ensembles"),
+        ..TraceOptions::default()
+    }
+}
+
+/// Writes a run's plots into its output folder unless --no-plots.
+fn write_plots(
+    plots: &PlotArgs,
+    out: &std::path::Path,
+    report: &Report,
+    trace: &Trace,
+) -> Result<()> {
+    if plots.no_plots {
+        return Ok(());
+    }
+    let written = enff::experiment::plots::write_run_plots(out, report, Some(trace))
+        .with_context(|| format!("writing plots to {}", out.display()))?;
+    log::debug!("wrote {} plot files", written.len());
+    Ok(())
+}
+
+#[derive(clap::Args, Clone, Debug)]
+struct AssimilateArgs {
+    /// Forecast ensemble, shape (n, d): one row per member; float32 or float64.
+    #[arg(long, value_name = "F.npy")]
+    forecast: PathBuf,
+    /// Observation, shape (m,) or (1, m), m = the operator's output size.
+    #[arg(long, value_name = "Y.npy")]
+    obs: PathBuf,
+    /// Observation noise std (R = S^2 I).
+    #[arg(long, value_name = "S")]
+    obs_noise_std: f32,
+    /// Previous analysis, shape (n, d), the source of EnFF-F2P (default: the forecast).
+    #[arg(long, value_name = "A.npy")]
+    previous: Option<PathBuf>,
+    /// Observation operator applied to the observed components: identity, arctan or tanh.
+    #[arg(long, default_value = "identity")]
+    obs_op: String,
+    /// Observe every K-th component (1 = all).
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    obs_every: usize,
+    /// First observed component.
+    #[arg(long, default_value_t = 0)]
+    obs_offset: usize,
+    /// Filter: enff-f2p, enff-ot, ensf, etkf, enkf, letkf or bpf.
+    #[arg(long, default_value = "enff-f2p")]
+    filter: String,
+    /// Filter setting, e.g. --set filter.sigma_min=0.05 --set filter.flow_steps=9.
+    #[arg(long = "set", value_name = "filter.KEY=VALUE")]
+    sets: Vec<String>,
+    /// Seed of the filter's random numbers.
+    #[arg(long)]
+    seed: u64,
+    /// Cycle number of this analysis; with the seed it picks the random numbers (count it
+    /// up when you call assimilate once per cycle).
+    #[arg(long, default_value_t = 1)]
+    cycle: u32,
+    /// Where the analysis ensemble goes, shape (n, d), in the forecast's dtype.
+    #[arg(long, value_name = "OUT.npy")]
+    out: PathBuf,
+    /// Where the numbers live and the kernels run.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
+    backend: BackendChoice,
+}
+
+fn assimilate(args: AssimilateArgs) -> Result<()> {
+    use enff::experiment::assimilate::{assimilate_files, AnalysisSpec, AssimilateFiles};
+    let spec = AnalysisSpec {
+        filter: args.filter.clone(),
+        sets: args.sets.clone(),
+        obs_noise_std: args.obs_noise_std,
+        operator: enff::observe::Observe::parse_pointwise(&args.obs_op).context("--obs-op")?,
+        obs_every: args.obs_every,
+        obs_offset: args.obs_offset,
+        seed: args.seed,
+        cycle: args.cycle,
+    };
+    let files = AssimilateFiles {
+        forecast: args.forecast.clone(),
+        obs: args.obs.clone(),
+        previous: args.previous.clone(),
+        out: args.out.clone(),
+    };
+    let outcome = match args.backend {
+        BackendChoice::Cpu => assimilate_files(&Cpu::new(), &files, &spec)?,
+        BackendChoice::Gpu => {
+            let gpu = Gpu::new(GpuOptions {
+                allow_software: true,
+                ..Default::default()
+            })
+            .context("--backend gpu")?;
+            assimilate_files(&gpu, &files, &spec)?
+        }
+        BackendChoice::Auto => match Gpu::new(GpuOptions::default()) {
+            Ok(gpu) => assimilate_files(&gpu, &files, &spec)?,
+            Err(e) => {
+                log::info!("no hardware GPU adapter ({e}); running on the CPU");
+                assimilate_files(&Cpu::new(), &files, &spec)?
+            }
+        },
+    };
+    println!(
+        "enff assimilate: {} analysis of n = {} members, d = {}, m = {} observations -> {} ({})",
+        outcome.filter,
+        outcome.n,
+        outcome.d,
+        outcome.m,
+        args.out.display(),
+        outcome.dtype.descr()
+    );
+    Ok(())
 }

@@ -5,18 +5,21 @@
 //! cycle k = 1..K:  forecast (model) → analysis (filter) → metrics (on the backend)
 //! ```
 
+pub mod assimilate;
 pub mod checkpoint;
 pub mod config;
 pub mod file;
 pub mod output;
+pub mod plots;
 pub mod presets;
 mod run;
 pub mod sweep;
+pub mod trace;
 
 pub use checkpoint::{Checkpoint, DivergenceEvent};
 pub use config::Config;
 pub use presets::{preset, Preset, DEFAULT_PRESET, PRESETS};
 pub use run::{
-    build_filter, CycleMetrics, Experiment, Fault, FaultStage, MemoryEstimate, OnDivergence,
-    Report, RunOptions, Summary,
+    build_filter, CycleMetrics, CycleState, Experiment, Fault, FaultStage, MemoryEstimate,
+    OnDivergence, Report, RunOptions, Summary,
 };

@@ -185,6 +185,20 @@ pub struct Report {
     pub metrics: Vec<CycleMetrics>,
 }
 
+/// The state after one cycle's analysis, as it lives on the backend.
+pub struct CycleState<'a, B: Backend> {
+    /// The backend holding the buffers.
+    pub backend: &'a B,
+    /// Cycle number, 1-based.
+    pub cycle: usize,
+    /// Model time of the observation.
+    pub time: f64,
+    /// The truth (`1 × d`).
+    pub truth: &'a B::Buffer,
+    /// The analysis ensemble (`n × d`).
+    pub ensemble: &'a B::Buffer,
+}
+
 /// Device memory a run needs (see [`Experiment::memory_estimate`]).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MemoryEstimate {
@@ -481,6 +495,18 @@ impl Experiment {
         self.run_with(backend, &RunOptions::default(), on_cycle)
     }
 
+    /// [`Experiment::run`] that also hands the truth and the analysis ensemble, as they live on
+    /// the backend, to `on_state` after every cycle (for plots and ensemble snapshots; see
+    /// [`super::trace`]). An error from `on_state` stops the run.
+    pub fn run_observed<B: Backend + 'static>(
+        &self,
+        backend: &B,
+        on_cycle: impl FnMut(&CycleMetrics),
+        on_state: impl FnMut(&CycleState<'_, B>) -> Result<()>,
+    ) -> Result<Report> {
+        self.run_full(backend, &RunOptions::default(), on_cycle, on_state)
+    }
+
     /// [`Experiment::run`] with checkpoints, resumption and a divergence policy. When a
     /// checkpoint has been written, a failure later in the run comes back as
     /// [`Error::Resumable`], naming the checkpoint and how to continue.
@@ -489,6 +515,17 @@ impl Experiment {
         backend: &B,
         options: &RunOptions,
         on_cycle: impl FnMut(&CycleMetrics),
+    ) -> Result<Report> {
+        self.run_full(backend, options, on_cycle, |_| Ok(()))
+    }
+
+    /// [`Experiment::run_with`] and [`Experiment::run_observed`] together.
+    pub fn run_full<B: Backend + 'static>(
+        &self,
+        backend: &B,
+        options: &RunOptions,
+        on_cycle: impl FnMut(&CycleMetrics),
+        on_state: impl FnMut(&CycleState<'_, B>) -> Result<()>,
     ) -> Result<Report> {
         if let Some(capacity) = backend.memory_capacity() {
             self.check_memory(capacity, backend.name())?;
@@ -504,7 +541,7 @@ impl Experiment {
             ));
         }
         let mut last_checkpoint = None;
-        self.run_inner(backend, options, on_cycle, &mut last_checkpoint)
+        self.run_inner(backend, options, on_cycle, on_state, &mut last_checkpoint)
             .map_err(|e| match e {
                 Error::TooLarge { detail } => {
                     let est = self.memory_estimate();
@@ -544,6 +581,7 @@ impl Experiment {
         backend: &B,
         options: &RunOptions,
         mut on_cycle: impl FnMut(&CycleMetrics),
+        mut on_state: impl FnMut(&CycleState<'_, B>) -> Result<()>,
         last_checkpoint: &mut Option<usize>,
     ) -> Result<Report> {
         let cfg = &self.config;
@@ -752,6 +790,13 @@ impl Experiment {
                 ess: filter.effective_sample_size(),
             };
             on_cycle(&row);
+            on_state(&CycleState {
+                backend,
+                cycle,
+                time: row.time,
+                truth: &truth,
+                ensemble: &ensemble,
+            })?;
             metrics.push(row);
             if let Some(event) = diverged {
                 divergences.push(event);
