@@ -479,20 +479,28 @@ fn unstable_time_steps_are_reported_as_divergence_with_the_cycle() {
     }
 }
 
-/// The GPU backend refuses the grid models with a typed error until their kernels exist.
+/// The GPU backend runs the grid models (parity: tests/gpu_models.rs) and refuses KS grids its
+/// radix-2/4 FFT cannot take with a typed error naming the sizes that work.
 #[test]
-fn the_gpu_backend_refuses_the_grid_models_with_a_fix() {
+fn the_gpu_backend_runs_the_grid_models_and_refuses_grids_it_cannot_take() {
     let Some((_lock, gpu)) = common::gpu() else {
         return;
     };
     let model = config_with("ks_512", &[]).model().unwrap();
     let mut buf = gpu.zeros(2, 512).unwrap();
+    gpu.advance(&model, &mut buf, 1).unwrap();
+    assert!(gpu.read(&buf).unwrap().iter().all(|v| *v == 0.0));
+    let model = config_with("ks_512", &["model.d=384"]).model().unwrap();
+    let mut buf = gpu.zeros(2, 384).unwrap();
     match gpu.advance(&model, &mut buf, 1) {
-        Err(Error::Unsupported { backend, fix, .. }) => {
-            assert_eq!(backend, "gpu");
-            assert!(fix.contains("--backend cpu"), "{fix}");
+        Err(Error::InvalidParameter { name, fix, .. }) => {
+            assert_eq!(name, "model.d");
+            assert!(
+                fix.contains("power-of-two") && fix.contains("--backend cpu"),
+                "{fix}"
+            );
         }
-        other => panic!("expected Unsupported, got {other:?}"),
+        other => panic!("expected InvalidParameter, got {other:?}"),
     }
 }
 
