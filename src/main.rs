@@ -585,18 +585,7 @@ fn run(args: RunArgs) -> Result<()> {
             experiment.config().filter.kind
         ))
     });
-    // The grid models (KS, NS) have no GPU kernels yet: `auto` runs them on the CPU.
-    let cpu_only = matches!(
-        experiment.config().model.system,
-        enff::experiment::config::SystemKind::Ks | enff::experiment::config::SystemKind::Ns
-    );
-    let backend = if cpu_only && args.backend == BackendChoice::Auto {
-        log::info!("this model has no GPU kernels yet: running on the CPU");
-        BackendChoice::Cpu
-    } else {
-        args.backend
-    };
-    let report = match backend {
+    let report = match args.backend {
         BackendChoice::Cpu => run_on(&Cpu::new(), &experiment, &out)?,
         BackendChoice::Gpu => {
             let gpu = Gpu::new(GpuOptions {

@@ -210,6 +210,32 @@ impl Experiment {
         if cfg.filter.kind == "enff-f2p" {
             parts.push(("previous analysis".to_string(), nd));
         }
+        // The grid models' GPU scratch (spectral.rs, stencil.rs), per member and fixed.
+        let mut grid_per_member = 0u64;
+        match cfg.model.system {
+            super::config::SystemKind::Ks => {
+                // Seven spectra of d/2 + 1 complex values and two packed signals of d/2.
+                grid_per_member = 4 * (7 * (d + 2) + 2 * d);
+                parts.push((
+                    "KS spectra and FFT buffers".to_string(),
+                    n * grid_per_member,
+                ));
+                // ETDRK4 tables (7 × (d/2 + 1) f32), FFT and real-FFT twiddles (d/2 + d/2 + 1).
+                parts.push((
+                    "KS ETDRK4 and twiddle tables".to_string(),
+                    4 * 7 * (d / 2 + 1) + 8 * (d + 1),
+                ));
+            }
+            super::config::SystemKind::Ns => {
+                // u*, v*, the divergence and the Jacobi ping-pong pressure: 4 n² per member.
+                grid_per_member = 4 * 4 * (d / 3);
+                parts.push((
+                    "NS scratch (u*, v*, b, p_tmp)".to_string(),
+                    n * grid_per_member,
+                ));
+            }
+            _ => {}
+        }
         if cfg.filter.integrator == crate::flow::Integrator::Heun {
             parts.push(("Heun predictor and velocity".to_string(), 2 * nd));
         }
@@ -218,7 +244,8 @@ impl Experiment {
             .filter(|p| p.1 % nd.max(1) == 0 && p.1 >= nd)
             .map(|p| p.1)
             .sum::<u64>()
-            / n.max(1);
+            / n.max(1)
+            + grid_per_member;
         MemoryEstimate {
             total: parts.iter().map(|p| p.1).sum(),
             parts,
