@@ -129,6 +129,10 @@ struct BenchArgs {
     /// d ∈ {1e4, 1e5, 1e6} and n ∈ {20, 100} (or the --size grid).
     #[arg(long)]
     cycles: bool,
+    /// Time the grid-model forecasts (KS d=1024, n=20/100; NS 64² and 256², n=20) in model
+    /// steps per second, and whole ks_1024 / ns_64 cycles, instead of analyses.
+    #[arg(long)]
+    models: bool,
 }
 
 fn main() -> ExitCode {
@@ -257,6 +261,14 @@ fn bench(args: BenchArgs) -> Result<()> {
     };
     // The CPU always runs: GPU figures are reported as ratios against it in the same run.
     let run_cpu = true;
+    if args.models {
+        return Ok(enff::bench::models::run(
+            &cpu,
+            gpu.as_ref(),
+            args.quick,
+            args.reps,
+        )?);
+    }
     if args.cycles {
         return bench_cycles(&args, &grid, &cpu, gpu.as_ref(), run_cpu);
     }
