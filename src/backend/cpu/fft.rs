@@ -59,7 +59,7 @@ impl FftPlan {
         }
         let mut radices = Vec::new();
         let mut rest = m;
-        while rest % 4 == 0 {
+        while rest.is_multiple_of(4) {
             radices.push(4);
             rest /= 4;
         }
