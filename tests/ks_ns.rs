@@ -461,7 +461,11 @@ fn unstable_time_steps_are_reported_as_divergence_with_the_cycle() {
         let cfg = config_with(name, sets);
         let exp = Experiment::new(name, cfg, None).unwrap();
         match exp.run(&Cpu::new(), |_| {}) {
-            Err(Error::Diverged { cycle, stage, .. }) => {
+            Err(Error::Diverged {
+                cycle,
+                stage,
+                detail,
+            }) => {
                 eprintln!("{name} {sets:?}: diverged at cycle {cycle} during {stage}");
                 assert!((2..=40).contains(&cycle), "{name}: cycle {cycle}");
                 // The blow-up shows in the forecast or, when the forecast is merely huge, in
@@ -470,6 +474,16 @@ fn unstable_time_steps_are_reported_as_divergence_with_the_cycle() {
                     stage == "forecast" || stage == "analysis",
                     "{name}: {stage}"
                 );
+                // A forecast blow-up says which setting to change.
+                if stage == "forecast" {
+                    let e = Error::Diverged {
+                        cycle,
+                        stage,
+                        detail,
+                    }
+                    .to_string();
+                    assert!(e.contains("model.dt") && e.contains("obs_every"), "{e}");
+                }
             }
             other => panic!(
                 "{name}: expected a divergence, got {:?}",

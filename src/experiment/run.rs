@@ -141,6 +141,31 @@ pub fn build_filter<B: Backend + 'static>(
     })
 }
 
+/// What to try when the forecast of `model` blew up (appended to the divergence report).
+fn forecast_hint(model: &crate::model::Model, cfg: &Config) -> String {
+    use crate::model::System;
+    let every = cfg.observe.obs_every;
+    match &model.system {
+        // Forward Euler with central advection amplifies grid-scale modes by about
+        // 1 + (|u|·dt/h)²/2 per step, which viscosity no longer damps once a member's local
+        // velocity grows: the step must shrink (ns_64's seed 715319214 blows up at dt = 1e-3
+        // and runs with dt = 5e-4).
+        System::NavierStokes2d(ns) => format!(
+            "the explicit Navier–Stokes step is stable only while max|u|·dt/h stays well below \
+             1 (h = {:.4}): halve model.dt and double observe.obs_every (now {} and {every}) to \
+             keep the observation interval",
+            ns.spacing(),
+            model.dt
+        ),
+        System::KuramotoSivashinsky(_) => format!(
+            "reduce model.dt (now {}) and raise observe.obs_every (now {every}) to keep the \
+             observation interval (the paper uses dt = 0.25)",
+            model.dt
+        ),
+        _ => "reduce model.dt or check the filter settings".to_string(),
+    }
+}
+
 /// A validated twin experiment.
 #[derive(Clone, Debug)]
 pub struct Experiment {
@@ -392,7 +417,11 @@ impl Experiment {
                     .check_finite(&ensemble, "forecast ensemble")
                     .err()
                     .unwrap_or(Error::Gpu("non-finite forecast metrics".into()));
-                return Err(diverged("forecast", e));
+                return Err(Error::Diverged {
+                    cycle,
+                    stage: "forecast".into(),
+                    detail: format!("{e}; {}", forecast_hint(&model, cfg)),
+                });
             }
 
             // Observation y = h(x_true) + σ_y η.
