@@ -11,7 +11,7 @@ status=0
     echo "== adapter"
     .device/enff info
     echo "== GPU parity tests"
-    for t in gpu_kernels gpu_enff memory presets; do
+    for t in gpu_kernels gpu_enff gpu_models memory presets; do
         echo "-- $t"
         ".device/test_$t" --test-threads=1 || status=1
     done
@@ -20,6 +20,8 @@ status=0
         --size 20x1e4 --size 20x1e6 --size 100x1e5 --size 1000x1e5 --cpu-budget 20 || status=1
     echo "== cycle benchmark (Lorenz-96, forecast + analysis)"
     .device/enff bench --cycles --cpu-budget 10 || status=1
+    echo "== grid-model benchmark (KS, NS forecasts and cycles; CPU and GPU in the same run)"
+    .device/enff bench --models || status=1
     echo "== full-size preset on the GPU"
     .device/enff run lorenz96_bao2024 --set model.d=1000000 --out /tmp/enff-l96-1e6 --force || status=1
     echo "== summary"

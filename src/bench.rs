@@ -21,6 +21,8 @@ use crate::flow::PathKind;
 use crate::observe::Observe;
 use crate::rng::{self, NoiseKey, Stream};
 
+pub mod models;
+
 /// The benchmark grid of `BENCHMARKS.md`: `(n, d)` pairs timed by default.
 pub const DEFAULT_GRID: [(usize, usize); 3] = [(20, 10_000), (20, 100_000), (100, 10_000)];
 

@@ -10,7 +10,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use enff::backend::gpu::{Gpu, GpuOptions};
 use enff::backend::{cpu::Cpu, Backend};
-use enff::experiment::config::SystemKind;
 use enff::experiment::trace::{Recorder, Trace, TraceOptions};
 use enff::experiment::{
     file, output, preset, sweep, Config, Experiment, OnDivergence, Report, RunOptions, Summary,
@@ -91,17 +90,11 @@ macro_rules! on_backend {
 }
 
 impl AnyBackend {
-    /// The backend for `choice`; `config`, when given, lets `auto` keep the grid models (no
-    /// GPU kernels yet) on the CPU.
+    /// The backend for `choice` (every model has GPU kernels, so `config` does not matter).
     fn choose(choice: BackendChoice, config: Option<&Config>) -> Result<AnyBackend> {
-        let cpu_only =
-            config.is_some_and(|c| matches!(c.model.system, SystemKind::Ks | SystemKind::Ns));
+        let _ = config;
         Ok(match choice {
             BackendChoice::Cpu => AnyBackend::Cpu(Cpu::new()),
-            BackendChoice::Auto if cpu_only => {
-                log::info!("this model has no GPU kernels yet: running on the CPU");
-                AnyBackend::Cpu(Cpu::new())
-            }
             BackendChoice::Gpu => AnyBackend::Gpu(Box::new(
                 Gpu::new(GpuOptions {
                     allow_software: true,
@@ -341,6 +334,10 @@ struct BenchArgs {
     /// d ∈ {1e4, 1e5, 1e6} and n ∈ {20, 100} (or the --size grid).
     #[arg(long)]
     cycles: bool,
+    /// Time the grid-model forecasts (KS d=1024, n=20/100; NS 64² and 256², n=20) in model
+    /// steps per second, and whole ks_1024 / ns_64 cycles, instead of analyses.
+    #[arg(long)]
+    models: bool,
 }
 
 fn main() -> ExitCode {
@@ -589,6 +586,14 @@ fn bench(args: BenchArgs, ui: Ui) -> Result<()> {
     };
     // The CPU always runs: GPU figures are reported as ratios against it in the same run.
     let run_cpu = true;
+    if args.models {
+        return Ok(enff::bench::models::run(
+            &cpu,
+            gpu.as_ref(),
+            args.quick,
+            args.reps,
+        )?);
+    }
     if args.cycles {
         return bench_cycles(&args, &grid, &cpu, gpu.as_ref(), run_cpu, ui);
     }

@@ -337,8 +337,9 @@ pub fn preset(name: &str) -> Result<Preset> {
             expected_rmse: (0.04, 0.055),
             expected_source: "measured with enff (CPU, all 200 cycles, mean of the last 50): \
                               0.0455-0.0465 on five of six seeds (seed 715319214 diverges at \
-                              cycle 21: a white-noise member blows up before the guidance \
-                              smooths it); paper v2 0.0465 (training seed)",
+                              cycle 21: one member's velocity grows from cycle 16 until the \
+                              explicit step blows up; with dt=5e-4, obs_every=20 it runs, \
+                              RMSE 0.041 at cycle 40); paper v2 0.0465 (training seed)",
         },
         // ENFF_SPEC §8.5, §9.6: the paper's Navier–Stokes benchmark, EnFF-F2P with the
         // Optuna-best K = 10 (9 flow steps) σ_min = 2.74e-4, λ = 1.008e-3 of §9.3 (a).

@@ -243,6 +243,31 @@ pub fn build_filter<B: Backend + 'static>(
     })
 }
 
+/// What to try when the forecast of `model` blew up (appended to the divergence report).
+fn forecast_hint(model: &crate::model::Model, cfg: &Config) -> String {
+    use crate::model::System;
+    let every = cfg.observe.obs_every;
+    match &model.system {
+        // Forward Euler with central advection amplifies grid-scale modes by about
+        // 1 + (|u|·dt/h)²/2 per step, which viscosity no longer damps once a member's local
+        // velocity grows: the step must shrink (ns_64's seed 715319214 blows up at dt = 1e-3
+        // and runs with dt = 5e-4).
+        System::NavierStokes2d(ns) => format!(
+            "the explicit Navier–Stokes step is stable only while max|u|·dt/h stays well below \
+             1 (h = {:.4}): halve model.dt and double observe.obs_every (now {} and {every}) to \
+             keep the observation interval",
+            ns.spacing(),
+            model.dt
+        ),
+        System::KuramotoSivashinsky(_) => format!(
+            "reduce model.dt (now {}) and raise observe.obs_every (now {every}) to keep the \
+             observation interval (the paper uses dt = 0.25)",
+            model.dt
+        ),
+        _ => "reduce model.dt or check the filter settings".to_string(),
+    }
+}
+
 /// A validated twin experiment.
 #[derive(Clone, Debug)]
 pub struct Experiment {
@@ -317,6 +342,32 @@ impl Experiment {
         if cfg.filter.kind == "enff-f2p" {
             parts.push(("previous analysis".to_string(), nd));
         }
+        // The grid models' GPU scratch (spectral.rs, stencil.rs), per member and fixed.
+        let mut grid_per_member = 0u64;
+        match cfg.model.system {
+            super::config::SystemKind::Ks => {
+                // Seven spectra of d/2 + 1 complex values and two packed signals of d/2.
+                grid_per_member = 4 * (7 * (d + 2) + 2 * d);
+                parts.push((
+                    "KS spectra and FFT buffers".to_string(),
+                    n * grid_per_member,
+                ));
+                // ETDRK4 tables (7 × (d/2 + 1) f32), FFT and real-FFT twiddles (d/2 + d/2 + 1).
+                parts.push((
+                    "KS ETDRK4 and twiddle tables".to_string(),
+                    4 * 7 * (d / 2 + 1) + 8 * (d + 1),
+                ));
+            }
+            super::config::SystemKind::Ns => {
+                // u*, v*, the divergence and the Jacobi ping-pong pressure: 4 n² per member.
+                grid_per_member = 4 * 4 * (d / 3);
+                parts.push((
+                    "NS scratch (u*, v*, b, p_tmp)".to_string(),
+                    n * grid_per_member,
+                ));
+            }
+            _ => {}
+        }
         if cfg.filter.integrator == crate::flow::Integrator::Heun {
             parts.push(("Heun predictor and velocity".to_string(), 2 * nd));
         }
@@ -325,7 +376,8 @@ impl Experiment {
             .filter(|p| p.1 % nd.max(1) == 0 && p.1 >= nd)
             .map(|p| p.1)
             .sum::<u64>()
-            / n.max(1);
+            / n.max(1)
+            + grid_per_member;
         MemoryEstimate {
             total: parts.iter().map(|p| p.1).sum(),
             parts,
@@ -684,7 +736,10 @@ impl Experiment {
             }
             let mut fc = backend.ensemble_stats(&ensemble, &truth)?;
             if !(fc.rmse.is_finite() && fc.spread.is_finite()) {
-                let event = locate(backend, &ensemble, &truth, cycle, "forecast")?;
+                let mut event = locate(backend, &ensemble, &truth, cycle, "forecast")?;
+                if event.stage == "forecast" {
+                    event.detail = format!("{}; {}", event.detail, forecast_hint(&model, cfg));
+                }
                 if options.on_divergence == OnDivergence::Stop || event.stage == "metrics" {
                     return Err(event.into_error());
                 }

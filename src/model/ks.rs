@@ -273,6 +273,17 @@ impl KuramotoSivashinsky {
         self.domain_pi_multiple
     }
 
+    /// The f32 ETDRK4 tables of the model, concatenated: `e^{hL}`, `e^{hL/2}`, `Q`, `f1`,
+    /// `f2`, `f3` and `−k/2`, each with `d/2 + 1` values (one per real-FFT bin). The GPU
+    /// forecast uploads exactly these, so both backends step with the same coefficients.
+    pub fn etdrk4_table(&self) -> Vec<f32> {
+        let c = &self.etdrk4;
+        [&c.e, &c.e2, &c.q, &c.f1, &c.f2, &c.f3, &c.g]
+            .iter()
+            .flat_map(|v| v.iter().copied())
+            .collect()
+    }
+
     /// Complex scratch values [`KuramotoSivashinsky::advance`] needs per state.
     pub fn scratch_len(&self) -> usize {
         self.etdrk4.scratch_len()

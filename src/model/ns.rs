@@ -358,7 +358,13 @@ impl NavierStokes2d {
         4 * self.n * self.n
     }
 
-    fn spacing(&self) -> f32 {
+    /// The forcing `f_u(y_j)` at every vertical index `j` (f32, computed in f64).
+    pub fn forcing_row(&self) -> &[f32] {
+        &self.forcing_row
+    }
+
+    /// Grid spacing `h = 2 / n` in f32, as the stencils use it.
+    pub fn spacing(&self) -> f32 {
         (DOMAIN_SIZE / self.n as f64) as f32
     }
 

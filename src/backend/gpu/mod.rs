@@ -27,6 +27,8 @@ use crate::rng::NoiseKey;
 
 pub mod context;
 mod params;
+mod spectral;
+mod stencil;
 
 pub use context::{list_adapters, AdapterSummary};
 use params::*;
@@ -162,6 +164,10 @@ pub struct Gpu {
     /// The device's own storage-binding limit (scratch buffers may use all of it).
     hw_max_binding: u64,
     kernels: Kernels,
+    /// FFT and Kuramoto–Sivashinsky kernels (`spectral.rs`).
+    spectral: spectral::Spectral,
+    /// Navier–Stokes kernels (`stencil.rs`).
+    stencil: stencil::Stencil,
     rec: Mutex<Recorder>,
     scratch: Mutex<Scratch>,
     ring: wgpu::Buffer,
@@ -269,6 +275,8 @@ impl Gpu {
         }
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let kernels = Kernels::new(&device);
+        let spectral = spectral::Spectral::new(&device);
+        let stencil = stencil::Stencil::new(&device);
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(format!("building the compute pipelines: {e}")));
         }
@@ -309,6 +317,8 @@ impl Gpu {
             max_binding,
             hw_max_binding,
             kernels,
+            spectral,
+            stencil,
             rec: Mutex::new(Recorder {
                 encoder: None,
                 ring: Vec::with_capacity(RING_BYTES as usize),
@@ -1104,14 +1114,8 @@ impl Backend for Gpu {
                     fix: "use a built-in model or --backend cpu".into(),
                 })
             }
-            System::KuramotoSivashinsky(_) | System::NavierStokes2d(_) => {
-                return Err(Error::Unsupported {
-                    backend: "gpu".into(),
-                    what: format!("the model `{}`", model.name()),
-                    fix: "use --backend cpu; GPU kernels for this model are not implemented yet"
-                        .into(),
-                })
-            }
+            System::KuramotoSivashinsky(ks) => return self.advance_ks(ks, states, steps),
+            System::NavierStokes2d(ns) => return self.advance_ns(ns, states, steps),
         };
         // Stage coefficients (argument = x + dt Σ c·k) and final weights.
         let (stages, weights): ([[f32; 3]; 4], [f32; 4]) = match model.scheme {
