@@ -26,6 +26,7 @@ use crate::observe::{ObservationOperator, Observe, Pointwise};
 use crate::rng::NoiseKey;
 
 pub mod context;
+mod ensemble_space;
 mod params;
 
 pub use context::{list_adapters, AdapterSummary};
@@ -159,6 +160,7 @@ pub struct Gpu {
     /// The device's own storage-binding limit (scratch buffers may use all of it).
     hw_max_binding: u64,
     kernels: Kernels,
+    ens_space: ensemble_space::EnsembleSpaceKernels,
     rec: Mutex<Recorder>,
     scratch: Mutex<Scratch>,
     ring: wgpu::Buffer,
@@ -261,6 +263,7 @@ impl Gpu {
         }
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let kernels = Kernels::new(&device);
+        let ens_space = ensemble_space::EnsembleSpaceKernels::new(&device);
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(format!("building the compute pipelines: {e}")));
         }
@@ -301,6 +304,7 @@ impl Gpu {
             max_binding,
             hw_max_binding,
             kernels,
+            ens_space,
             rec: Mutex::new(Recorder {
                 encoder: None,
                 ring: Vec::with_capacity(RING_BYTES as usize),
@@ -1526,6 +1530,26 @@ impl Backend for Gpu {
             }
         }
         Ok(())
+    }
+
+    fn observed_products(
+        &self,
+        hx: &GpuBuffer,
+        y: &GpuBuffer,
+        eta: Option<&GpuBuffer>,
+        out: &mut GpuBuffer,
+    ) -> Result<()> {
+        self.observed_products_gpu(hx, y, eta, out)
+    }
+
+    fn letkf_analysis(
+        &self,
+        ensemble: &mut GpuBuffer,
+        hx: &GpuBuffer,
+        y: &GpuBuffer,
+        local: &super::LocalAnalysis,
+    ) -> Result<()> {
+        self.letkf_gpu(ensemble, hx, y, local)
     }
 
     fn ensemble_stats(&self, ensemble: &GpuBuffer, truth: &GpuBuffer) -> Result<EnsembleStats> {
