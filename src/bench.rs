@@ -278,7 +278,7 @@ pub fn format_table(rows: &[AnalysisBench]) -> String {
 pub const FILTER_GRID: [(usize, usize); 3] = [(20, 1_000), (20, 10_000), (20, 100_000)];
 
 /// Filters [`bench_filter`] can time.
-pub const BENCH_FILTERS: [&str; 4] = ["letkf", "letkf-host", "enkf", "etkf"];
+pub const BENCH_FILTERS: [&str; 4] = ["letkf", "letkf-batched", "enkf", "etkf"];
 
 /// LETKF radius of the benchmarked analysis (the sakov2008 setting).
 pub const BENCH_LOC_RADIUS: f64 = 4.0;
@@ -286,8 +286,9 @@ pub const BENCH_LOC_RADIUS: f64 = 4.0;
 /// Timing of one baseline-filter analysis on one backend.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FilterBench {
-    /// Filter (`letkf`: the batched analysis; `letkf-host`: the f64 host reference; `enkf`:
-    /// the global EnKF-PO; `etkf`).
+    /// Filter (`letkf`: as the backend prefers it, the f64 host reference on the CPU and the
+    /// batched kernel on the GPU; `letkf-batched`: the batched analysis, on the CPU its twin;
+    /// `enkf`: the global EnKF-PO; `etkf`).
     pub filter: String,
     /// Backend name.
     pub backend: String,
@@ -325,10 +326,10 @@ pub fn bench_filter<B: Backend + 'static>(
     }
     let ring = Geometry::Ring { len: d };
     let mut f: Box<dyn Filter<B>> = match filter {
-        "letkf" | "letkf-host" => Box::new(
+        "letkf" | "letkf-batched" => Box::new(
             Letkf::<B>::new(BENCH_LOC_RADIUS, 1.0)?
                 .with_geometry(ring, DistanceKind::Geometry)
-                .with_host_reference(filter == "letkf-host"),
+                .with_batched(filter == "letkf-batched"),
         ),
         "enkf" => Box::new(EnkfPo::<B>::new(1.0, 7)?),
         "etkf" => Box::new(Etkf::<B>::new(1.0)?),

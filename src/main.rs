@@ -129,7 +129,7 @@ struct BenchArgs {
     /// d ∈ {1e4, 1e5, 1e6} and n ∈ {20, 100} (or the --size grid).
     #[arg(long)]
     cycles: bool,
-    /// Time baseline-filter analyses instead (comma-separated: letkf, letkf-host, enkf, etkf)
+    /// Time baseline-filter analyses instead (comma-separated: letkf, letkf-batched, enkf, etkf)
     /// over d ∈ {1e3, 1e4, 1e5}, n = 20 (or the --size grid).
     #[arg(long, value_delimiter = ',')]
     filters: Vec<String>,

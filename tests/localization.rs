@@ -205,6 +205,7 @@ fn batched_letkf_agrees_with_the_f64_reference() {
                 .unwrap()
                 .with_geometry(geometry, kind)
                 .with_host_reference(host)
+                .with_batched(!host)
                 .analyse(&cpu, &mut ens, None, &obs, 1)
                 .unwrap();
             cpu.read(&ens).unwrap()

@@ -275,6 +275,13 @@ pub trait Backend: Send + Sync {
         self.write(out, &host)
     }
 
+    /// True when [`Backend::letkf_analysis`] runs on a device and beats the f64 host LETKF
+    /// (the GPU). The CPU backend answers false: its filters run the f64 reference, which is
+    /// faster on the host than the twin's Jacobi solver; the twin serves the parity checks.
+    fn prefers_batched_letkf(&self) -> bool {
+        false
+    }
+
     /// The batched LETKF: replaces `ensemble` (`n × d`, `n ≤` [`LETKF_MAX_MEMBERS`]) by its
     /// analysis, one local ensemble-space analysis per cell of `local`, from `hx = h(ensemble)`
     /// and the observation `y` (no inflation). The default runs the CPU twin

@@ -8,13 +8,14 @@
 //! reference's convention). A filter built without a geometry uses the flattened ring.
 //!
 //! Two implementations:
-//! * the batched analysis of [`Backend::letkf_analysis`] (ensembles of up to
-//!   [`LETKF_MAX_MEMBERS`] members): on the GPU one workgroup per grid cell forms the local
-//!   `n × n` matrix and diagonalizes it with a cyclic Jacobi solver in f32, so only `y` and the
-//!   parameters cross to the device; the CPU backend runs the same algorithm on the host;
-//! * the reference in f64 on the host ([`Letkf::with_host_reference`], and every ensemble larger
-//!   than [`LETKF_MAX_MEMBERS`]), in parallel over components, with the ensemble crossing to the
-//!   host and back once per analysis on the GPU.
+//! * the batched analysis of [`Backend::letkf_analysis`], used on backends that prefer it (the
+//!   GPU, [`Backend::prefers_batched_letkf`]) for ensembles of up to [`LETKF_MAX_MEMBERS`]
+//!   members: one workgroup per grid cell forms the local `n × n` matrix and diagonalizes it
+//!   with a cyclic Jacobi solver in f32, so nothing of size `d` or `m` crosses to the host; its
+//!   CPU twin runs the same algorithm on the host ([`Letkf::with_batched`] forces it);
+//! * the reference in f64 on the host: on the CPU backend, for every ensemble larger than
+//!   [`LETKF_MAX_MEMBERS`] on the GPU (the ensemble then crosses to the host and back once per
+//!   analysis), and with [`Letkf::with_host_reference`]. It runs in parallel over components.
 //!
 //! Accuracy of the f32 batched analysis: the local matrices have eigenvalues ≥ n − 1, so the
 //! Jacobi solver's rounding error stays near f32 precision; the analysis agrees with the f64
@@ -37,6 +38,7 @@ pub struct Letkf<B: Backend> {
     geometry: Option<Geometry>,
     distance: DistanceKind,
     host_reference: bool,
+    batched: bool,
     hx: Option<B::Buffer>,
 }
 
@@ -53,6 +55,7 @@ impl<B: Backend> Letkf<B> {
             geometry: None,
             distance: DistanceKind::Flattened,
             host_reference: false,
+            batched: false,
             hx: None,
         })
     }
@@ -67,6 +70,13 @@ impl<B: Backend> Letkf<B> {
     /// Always runs the f64 host reference instead of the batched analysis.
     pub fn with_host_reference(mut self, on: bool) -> Self {
         self.host_reference = on;
+        self
+    }
+
+    /// Runs the batched analysis ([`Backend::letkf_analysis`]) whenever the ensemble fits it,
+    /// also on backends that prefer the host reference (the CPU twin, for checks).
+    pub fn with_batched(mut self, on: bool) -> Self {
+        self.batched = on;
         self
     }
 
@@ -135,11 +145,12 @@ impl<B: Backend> Letkf<B> {
                 let eig = SymmetricEigen::new(c);
                 let lam = eig.eigenvalues.map(|l| l.max(1e-9));
                 let u = &eig.eigenvectors;
-                let c_inv = u * DMatrix::from_diagonal(&lam.map(|l| 1.0 / l)) * u.transpose();
-                let t = u * DMatrix::from_diagonal(&lam.map(|l| (n1 / l).sqrt())) * u.transpose();
-                let w = &c_inv * (&at * dt);
-                let mean_a = mean + w.dot(&a);
-                let aa = &t * &a;
+                // w·a = (Uᵀ Ã d)ᵀ Λ⁻¹ (Uᵀ a), T a = U diag(√(n1/λ)) Uᵀ a.
+                let ua = u.tr_mul(&a);
+                let ub = u.tr_mul(&(&at * dt));
+                let wa: f64 = (0..n).map(|l| ub[l] * ua[l] / lam[l]).sum();
+                let aa = u * DVector::from_fn(n, |l, _| ua[l] * (n1 / lam[l]).sqrt());
+                let mean_a = mean + wa;
                 (0..n).map(|i| (mean_a + aa[i]) as f32).collect()
             })
             .collect();
@@ -185,8 +196,9 @@ impl<B: Backend> Filter<B> for Letkf<B> {
         })?;
         let (n, d) = (ensemble.rows(), ensemble.cols());
         let loc = self.localization(d)?;
-        if self.host_reference || n > LETKF_MAX_MEMBERS {
-            if n > LETKF_MAX_MEMBERS && !self.host_reference {
+        let batched = (self.batched || backend.prefers_batched_letkf()) && !self.host_reference;
+        if !batched || n > LETKF_MAX_MEMBERS {
+            if n > LETKF_MAX_MEMBERS && batched {
                 log::debug!(
                     "LETKF with n = {n} > {LETKF_MAX_MEMBERS} members: host analysis in f64"
                 );

@@ -1542,6 +1542,10 @@ impl Backend for Gpu {
         self.observed_products_gpu(hx, y, eta, out)
     }
 
+    fn prefers_batched_letkf(&self) -> bool {
+        true
+    }
+
     fn letkf_analysis(
         &self,
         ensemble: &mut GpuBuffer,
