@@ -377,12 +377,12 @@ pub fn bench_filter<B: Backend + 'static>(
 /// A table of baseline-filter timings (milliseconds per analysis).
 pub fn format_filter_table(rows: &[FilterBench]) -> String {
     let mut s = format!(
-        "{:<11} {:<7} {:>5} {:>9} {:>5} {:>12} {:>10}\n",
+        "{:<13} {:<7} {:>5} {:>9} {:>5} {:>12} {:>10}\n",
         "filter", "backend", "n", "d", "reps", "ms/analysis", "best ms"
     );
     for r in rows {
         s.push_str(&format!(
-            "{:<11} {:<7} {:>5} {:>9} {:>5} {:>12.3} {:>10.3}\n",
+            "{:<13} {:<7} {:>5} {:>9} {:>5} {:>12.3} {:>10.3}\n",
             r.filter,
             r.backend,
             r.n,

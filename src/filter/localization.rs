@@ -94,7 +94,7 @@ impl Localization {
 
 /// The index of the observation of `op` (of `m`) sitting at component `c`, if any.
 pub fn observation_at(op: &Observe, m: usize, c: usize) -> Option<usize> {
-    if c < op.offset || (c - op.offset) % op.every != 0 {
+    if c < op.offset || !(c - op.offset).is_multiple_of(op.every) {
         return None;
     }
     let q = (c - op.offset) / op.every;

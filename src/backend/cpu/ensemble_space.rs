@@ -134,7 +134,7 @@ impl LocalAnalysis {
                 let c = ((r0 + dr).rem_euclid(nx) * ny + (c0 + dc).rem_euclid(ny)) as usize;
                 for fld in 0..self.fields {
                     let comp = fld * cells + c;
-                    if comp >= self.offset && (comp - self.offset) % self.every == 0 {
+                    if comp >= self.offset && (comp - self.offset).is_multiple_of(self.every) {
                         let q = (comp - self.offset) / self.every;
                         if q < m {
                             f(q, rho);
