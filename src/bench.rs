@@ -276,6 +276,127 @@ pub fn format_table(rows: &[AnalysisBench]) -> String {
     s
 }
 
+/// The baseline-filter grid of `BENCHMARKS.md`: Lorenz-96 sizes `d ∈ {1e3, 1e4, 1e5}`, n = 20.
+pub const FILTER_GRID: [(usize, usize); 3] = [(20, 1_000), (20, 10_000), (20, 100_000)];
+
+/// Filters [`bench_filter`] can time.
+pub const BENCH_FILTERS: [&str; 4] = ["letkf", "letkf-batched", "enkf", "etkf"];
+
+/// LETKF radius of the benchmarked analysis (the sakov2008 setting).
+pub const BENCH_LOC_RADIUS: f64 = 4.0;
+
+/// Timing of one baseline-filter analysis on one backend.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FilterBench {
+    /// Filter (`letkf`: as the backend prefers it, the f64 host reference on the CPU and the
+    /// batched kernel on the GPU; `letkf-batched`: the batched analysis, on the CPU its twin;
+    /// `enkf`: the global EnKF-PO; `etkf`).
+    pub filter: String,
+    /// Backend name.
+    pub backend: String,
+    /// Ensemble size.
+    pub n: usize,
+    /// State dimension (a Lorenz-96 ring).
+    pub d: usize,
+    /// Number of timed analyses.
+    pub reps: usize,
+    /// Median seconds of one analysis.
+    pub seconds_per_analysis: f64,
+    /// Fastest analysis, in seconds.
+    pub seconds_best: f64,
+}
+
+/// Times `reps` analyses of a baseline filter (after `warmup` untimed ones) on the random
+/// `n × d` problem of [`BenchProblem`] (arctan observation of every component, σ_y = 0.1),
+/// localizing on the Lorenz-96 ring of `d` components with radius [`BENCH_LOC_RADIUS`].
+pub fn bench_filter<B: Backend + 'static>(
+    backend: &B,
+    filter: &str,
+    n: usize,
+    d: usize,
+    reps: usize,
+    warmup: usize,
+) -> Result<FilterBench> {
+    use crate::filter::{EnkfPo, Etkf, Letkf};
+    use crate::model::{DistanceKind, Geometry};
+    if reps == 0 {
+        return Err(Error::invalid(
+            "bench reps",
+            reps,
+            "time at least one analysis (reps >= 1)",
+        ));
+    }
+    let ring = Geometry::Ring { len: d };
+    let mut f: Box<dyn Filter<B>> = match filter {
+        "letkf" | "letkf-batched" => Box::new(
+            Letkf::<B>::new(BENCH_LOC_RADIUS, 1.0)?
+                .with_geometry(ring, DistanceKind::Geometry)
+                .with_batched(filter == "letkf-batched"),
+        ),
+        "enkf" => Box::new(EnkfPo::<B>::new(1.0, 7)?),
+        "etkf" => Box::new(Etkf::<B>::new(1.0)?),
+        other => {
+            return Err(Error::UnknownFilter {
+                name: other.to_string(),
+                known: BENCH_FILTERS.join(", "),
+            })
+        }
+    };
+    let mut problem = BenchProblem::new(backend, n, d)?;
+    let mut times = Vec::with_capacity(reps);
+    for r in 0..warmup + reps {
+        backend.copy(&problem.forecast, &mut problem.ensemble)?;
+        backend.sync()?;
+        let obs = Observation {
+            y: &problem.y,
+            operator: &problem.operator,
+            noise_std: BENCH_OBS_NOISE_STD,
+        };
+        let start = Instant::now();
+        f.analyse(backend, &mut problem.ensemble, None, &obs, r as u32 + 1)?;
+        backend.sync()?;
+        if r >= warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = if reps % 2 == 1 {
+        times[reps / 2]
+    } else {
+        0.5 * (times[reps / 2 - 1] + times[reps / 2])
+    };
+    Ok(FilterBench {
+        filter: filter.to_string(),
+        backend: backend.name().to_string(),
+        n,
+        d,
+        reps,
+        seconds_per_analysis: median,
+        seconds_best: times[0],
+    })
+}
+
+/// A table of baseline-filter timings (milliseconds per analysis).
+pub fn format_filter_table(rows: &[FilterBench]) -> String {
+    let mut s = format!(
+        "{:<13} {:<7} {:>5} {:>9} {:>5} {:>12} {:>10}\n",
+        "filter", "backend", "n", "d", "reps", "ms/analysis", "best ms"
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "{:<13} {:<7} {:>5} {:>9} {:>5} {:>12.3} {:>10.3}\n",
+            r.filter,
+            r.backend,
+            r.n,
+            r.d,
+            r.reps,
+            r.seconds_per_analysis * 1e3,
+            r.seconds_best * 1e3
+        ));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +420,23 @@ mod tests {
         let table = format_table(&[r]);
         assert_eq!(table.lines().count(), 2);
         assert!(table.contains("cpu") && table.contains("f2p"));
+    }
+
+    #[test]
+    fn filter_bench_times_every_baseline() {
+        let cpu = Cpu::new();
+        let rows: Vec<FilterBench> = BENCH_FILTERS
+            .iter()
+            .map(|f| bench_filter(&cpu, f, 5, 41, 1, 0).unwrap())
+            .collect();
+        for r in &rows {
+            assert!(r.seconds_per_analysis > 0.0 && r.d == 41 && r.n == 5);
+        }
+        assert_eq!(
+            format_filter_table(&rows).lines().count(),
+            1 + BENCH_FILTERS.len()
+        );
+        assert!(bench_filter(&cpu, "kf", 5, 41, 1, 0).is_err());
     }
 
     #[test]

@@ -338,6 +338,10 @@ struct BenchArgs {
     /// steps per second, and whole ks_1024 / ns_64 cycles, instead of analyses.
     #[arg(long)]
     models: bool,
+    /// Time baseline-filter analyses instead (comma-separated: letkf, letkf-batched, enkf, etkf)
+    /// over d ∈ {1e3, 1e4, 1e5}, n = 20 (or the --size grid).
+    #[arg(long, value_delimiter = ',')]
+    filters: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -527,6 +531,40 @@ fn info() -> Result<()> {
     Ok(())
 }
 
+/// `enff bench --filters …`: baseline-filter analyses on the CPU and, when present, the GPU.
+fn bench_filters(
+    args: &BenchArgs,
+    grid: &[(usize, usize)],
+    cpu: &Cpu,
+    gpu: Option<&Gpu>,
+) -> Result<()> {
+    let mut rows = Vec::new();
+    for f in &args.filters {
+        for &(n, d) in grid {
+            let r = enff::bench::bench_filter(cpu, f, n, d, args.reps, 1)?;
+            eprint!(
+                "{}",
+                enff::bench::format_filter_table(std::slice::from_ref(&r))
+            );
+            rows.push(r);
+            if let Some(g) = gpu {
+                let r = enff::bench::bench_filter(g, f, n, d, args.reps, 1)?;
+                eprint!(
+                    "{}",
+                    enff::bench::format_filter_table(std::slice::from_ref(&r))
+                );
+                rows.push(r);
+            }
+        }
+    }
+    if let Some(g) = gpu {
+        println!("gpu: {}", g.describe());
+    }
+    println!("cpu: {}", cpu.describe());
+    print!("{}", enff::bench::format_filter_table(&rows));
+    Ok(())
+}
+
 fn bench(args: BenchArgs, ui: Ui) -> Result<()> {
     let path = match args.path.as_str() {
         "f2p" => enff::flow::PathKind::F2p,
@@ -584,6 +622,14 @@ fn bench(args: BenchArgs, ui: Ui) -> Result<()> {
             }
         },
     };
+    if !args.filters.is_empty() {
+        let grid = if args.sizes.is_empty() {
+            enff::bench::FILTER_GRID.to_vec()
+        } else {
+            grid
+        };
+        return bench_filters(&args, &grid, &cpu, gpu.as_ref());
+    }
     // The CPU always runs: GPU figures are reported as ratios against it in the same run.
     let run_cpu = true;
     if args.models {

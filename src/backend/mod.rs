@@ -17,6 +17,8 @@ use crate::rng::NoiseKey;
 pub mod cpu;
 pub mod gpu;
 
+pub use cpu::ensemble_space::{LocalAnalysis, LETKF_MAX_MEMBERS};
+
 /// A matrix of f32 owned by a backend.
 pub trait DeviceBuffer: Send + Sync {
     /// Number of rows (members).
@@ -258,6 +260,51 @@ pub trait Backend: Send + Sync {
             },
             None,
         )
+    }
+
+    /// Ensemble-space products of the observed anomalies `ã_i = hx_i − ȳ` (`hx` is `n × m`):
+    /// `out` (`(n + 1 + e) × n`) receives the Gram matrix `ã_i · ã_j` (rows `0..n`), the
+    /// projected innovation `ã_j · (y − ȳ)` (row `n`) and, when `eta` (`e × m`) is given, the
+    /// projected perturbations `ã_j · η_r` (rows `n + 1 + r`). Only this `n`-sized result needs
+    /// to reach the host; the default computes it there (the CPU twin,
+    /// [`cpu::ensemble_space::observed_products`]).
+    fn observed_products(
+        &self,
+        hx: &Self::Buffer,
+        y: &Self::Buffer,
+        eta: Option<&Self::Buffer>,
+        out: &mut Self::Buffer,
+    ) -> Result<()> {
+        let (hx, y) = (self.read(hx)?, self.read(y)?);
+        let eta = eta.map(|e| self.read(e)).transpose()?;
+        let mut host = vec![0.0f32; out.len()];
+        cpu::ensemble_space::observed_products(&hx, out.cols(), &y, eta.as_deref(), &mut host)?;
+        self.write(out, &host)
+    }
+
+    /// True when [`Backend::letkf_analysis`] runs on a device and beats the f64 host LETKF
+    /// (the GPU). The CPU backend answers false: its filters run the f64 reference, which is
+    /// faster on the host than the twin's Jacobi solver; the twin serves the parity checks.
+    fn prefers_batched_letkf(&self) -> bool {
+        false
+    }
+
+    /// The batched LETKF: replaces `ensemble` (`n × d`, `n ≤` [`LETKF_MAX_MEMBERS`]) by its
+    /// analysis, one local ensemble-space analysis per cell of `local`, from `hx = h(ensemble)`
+    /// and the observation `y` (no inflation). The default runs the CPU twin
+    /// ([`cpu::ensemble_space::letkf_analysis`]) on the host.
+    fn letkf_analysis(
+        &self,
+        ensemble: &mut Self::Buffer,
+        hx: &Self::Buffer,
+        y: &Self::Buffer,
+        local: &LocalAnalysis,
+    ) -> Result<()> {
+        let n = ensemble.rows();
+        let mut x = self.read(ensemble)?;
+        let (hx, y) = (self.read(hx)?, self.read(y)?);
+        cpu::ensemble_space::letkf_analysis(&mut x, n, &hx, &y, local)?;
+        self.write(ensemble, &x)
     }
 
     // ---- metrics -----------------------------------------------------------------------------

@@ -122,13 +122,14 @@ pub struct FilterConfig {
     /// EnSF: `euler_maruyama` (SDE) or `probability_flow` (ODE).
     #[serde(default)]
     pub sampler: ScoreSampler,
-    /// LETKF: Gaspari–Cohn localization radius in grid points (DAPPER's 1.82 convention).
-    #[serde(default = "default_loc_radius")]
-    pub loc_radius: f64,
-}
-
-fn default_loc_radius() -> f64 {
-    4.0
+    /// LETKF and EnKF: Gaspari–Cohn localization radius in grid points (DAPPER's 1.82
+    /// convention). Unset: a global EnKF, and the LETKF's default radius 4.
+    #[serde(default)]
+    pub loc_radius: Option<f64>,
+    /// Where localization distances are measured: `geometry` (the model's ring or torus) or
+    /// `flattened` (periodic index distance, the reference's convention).
+    #[serde(default)]
+    pub loc_distance: crate::model::DistanceKind,
 }
 
 fn default_eps_alpha() -> f32 {
@@ -290,14 +291,8 @@ impl Config {
         if self.filter.kind == "ensf" {
             self.ensf_config().validate()?;
         }
-        if self.filter.kind == "letkf"
-            && !(self.filter.loc_radius.is_finite() && self.filter.loc_radius > 0.0)
-        {
-            return Err(Error::invalid(
-                "filter.loc_radius",
-                self.filter.loc_radius,
-                "the localization radius must be positive (tuned in 1-16 grid points)",
-            ));
+        if let Some(r) = self.filter.loc_radius {
+            crate::filter::localization::check_radius(r)?;
         }
         Ok(())
     }
@@ -458,6 +453,15 @@ impl Config {
                     .ok_or_else(|| bad("a finite number"))?
             }
             Value::Bool(_) => Value::Bool(value.parse::<bool>().map_err(|_| bad("true or false"))?),
+            // An unset optional setting: a number if the value reads as one.
+            Value::Null => match value
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+            {
+                Some(n) => Value::Number(n),
+                None => Value::String(value.to_string()),
+            },
             _ => Value::String(value.to_string()),
         };
         *slot = new;

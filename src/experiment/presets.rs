@@ -57,7 +57,8 @@ fn enff_f2p(sigma_min: f32, guidance_scale: f32, flow_steps: usize) -> FilterCon
         eps_beta: 0.025,
         max_score: 1000.0,
         sampler: Default::default(),
-        loc_radius: 4.0,
+        loc_radius: None,
+        loc_distance: Default::default(),
     }
 }
 

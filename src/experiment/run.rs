@@ -221,8 +221,30 @@ pub fn build_filter<B: Backend + 'static>(
         "enff-f2p" | "enff-ot" => Box::new(Enff::<B>::new(config.enff_config()?)?),
         "ensf" => Box::new(crate::filter::Ensf::<B>::new(config.ensf_config())?),
         "etkf" => Box::new(crate::filter::Etkf::<B>::new(f.inflation)?),
-        "letkf" => Box::new(crate::filter::Letkf::<B>::new(f.loc_radius, f.inflation)?),
-        "enkf" => Box::new(crate::filter::EnkfPo::<B>::new(f.inflation, seed)?),
+        "letkf" => Box::new(
+            crate::filter::Letkf::<B>::new(
+                f.loc_radius
+                    .unwrap_or(crate::filter::localization::DEFAULT_LETKF_RADIUS),
+                f.inflation,
+            )?
+            .with_geometry(model.geometry(), f.loc_distance),
+        ),
+        "enkf" => {
+            let localization = f
+                .loc_radius
+                .map(|r| {
+                    crate::filter::localization::Localization::new(
+                        r,
+                        model.geometry(),
+                        f.loc_distance,
+                        model.dim(),
+                    )
+                })
+                .transpose()?;
+            Box::new(
+                crate::filter::EnkfPo::<B>::new(f.inflation, seed)?.with_localization(localization),
+            )
+        }
         "bpf" => Box::new(crate::filter::ParticleFilter::<B>::new(
             f.resampling,
             f.jitter,

@@ -21,6 +21,7 @@ use crate::model::{rk, Model, System};
 use crate::observe::ObservationOperator;
 use crate::rng::{self, NoiseKey};
 
+pub mod ensemble_space;
 pub mod fft;
 mod flow;
 pub mod simd;

@@ -26,6 +26,7 @@ use crate::observe::{ObservationOperator, Observe, Pointwise};
 use crate::rng::NoiseKey;
 
 pub mod context;
+mod ensemble_space;
 mod params;
 mod spectral;
 mod stencil;
@@ -168,6 +169,7 @@ pub struct Gpu {
     spectral: spectral::Spectral,
     /// Navier–Stokes kernels (`stencil.rs`).
     stencil: stencil::Stencil,
+    ens_space: ensemble_space::EnsembleSpaceKernels,
     rec: Mutex<Recorder>,
     scratch: Mutex<Scratch>,
     ring: wgpu::Buffer,
@@ -277,6 +279,7 @@ impl Gpu {
         let kernels = Kernels::new(&device);
         let spectral = spectral::Spectral::new(&device);
         let stencil = stencil::Stencil::new(&device);
+        let ens_space = ensemble_space::EnsembleSpaceKernels::new(&device);
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(format!("building the compute pipelines: {e}")));
         }
@@ -319,6 +322,7 @@ impl Gpu {
             kernels,
             spectral,
             stencil,
+            ens_space,
             rec: Mutex::new(Recorder {
                 encoder: None,
                 ring: Vec::with_capacity(RING_BYTES as usize),
@@ -1567,6 +1571,30 @@ impl Backend for Gpu {
             }
         }
         Ok(())
+    }
+
+    fn observed_products(
+        &self,
+        hx: &GpuBuffer,
+        y: &GpuBuffer,
+        eta: Option<&GpuBuffer>,
+        out: &mut GpuBuffer,
+    ) -> Result<()> {
+        self.observed_products_gpu(hx, y, eta, out)
+    }
+
+    fn prefers_batched_letkf(&self) -> bool {
+        true
+    }
+
+    fn letkf_analysis(
+        &self,
+        ensemble: &mut GpuBuffer,
+        hx: &GpuBuffer,
+        y: &GpuBuffer,
+        local: &super::LocalAnalysis,
+    ) -> Result<()> {
+        self.letkf_gpu(ensemble, hx, y, local)
     }
 
     fn ensemble_stats(&self, ensemble: &GpuBuffer, truth: &GpuBuffer) -> Result<EnsembleStats> {

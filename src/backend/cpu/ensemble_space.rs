@@ -1,0 +1,490 @@
+//! CPU twins of the ensemble-space kernels: the observed-anomaly products of the ETKF and the
+//! EnKF (`shaders/obs_products.wgsl`) and the batched local analyses of the LETKF
+//! (`shaders/letkf.wgsl`). They follow the kernels' algorithms step for step (the LETKF twin in
+//! f32, with the same cyclic Jacobi eigen-solver), so the GPU can be checked against them; the
+//! f64 LETKF of `filter::letkf` stays the reference for both.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::filter::localization::{Localization, RHO_MIN};
+use crate::model::Geometry;
+use crate::observe::Observe;
+
+/// Largest ensemble the batched LETKF kernel handles (its `n × n` matrices live in workgroup
+/// memory). Larger ensembles run the host LETKF instead.
+pub const LETKF_MAX_MEMBERS: usize = 32;
+
+/// Sweeps of the cyclic Jacobi eigen-solver at most (it usually converges in 5–7).
+pub const JACOBI_MAX_SWEEPS: u32 = 10;
+
+/// The Jacobi iteration stops when `Σ_{p<q} a_pq² ≤ JACOBI_TOL · Σ_p a_pp²`.
+pub const JACOBI_TOL: f32 = 1e-12;
+
+/// Eigenvalue floor of the local ensemble-space matrices.
+pub const EIG_FLOOR: f32 = 1e-9;
+
+/// Everything a batched LETKF analysis needs to know about space and observations.
+///
+/// The state is `fields` components on each cell of an `nx × ny` periodic grid (a ring is
+/// `ny = 1`, `fields = 1`); component `f · nx·ny + cell` is field `f` at `cell`. All components
+/// of one cell share one local analysis. Observations come from a built-in operator with stride
+/// `every` from `offset`, with noise std `noise_std`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LocalAnalysis {
+    /// Grid rows (ring length for a ring).
+    pub nx: usize,
+    /// Grid columns (1 for a ring).
+    pub ny: usize,
+    /// Components per cell.
+    pub fields: usize,
+    /// Observation stride.
+    pub every: usize,
+    /// First observed component.
+    pub offset: usize,
+    /// Gaspari–Cohn radius in grid spacings.
+    pub radius: f32,
+    /// Observation noise std `σ_y`.
+    pub noise_std: f32,
+}
+
+impl LocalAnalysis {
+    /// The local-analysis layout of a localization and a built-in operator.
+    pub fn new(loc: &Localization, op: &Observe, noise_std: f32) -> Self {
+        let (nx, ny, fields) = match loc.geometry {
+            Geometry::Torus { nx, ny, fields } => (nx, ny, fields),
+            Geometry::Ring { len } | Geometry::Flattened { len } => (len, 1, 1),
+            Geometry::None => (0, 1, 1),
+        };
+        LocalAnalysis {
+            nx,
+            ny,
+            fields,
+            every: op.every,
+            offset: op.offset,
+            radius: loc.radius as f32,
+            noise_std,
+        }
+    }
+
+    /// Cells of the grid.
+    pub fn cells(&self) -> usize {
+        self.nx * self.ny
+    }
+
+    /// The state dimension the layout describes.
+    pub fn dim(&self) -> usize {
+        self.cells() * self.fields
+    }
+
+    /// Checks the layout against an `n × d` ensemble and `m` observations.
+    pub fn check(&self, n: usize, d: usize, m: usize) -> Result<()> {
+        if !(2..=LETKF_MAX_MEMBERS).contains(&n) {
+            return Err(Error::invalid(
+                "ensemble.n",
+                n,
+                format!(
+                    "the batched LETKF handles 2 to {LETKF_MAX_MEMBERS} members; larger \
+                     ensembles use the host LETKF"
+                ),
+            ));
+        }
+        if self.dim() != d || self.nx == 0 || self.ny == 0 {
+            return Err(Error::shape(
+                "LETKF layout",
+                format!("{d} components"),
+                format!("{} x {} cells x {} fields", self.nx, self.ny, self.fields),
+            ));
+        }
+        if self.every == 0 || d <= self.offset || (d - self.offset).div_ceil(self.every) != m {
+            return Err(Error::shape(
+                "LETKF observations",
+                format!("{m} observations"),
+                format!("every {} from {} of {d}", self.every, self.offset),
+            ));
+        }
+        crate::filter::localization::check_radius(self.radius as f64)?;
+        crate::error::check_positive(
+            "observe.noise_std",
+            self.noise_std as f64,
+            "the observation noise std must be positive",
+        )
+    }
+
+    /// Calls `f(q, ρ)` for every observation in the local analysis of `cell`, in the kernel's
+    /// order (rows, then columns, then fields), with the kernel's f32 taper.
+    pub fn for_each_local(&self, cell: usize, m: usize, mut f: impl FnMut(usize, f32)) {
+        let (nx, ny) = (self.nx as i64, self.ny as i64);
+        let reach = 2.0 * 1.82 * self.radius;
+        let r = reach.floor() as i64;
+        let (lo_x, hi_x) = (r.min((nx - 1) / 2), r.min(nx / 2));
+        let (lo_y, hi_y) = (r.min((ny - 1) / 2), r.min(ny / 2));
+        let (r0, c0) = ((cell / self.ny) as i64, (cell % self.ny) as i64);
+        let cells = self.cells();
+        for dr in -lo_x..=hi_x {
+            for dc in -lo_y..=hi_y {
+                let dist = ((dr * dr + dc * dc) as f32).sqrt();
+                if dist > reach {
+                    continue;
+                }
+                let rho = gaspari_cohn_f32(dist, self.radius);
+                if rho <= RHO_MIN as f32 {
+                    continue;
+                }
+                let c = ((r0 + dr).rem_euclid(nx) * ny + (c0 + dc).rem_euclid(ny)) as usize;
+                for fld in 0..self.fields {
+                    let comp = fld * cells + c;
+                    if comp >= self.offset && (comp - self.offset).is_multiple_of(self.every) {
+                        let q = (comp - self.offset) / self.every;
+                        if q < m {
+                            f(q, rho);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Gaspari–Cohn in f32, as the kernel evaluates it (same polynomial as
+/// [`crate::filter::localization::gaspari_cohn`]).
+pub fn gaspari_cohn_f32(dist: f32, radius: f32) -> f32 {
+    let z = dist.abs() / (1.82 * radius);
+    let v = if z < 1.0 {
+        1.0 - 5.0 / 3.0 * z * z + 5.0 / 8.0 * z * z * z + 0.5 * z.powi(4) - 0.25 * z.powi(5)
+    } else if z < 2.0 {
+        z.powi(5) / 12.0 - 0.5 * z.powi(4) + 5.0 / 8.0 * z * z * z + 5.0 / 3.0 * z * z - 5.0 * z
+            + 4.0
+            - 2.0 / (3.0 * z)
+    } else {
+        0.0
+    };
+    v.clamp(0.0, 1.0)
+}
+
+/// The Jacobi rotation `(c, s)` that zeroes `a_pq` of a symmetric matrix.
+#[inline]
+pub fn jacobi_rotation(app: f32, aqq: f32, apq: f32) -> (f32, f32) {
+    if apq.abs() < 1e-30 {
+        return (1.0, 0.0);
+    }
+    let theta = (aqq - app) / (2.0 * apq);
+    let t = if theta.abs() > 1e18 {
+        0.5 / theta
+    } else {
+        let sgn = if theta < 0.0 { -1.0 } else { 1.0 };
+        sgn / (theta.abs() + (theta * theta + 1.0).sqrt())
+    };
+    let c = 1.0 / (t * t + 1.0).sqrt();
+    (c, t * c)
+}
+
+/// Cyclic Jacobi eigen-decomposition of the symmetric `n × n` matrix `a` (row-major, f32), in
+/// place: on return the diagonal of `a` holds the eigenvalues and the columns of `v` the
+/// eigenvectors. Each rotation is `a ← Jᵀ a J` applied as a row pass then a column pass, as in
+/// the kernel. Returns the number of sweeps run.
+pub fn jacobi_eigen(a: &mut [f32], v: &mut [f32], n: usize) -> u32 {
+    v.iter_mut().for_each(|x| *x = 0.0);
+    for i in 0..n {
+        v[i * n + i] = 1.0;
+    }
+    let mut sweeps = 0;
+    while sweeps < JACOBI_MAX_SWEEPS {
+        let (mut off, mut diag) = (0.0f32, 0.0f32);
+        for i in 0..n {
+            diag += a[i * n + i] * a[i * n + i];
+            for j in i + 1..n {
+                off += a[i * n + j] * a[i * n + j];
+            }
+        }
+        if off <= JACOBI_TOL * diag {
+            break;
+        }
+        sweeps += 1;
+        for p in 0..n.saturating_sub(1) {
+            for q in p + 1..n {
+                let (c, s) = jacobi_rotation(a[p * n + p], a[q * n + q], a[p * n + q]);
+                for t in 0..n {
+                    let (apt, aqt) = (a[p * n + t], a[q * n + t]);
+                    a[p * n + t] = c * apt - s * aqt;
+                    a[q * n + t] = s * apt + c * aqt;
+                }
+                for t in 0..n {
+                    let (atp, atq) = (a[t * n + p], a[t * n + q]);
+                    a[t * n + p] = c * atp - s * atq;
+                    a[t * n + q] = s * atp + c * atq;
+                    let (vtp, vtq) = (v[t * n + p], v[t * n + q]);
+                    v[t * n + p] = c * vtp - s * vtq;
+                    v[t * n + q] = s * vtp + c * vtq;
+                }
+            }
+        }
+    }
+    sweeps
+}
+
+/// The batched LETKF (twin of `shaders/letkf.wgsl`): replaces the forecast `x` (`n × d`,
+/// row-major) by its analysis, without inflation. `hx` is `h(x)` (`n × m`), `y` the observation.
+///
+/// For every cell: `C = Σ_q ρ_q ã_q ã_qᵀ/σ² + (n−1) I` and `b = Σ_q ρ_q ã_q (y_q − ȳ_q)/σ²`
+/// over the cell's local observations (`ã_q` the observed anomalies), `C = V Λ Vᵀ` by cyclic
+/// Jacobi, `w = C⁻¹ b`, `T = √(n−1) C^{-1/2}`; every component of the cell gets
+/// `x̄_a = x̄ + wᵀa`, `a_a = T a`.
+pub fn letkf_analysis(
+    x: &mut [f32],
+    n: usize,
+    hx: &[f32],
+    y: &[f32],
+    local: &LocalAnalysis,
+) -> Result<()> {
+    let d = local.dim();
+    let m = y.len();
+    local.check(n, d, m)?;
+    if x.len() != n * d || hx.len() != n * m {
+        return Err(Error::shape(
+            "LETKF inputs",
+            format!("{n} x {d} ensemble and {n} x {m} observed ensemble"),
+            format!("{} and {} values", x.len(), hx.len()),
+        ));
+    }
+    let cells = local.cells();
+    let fields = local.fields;
+    let xs: &[f32] = x;
+    let columns: Vec<Vec<f32>> = (0..cells)
+        .into_par_iter()
+        .map(|cell| letkf_cell(cell, xs, n, d, hx, y, local))
+        .collect();
+    for (cell, out) in columns.iter().enumerate() {
+        for f in 0..fields {
+            let k = f * cells + cell;
+            for i in 0..n {
+                x[i * d + k] = out[f * n + i];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One cell of [`letkf_analysis`]: the analysed columns of its `fields` components.
+fn letkf_cell(
+    cell: usize,
+    x: &[f32],
+    n: usize,
+    d: usize,
+    hx: &[f32],
+    y: &[f32],
+    local: &LocalAnalysis,
+) -> Vec<f32> {
+    let m = y.len();
+    let n1 = (n - 1) as f32;
+    let inv_s2 = 1.0 / (local.noise_std * local.noise_std);
+    let mut c = vec![0.0f32; n * n];
+    let mut b = vec![0.0f32; n];
+    let mut col = vec![0.0f32; n];
+    local.for_each_local(cell, m, |q, rho| {
+        for (i, v) in col.iter_mut().enumerate() {
+            *v = hx[i * m + q];
+        }
+        let ybar = col.iter().sum::<f32>() / n as f32;
+        let wq = rho * inv_s2;
+        let dq = y[q] - ybar;
+        for i in 0..n {
+            let ai = col[i] - ybar;
+            for j in 0..n {
+                c[i * n + j] += wq * ai * (col[j] - ybar);
+            }
+            b[i] += wq * ai * dq;
+        }
+    });
+    for i in 0..n {
+        c[i * n + i] += n1;
+    }
+    let mut v = vec![0.0f32; n * n];
+    jacobi_eigen(&mut c, &mut v, n);
+    let lam: Vec<f32> = (0..n).map(|l| c[l * n + l].max(EIG_FLOOR)).collect();
+    // vb = Vᵀ b / λ, w = V vb, T = V diag(√(n1/λ)) Vᵀ
+    let vb: Vec<f32> = (0..n)
+        .map(|l| (0..n).map(|i| v[i * n + l] * b[i]).sum::<f32>() / lam[l])
+        .collect();
+    let w: Vec<f32> = (0..n)
+        .map(|i| (0..n).map(|l| v[i * n + l] * vb[l]).sum())
+        .collect();
+    let sq: Vec<f32> = lam.iter().map(|&l| (n1 / l).sqrt()).collect();
+    let mut t = vec![0.0f32; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            t[i * n + j] = (0..n).map(|l| v[i * n + l] * v[j * n + l] * sq[l]).sum();
+        }
+    }
+    let cells = local.cells();
+    let mut out = vec![0.0f32; local.fields * n];
+    let mut a = vec![0.0f32; n];
+    for f in 0..local.fields {
+        let k = f * cells + cell;
+        for (i, ai) in a.iter_mut().enumerate() {
+            *ai = x[i * d + k];
+        }
+        let mean = a.iter().sum::<f32>() / n as f32;
+        a.iter_mut().for_each(|v| *v -= mean);
+        let mean_a = mean + w.iter().zip(&a).map(|(wi, ai)| wi * ai).sum::<f32>();
+        for i in 0..n {
+            out[f * n + i] = mean_a + (0..n).map(|j| t[i * n + j] * a[j]).sum::<f32>();
+        }
+    }
+    out
+}
+
+/// Rows of the observed-products matrix for `n` members and `e` perturbation rows.
+pub fn observed_products_rows(n: usize, e: usize) -> usize {
+    n + 1 + e
+}
+
+/// The ensemble-space products of the observed anomalies `ã_i = h(x_i) − ȳ` (twin of
+/// `shaders/obs_products.wgsl`, accumulated in f64): `out` is `(n + 1 + e) × n` with
+/// rows `0..n` the Gram matrix `ã_i · ã_j`, row `n` the projected innovation `ã_j · (y − ȳ)`,
+/// and rows `n + 1 + r` the projected perturbations `ã_j · η_r` (`eta` is `e × m`).
+/// Unscaled: the filters divide by `σ²`.
+pub fn observed_products(
+    hx: &[f32],
+    n: usize,
+    y: &[f32],
+    eta: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    let m = y.len();
+    let e = eta.map_or(0, |v| v.len() / m.max(1));
+    if hx.len() != n * m
+        || eta.is_some_and(|v| v.len() != e * m)
+        || out.len() != observed_products_rows(n, e) * n
+    {
+        return Err(Error::shape(
+            "observed products",
+            format!("{n} x {m} observed ensemble, {} x {n} output", n + 1 + e),
+            format!("{} and {} values", hx.len(), out.len()),
+        ));
+    }
+    let mut ybar = vec![0.0f64; m];
+    for row in hx.chunks(m.max(1)) {
+        for (a, &v) in ybar.iter_mut().zip(row) {
+            *a += v as f64;
+        }
+    }
+    ybar.iter_mut().for_each(|v| *v /= n as f64);
+    let anom: Vec<f64> = (0..n * m).map(|i| hx[i] as f64 - ybar[i % m]).collect();
+    let innov: Vec<f64> = (0..m).map(|k| y[k] as f64 - ybar[k]).collect();
+    let dot = |i: usize, v: &dyn Fn(usize) -> f64| -> f64 {
+        let a = &anom[i * m..(i + 1) * m];
+        a.iter().enumerate().map(|(k, &ak)| ak * v(k)).sum()
+    };
+    out.par_chunks_mut(n.max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = if r < n {
+                    dot(j, &|k| anom[r * m + k])
+                } else if r == n {
+                    dot(j, &|k| innov[k])
+                } else {
+                    let eta = eta.expect("rows beyond n only with perturbations");
+                    let rr = r - n - 1;
+                    dot(j, &|k| eta[rr * m + k] as f64)
+                } as f32;
+            }
+        });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nalgebra::{DMatrix, SymmetricEigen};
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn jacobi_matches_a_double_precision_eigensolver() {
+        let mut seed = 7;
+        for n in [1usize, 2, 5, 17, 32] {
+            let b: Vec<f32> = (0..n * n).map(|_| lcg(&mut seed)).collect();
+            // Symmetric, with a spread of eigenvalues and some near-repeated ones.
+            let mut a = vec![0.0f32; n * n];
+            for i in 0..n {
+                for j in 0..n {
+                    a[i * n + j] = (0..n).map(|k| b[i * n + k] * b[j * n + k]).sum::<f32>();
+                }
+                a[i * n + i] += (n - 1) as f32;
+            }
+            let reference = SymmetricEigen::new(DMatrix::from_fn(n, n, |i, j| a[i * n + j] as f64));
+            let mut v = vec![0.0f32; n * n];
+            let mut w = a.clone();
+            let sweeps = jacobi_eigen(&mut w, &mut v, n);
+            assert!(sweeps <= JACOBI_MAX_SWEEPS);
+            let mut got: Vec<f64> = (0..n).map(|l| w[l * n + l] as f64).collect();
+            let mut want: Vec<f64> = reference.eigenvalues.iter().copied().collect();
+            got.sort_by(f64::total_cmp);
+            want.sort_by(f64::total_cmp);
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            // Backward-stable in f32: eigenvalue errors of order n·ε·‖A‖.
+            let tol = 4.0 * n as f64 * f32::EPSILON as f64 * scale;
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= tol, "n={n}: {g} vs {w} (tolerance {tol})");
+            }
+            // V Λ Vᵀ reconstructs the matrix.
+            for i in 0..n {
+                for j in 0..n {
+                    let r: f64 = (0..n)
+                        .map(|l| (v[i * n + l] * v[j * n + l] * w[l * n + l]) as f64)
+                        .sum();
+                    assert!((r - a[i * n + j] as f64).abs() <= tol, "n={n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn local_enumeration_equals_the_geometry_neighbourhood() {
+        use crate::model::DistanceKind;
+        for (geometry, every, offset) in [
+            (Geometry::Ring { len: 11 }, 1, 0),
+            (Geometry::Ring { len: 40 }, 3, 2),
+            (
+                Geometry::Torus {
+                    nx: 7,
+                    ny: 6,
+                    fields: 3,
+                },
+                2,
+                1,
+            ),
+        ] {
+            let d = geometry.dim().unwrap();
+            let op = Observe::identity().subsample(every, offset).unwrap();
+            let m = crate::observe::ObservationOperator::obs_dim(&op, d).unwrap();
+            for kind in [DistanceKind::Geometry, DistanceKind::Flattened] {
+                for radius in [0.3, 0.9, 1.7] {
+                    let loc = Localization::new(radius, geometry, kind, d).unwrap();
+                    let la = LocalAnalysis::new(&loc, &op, 1.0);
+                    for cell in [0, la.cells() / 2, la.cells() - 1] {
+                        let mut got = Vec::new();
+                        la.for_each_local(cell, m, |q, rho| got.push((q, rho)));
+                        got.sort_by_key(|p| p.0);
+                        let want = loc.local_observations(cell, &op, m);
+                        assert_eq!(
+                            got.iter().map(|p| p.0).collect::<Vec<_>>(),
+                            want.iter().map(|p| p.0).collect::<Vec<_>>(),
+                            "{geometry:?} {kind:?} r={radius} cell={cell}"
+                        );
+                        for (g, w) in got.iter().zip(&want) {
+                            assert!((g.1 as f64 - w.1).abs() < 1e-5);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
