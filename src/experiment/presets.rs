@@ -58,6 +58,8 @@ fn enff_f2p(sigma_min: f32, guidance_scale: f32, flow_steps: usize) -> FilterCon
         max_score: 1000.0,
         sampler: Default::default(),
         loc_radius: 4.0,
+        gain_stages: crate::filter::enff::DEFAULT_GAIN_STAGES,
+        gain_schedule: Default::default(),
     }
 }
 

@@ -22,6 +22,7 @@ use crate::observe::ObservationOperator;
 use crate::rng::{self, NoiseKey};
 
 mod flow;
+mod gain;
 pub mod simd;
 
 /// Column block size of the blocked flow kernels (values per member per block).
@@ -525,6 +526,10 @@ impl Backend for Cpu {
         velocity_out: Option<&mut CpuBuffer>,
     ) -> Result<()> {
         flow::flow_update(self, state, update, velocity_out)
+    }
+
+    fn gain_step(&self, state: &mut CpuBuffer, step: &super::GainStep<'_, Self>) -> Result<()> {
+        gain::gain_step(self, state, step)
     }
 
     fn ensemble_transform(

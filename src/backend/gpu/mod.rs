@@ -26,6 +26,7 @@ use crate::observe::{ObservationOperator, Observe, Pointwise};
 use crate::rng::NoiseKey;
 
 pub mod context;
+mod gain;
 mod params;
 
 pub use context::{list_adapters, AdapterSummary};
@@ -172,6 +173,8 @@ pub struct Gpu {
     lost: Arc<AtomicBool>,
     /// Device buffers created so far (matrices and scratch; not transient read-back staging).
     allocations: std::sync::atomic::AtomicU64,
+    /// The covariance-guidance kernel, built on first use (`gain.rs`).
+    gain_kernel: std::sync::OnceLock<Kernel>,
 }
 
 fn flag_reset() -> Vec<u32> {
@@ -317,6 +320,7 @@ impl Gpu {
             uncaptured,
             lost,
             allocations: std::sync::atomic::AtomicU64::new(0),
+            gain_kernel: std::sync::OnceLock::new(),
         })
     }
 
@@ -1526,6 +1530,10 @@ impl Backend for Gpu {
             }
         }
         Ok(())
+    }
+
+    fn gain_step(&self, state: &mut GpuBuffer, step: &super::GainStep<'_, Self>) -> Result<()> {
+        gain::gain_step(self, state, step)
     }
 
     fn ensemble_stats(&self, ensemble: &GpuBuffer, truth: &GpuBuffer) -> Result<EnsembleStats> {
