@@ -1,6 +1,7 @@
 // Covariance guidance with a banded Kalman gain (one flow step):
 //   state[k,i] += h_vel·velocity[k,i] + h_gain·Σ_c gain[i,c]·(y[q] − h(endpoint[k, comp(q)])),
 //   q = index[i,c], comp(q) = offset + q·every.
+// With has_mean, the innovation is split: (y − hbar) − alpha·(h(endpoint) − hbar).
 // One thread per (member, component) of a member block; zero gain entries are padding.
 // CPU twin: src/backend/cpu/gain.rs::gain_step.
 
@@ -16,8 +17,8 @@ struct GainParams {
     _pad0: u32,
     h_vel: f32,
     h_gain: f32,
-    _pad1: u32,
-    _pad2: u32,
+    has_mean: u32,   // 1: split the innovation about hbar
+    alpha: f32,      // anomaly weight of the split
 }
 
 @group(0) @binding(0) var<uniform> p: GainParams;
@@ -27,6 +28,7 @@ struct GainParams {
 @group(0) @binding(4) var<storage, read> gain: array<f32>;
 @group(0) @binding(5) var<storage, read> index: array<f32>;
 @group(0) @binding(6) var<storage, read> y: array<f32>;
+@group(0) @binding(7) var<storage, read> hbar: array<f32>;
 
 const WG: u32 = 256u;
 
@@ -55,7 +57,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             let g = gain[base + c];
             if (g != 0.0) {
                 let q = min(u32(index[base + c]), p.m - 1u);
-                let r = y[q] - h_of(endpoint[k * p.d + p.offset + q * p.every]);
+                let hx = h_of(endpoint[k * p.d + p.offset + q * p.every]);
+                var r = y[q] - hx;
+                if (p.has_mean == 1u) {
+                    r = (y[q] - hbar[q]) - p.alpha * (hx - hbar[q]);
+                }
                 acc = acc + g * r;
             }
         }

@@ -98,7 +98,9 @@ pub struct FlowUpdate<'a, B: Backend + ?Sized> {
 /// One step of covariance guidance with a banded gain (see [`crate::filter::covariance`]):
 ///
 /// `state[k,i] += h_velocity·velocity[k,i]
-///               + h_gain·Σ_c gain[i,c]·(y[q] − h(endpoint[k, comp(q)]))`, `q = index[i,c]`,
+///               + h_gain·Σ_c gain[i,c]·(y[q] − h(endpoint[k, comp(q)]))`, `q = index[i,c]`
+///
+/// (with the innovation split of [`GainStep::mean_obs`] when given),
 ///
 /// where `comp(q) = offset + q·every` is the state component observation `q` sees. The gain is
 /// stored banded: row `i` holds the weights of the (at most `w`) observations inside the
@@ -120,6 +122,10 @@ pub struct GainStep<'a, B: Backend + ?Sized> {
     pub h_velocity: f32,
     /// Step applied to the gain term (0 = no guidance in this step).
     pub h_gain: f32,
+    /// Deterministic-EnKF split of the innovation: with `Some((h̄, α))` (`h̄` is `1 × m`, the
+    /// ensemble mean of `h(x̂₁)`), the innovation of member `k` is
+    /// `(y − h̄) − α·(h(x̂₁[k]) − h̄)` instead of `y − h(x̂₁[k])` (`α = 1` is the same thing).
+    pub mean_obs: Option<(&'a B::Buffer, f32)>,
 }
 
 /// Ensemble statistics against the truth, reduced where the ensemble lives.
@@ -302,6 +308,7 @@ pub(crate) fn check_gain_step<B: DeviceBuffer>(
     index: &B,
     endpoint: &B,
     velocity: &B,
+    mean_obs: Option<&B>,
 ) -> Result<(usize, usize)> {
     let (n, d) = (state.rows(), state.cols());
     let m = observe.obs_dim(d)?;
@@ -312,6 +319,7 @@ pub(crate) fn check_gain_step<B: DeviceBuffer>(
         ("gain observation index", index, d, w),
         ("guidance endpoint", endpoint, n, d),
         ("guidance velocity", velocity, n, d),
+        ("mean observed endpoint", mean_obs.unwrap_or(y), 1, m),
     ] {
         if b.rows() != rows || b.cols() != cols {
             return Err(crate::Error::shape(

@@ -165,6 +165,7 @@ pub struct Enff<B: Backend> {
     work: Option<Workspace<B>>,
     geometry: Option<Geometry>,
     gains: Option<DeviceGains<B>>,
+    hbar: Option<B::Buffer>,
 }
 
 impl<B: Backend> Enff<B> {
@@ -178,6 +179,7 @@ impl<B: Backend> Enff<B> {
             work: None,
             geometry: None,
             gains: None,
+            hbar: None,
         })
     }
 
@@ -336,6 +338,8 @@ impl<B: Backend> Enff<B> {
         };
         let mut gains_owned = self.gains.take();
         let gains = &mut gains_owned;
+        let mut hbar_owned = self.hbar.take();
+        let hbar_buf = &mut hbar_owned;
         let w = self.workspace(backend, n, d)?;
         let target: &B::Buffer = ensemble;
         if let Some(bias) = w.bias.as_mut() {
@@ -433,12 +437,23 @@ impl<B: Backend> Enff<B> {
                         },
                         Some(v),
                     )?;
-                    // The gain of this stage, linearized at the mean of the endpoints.
-                    let lin = if linearize_at_endpoints() {
-                        Some(column_means(&backend.read(x_hat)?, n, d))
-                    } else {
-                        None
-                    };
+                    // The gain of this stage, linearized at the mean of the endpoints, and the
+                    // mean observed endpoint h̄ for the innovation split.
+                    let xh = backend.read(x_hat)?;
+                    let lin = column_means(&xh, n, d);
+                    let alpha = covariance::ANOMALY_WEIGHT;
+                    let m = obs.operator.obs_dim(d)?;
+                    let mut hbar = vec![0.0f64; m];
+                    for row in xh.chunks(d) {
+                        for (q, hb) in hbar.iter_mut().enumerate() {
+                            *hb += op.pointwise.value(row[op.component(q)]) as f64;
+                        }
+                    }
+                    let hbar: Vec<f32> = hbar.iter().map(|v| (v / n as f64) as f32).collect();
+                    match hbar_buf.as_mut() {
+                        Some(b) if b.cols() == m => backend.write(b, &hbar)?,
+                        _ => *hbar_buf = Some(backend.upload(1, m, &hbar)?),
+                    }
                     let host = covariance::local_gains(
                         forecast,
                         n,
@@ -448,7 +463,7 @@ impl<B: Backend> Enff<B> {
                         *geometry,
                         cfg.loc_radius,
                         &[tau],
-                        lin.as_deref(),
+                        Some(&lin),
                     )?;
                     let g = DeviceGains::upload(backend, &host, d, gains.take())?;
                     backend.gain_step(
@@ -462,6 +477,7 @@ impl<B: Backend> Enff<B> {
                             velocity: v,
                             h_velocity: dt,
                             h_gain: weight,
+                            mean_obs: Some((hbar_buf.as_ref().expect("uploaded"), alpha)),
                         },
                     )?;
                     *gains = Some(g);
@@ -490,6 +506,7 @@ impl<B: Backend> Enff<B> {
         // buffer (same shape), which the next analysis overwrites with its source sample.
         std::mem::swap(&mut w.x, ensemble);
         self.gains = gains_owned;
+        self.hbar = hbar_owned;
         // The one host round trip of an analysis: deferred error flags (non-finite inputs or
         // weights) and device errors.
         backend.sync()
@@ -533,10 +550,6 @@ fn column_means(x: &[f32], n: usize, d: usize) -> Vec<f64> {
     }
     m.iter_mut().for_each(|a| *a /= n as f64);
     m
-}
-
-fn linearize_at_endpoints() -> bool {
-    std::env::var("ENFF_GAIN_LIN").map_or(true, |v| v != "forecast")
 }
 
 /// Checks what every flow or score analysis needs: at least 2 members, σ_y > 0, an observation

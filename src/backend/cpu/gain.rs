@@ -9,7 +9,14 @@ use crate::error::Result;
 
 pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>) -> Result<()> {
     let (m, w) = check_gain_step(
-        state, &g.observe, g.y, g.gain, g.index, g.endpoint, g.velocity,
+        state,
+        &g.observe,
+        g.y,
+        g.gain,
+        g.index,
+        g.endpoint,
+        g.velocity,
+        g.mean_obs.map(|p| p.0),
     )?;
     let (n, d) = (state.rows(), state.cols());
     if n == 0 || d == 0 {
@@ -22,13 +29,20 @@ pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>)
     let velocity = g.velocity.as_slice();
     let (hv, hg) = (g.h_velocity, g.h_gain);
     let op = g.observe;
+    let mean = g.mean_obs.map(|(b, a)| (b.as_slice(), a));
     let row = |(k, st): (usize, &mut [f32])| {
         let xe = &endpoint[k * d..(k + 1) * d];
         let v = &velocity[k * d..(k + 1) * d];
         // The innovations of this member, once per observation (not once per gain entry).
         let r: Vec<f32> = if hg != 0.0 {
             (0..m)
-                .map(|q| y[q] - op.pointwise.value(xe[op.component(q)]))
+                .map(|q| {
+                    let hx = op.pointwise.value(xe[op.component(q)]);
+                    match mean {
+                        Some((hb, a)) => (y[q] - hb[q]) - a * (hx - hb[q]),
+                        None => y[q] - hx,
+                    }
+                })
                 .collect()
         } else {
             Vec::new()

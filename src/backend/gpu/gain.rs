@@ -21,7 +21,8 @@ pub(super) struct GainParams {
     _pad0: u32,
     h_vel: f32,
     h_gain: f32,
-    _pad1: [u32; 2],
+    has_mean: u32,
+    alpha: f32,
 }
 
 fn kernel(gpu: &Gpu) -> &Kernel {
@@ -47,6 +48,7 @@ fn kernel(gpu: &Gpu) -> &Kernel {
                 (4, Read),
                 (5, Read),
                 (6, Read),
+                (7, Read),
             ],
         )
     })
@@ -54,7 +56,14 @@ fn kernel(gpu: &Gpu) -> &Kernel {
 
 pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>) -> Result<()> {
     let (m, w) = check_gain_step(
-        state, &g.observe, g.y, g.gain, g.index, g.endpoint, g.velocity,
+        state,
+        &g.observe,
+        g.y,
+        g.gain,
+        g.index,
+        g.endpoint,
+        g.velocity,
+        g.mean_obs.map(|p| p.0),
     )?;
     let d = state.cols;
     if state.rows == 0 || d == 0 {
@@ -72,6 +81,10 @@ pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>)
     let gain = g.gain.single("the banded gain")?;
     let index = g.index.single("the gain observation index")?;
     let y = g.y.single("the observation")?;
+    let hbar = match g.mean_obs {
+        Some((b, _)) => b.single("the mean observed endpoint")?,
+        None => y,
+    };
     let k = kernel(gpu);
     for c in 0..state.chunks.len() {
         let (r0, r1) = state.chunk_rows(c);
@@ -85,6 +98,8 @@ pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>)
             pointwise: pointwise_code(g.observe.pointwise),
             h_vel: g.h_velocity,
             h_gain: g.h_gain,
+            has_mean: g.mean_obs.is_some() as u32,
+            alpha: g.mean_obs.map_or(1.0, |p| p.1),
             ..Default::default()
         };
         super::u32_of((r1 - r0) * d, "members × state dimension")?;
@@ -99,6 +114,7 @@ pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>)
                 gain,
                 index,
                 y,
+                hbar,
             ],
             (groups.0, groups.1, 1),
         )?;
