@@ -300,6 +300,7 @@ pub trait Backend: Send + Sync {
 }
 
 /// Checks the shapes of a [`GainStep`] against an `n × d` state; returns `(m, w)`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn check_gain_step<B: DeviceBuffer>(
     state: &B,
     observe: &Observe,

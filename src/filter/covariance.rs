@@ -111,6 +111,9 @@ use crate::observe::Observe;
 /// member `k` sees `(y − h̄) − ½·(h(x̂₁[k]) − h̄)`.
 pub const ANOMALY_WEIGHT: f32 = 0.5;
 
+/// One component's local observations `(index, taper)` and its gains for every `τ`.
+type LocalRow = (Vec<(usize, f64)>, Vec<f64>);
+
 /// Taper below which an observation is left out of a local gain.
 const RHO_MIN: f64 = 1e-6;
 
@@ -242,7 +245,7 @@ pub fn local_gains(
     });
     let reach = 2.0 * 1.82 * radius;
     // Per component: its observations with tapers, and one gain row per τ.
-    let rows: Vec<(Vec<(usize, f64)>, Vec<f64>)> = (0..d)
+    let rows: Vec<LocalRow> = (0..d)
         .into_par_iter()
         .map_init(
             || (vec![0.0f64; n * n], vec![0.0f64; n * n], vec![0.0f64; n]),
@@ -250,7 +253,7 @@ pub fn local_gains(
                 let mut local: Vec<(usize, f64)> = geometry
                     .neighbours(i, reach)
                     .into_iter()
-                    .filter(|&(c, _)| c >= op.offset && (c - op.offset) % op.every == 0)
+                    .filter(|&(c, _)| c >= op.offset && (c - op.offset).is_multiple_of(op.every))
                     .map(|(c, dist)| ((c - op.offset) / op.every, gaspari_cohn(dist, radius)))
                     .filter(|&(q, rho)| q < m && rho > RHO_MIN)
                     .collect();
@@ -446,7 +449,7 @@ mod tests {
                 [-s[1][0] / det, s[0][0] / det],
             ];
             for i in 0..d {
-                for q in 0..m {
+                for (q, _) in c.iter().enumerate() {
                     let want: f64 = (0..m).map(|r| p(i, c[r]) * inv[r][q]).sum();
                     let e = (0..g.w)
                         .find(|&e| {
