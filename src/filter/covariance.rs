@@ -65,7 +65,7 @@
 //!
 //! # Localization and the banded gain
 //!
-//! The gain is computed once per analysis from the forecast ensemble, locally per state
+//! The gain is computed once per stage from the forecast ensemble, locally per state
 //! component like the LETKF (ENFF_SPEC §6.5): row `i` of `K(τ)` uses only the observations
 //! within the Gaspari–Cohn support (`2·1.82·filter.loc_radius` grid spacings on the model's
 //! [`Geometry`]), each weighted by its taper `ρ` (R-localization, `R⁻¹ → ρ R⁻¹`). In ensemble

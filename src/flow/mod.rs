@@ -87,7 +87,7 @@ pub enum GuidanceKind {
     /// No guidance: pure transport to the forecast (§3.3).
     None,
     /// Covariance (Kalman-gain) guidance: the innovation at the predicted endpoint carried
-    /// through a localized ensemble Kalman gain computed once per analysis
+    /// through a localized ensemble Kalman gain computed once per guidance stage
     /// ([`crate::filter::covariance`]).
     Covariance,
 }
