@@ -11,7 +11,7 @@
 
 use crate::error::Result;
 use crate::model::Model;
-use crate::observe::ObservationOperator;
+use crate::observe::{ObservationOperator, Observe};
 use crate::rng::NoiseKey;
 
 pub mod cpu;
@@ -95,6 +95,39 @@ pub struct FlowUpdate<'a, B: Backend + ?Sized> {
     /// Clamp the guided velocity component-wise to `[−c, c]` before the step (EnSF's score
     /// clamp, ENFF_SPEC §4.2); `None` for the flow filters.
     pub clamp: Option<f32>,
+}
+
+/// One step of covariance guidance with a banded gain (see [`crate::filter::covariance`]):
+///
+/// `state[k,i] += h_velocity·velocity[k,i]
+///               + h_gain·Σ_c gain[i,c]·(y[q] − h(endpoint[k, comp(q)]))`, `q = index[i,c]`
+///
+/// (with the innovation split of [`GainStep::mean_obs`] when given),
+///
+/// where `comp(q) = offset + q·every` is the state component observation `q` sees. The gain is
+/// stored banded: row `i` holds the weights of the (at most `w`) observations inside the
+/// localization window of component `i`, padded with zero weights.
+pub struct GainStep<'a, B: Backend + ?Sized> {
+    /// The built-in observation operator (pointwise map and subsampling).
+    pub observe: Observe,
+    /// The observation `y` (`1 × m`).
+    pub y: &'a B::Buffer,
+    /// Banded gain (`d × w`).
+    pub gain: &'a B::Buffer,
+    /// Observation index of every gain entry (`d × w`, exact integers stored as f32, `< 2²⁴`).
+    pub index: &'a B::Buffer,
+    /// Where the innovation is evaluated, the predicted endpoint `x̂₁` (`n × d`).
+    pub endpoint: &'a B::Buffer,
+    /// The unguided velocity (`n × d`).
+    pub velocity: &'a B::Buffer,
+    /// Step applied to the velocity.
+    pub h_velocity: f32,
+    /// Step applied to the gain term (0 = no guidance in this step).
+    pub h_gain: f32,
+    /// Deterministic-EnKF split of the innovation: with `Some((h̄, α))` (`h̄` is `1 × m`, the
+    /// ensemble mean of `h(x̂₁)`), the innovation of member `k` is
+    /// `(y − h̄) − α·(h(x̂₁[k]) − h̄)` instead of `y − h(x̂₁[k])` (`α = 1` is the same thing).
+    pub mean_obs: Option<(&'a B::Buffer, f32)>,
 }
 
 /// Ensemble statistics against the truth, reduced where the ensemble lives.
@@ -217,6 +250,9 @@ pub trait Backend: Send + Sync {
         velocity_out: Option<&mut Self::Buffer>,
     ) -> Result<()>;
 
+    /// The banded-gain guidance step described on [`GainStep`] (covariance guidance).
+    fn gain_step(&self, state: &mut Self::Buffer, step: &GainStep<'_, Self>) -> Result<()>;
+
     // ---- ensemble transforms (Kalman-type filters, resampling) -------------------------------
 
     /// `out_i = Σ_j W_ij x_j`: a right-multiplication of the ensemble by an `n × n` matrix, the
@@ -316,6 +352,50 @@ pub trait Backend: Send + Sync {
         truth: &Self::Buffer,
     ) -> Result<EnsembleStats>;
 }
+
+/// Checks the shapes of a [`GainStep`] against an `n × d` state; returns `(m, w)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_gain_step<B: DeviceBuffer>(
+    state: &B,
+    observe: &Observe,
+    y: &B,
+    gain: &B,
+    index: &B,
+    endpoint: &B,
+    velocity: &B,
+    mean_obs: Option<&B>,
+) -> Result<(usize, usize)> {
+    let (n, d) = (state.rows(), state.cols());
+    let m = observe.obs_dim(d)?;
+    let w = gain.cols();
+    for (name, b, rows, cols) in [
+        ("observation", y, 1, m),
+        ("banded gain", gain, d, w),
+        ("gain observation index", index, d, w),
+        ("guidance endpoint", endpoint, n, d),
+        ("guidance velocity", velocity, n, d),
+        ("mean observed endpoint", mean_obs.unwrap_or(y), 1, m),
+    ] {
+        if b.rows() != rows || b.cols() != cols {
+            return Err(crate::Error::shape(
+                name,
+                format!("{rows} x {cols}"),
+                format!("{} x {}", b.rows(), b.cols()),
+            ));
+        }
+    }
+    if m > MAX_GAIN_OBS {
+        return Err(crate::Error::TooLarge {
+            detail: format!(
+                "covariance guidance indexes at most {MAX_GAIN_OBS} observations, got m = {m}"
+            ),
+        });
+    }
+    Ok((m, w))
+}
+
+/// Most observations a banded gain can index (f32 represents every integer below 2²⁴).
+pub const MAX_GAIN_OBS: usize = 1 << 24;
 
 /// Checks the path coefficients every flow kernel relies on.
 pub(crate) fn check_path(path: &PathCoefficients, has_source: bool) -> Result<()> {

@@ -100,7 +100,7 @@ pub struct FilterConfig {
     pub flow_steps: usize,
     /// `euler` or `heun`.
     pub integrator: Integrator,
-    /// `local`, `monte_carlo` or `none`.
+    /// `local`, `monte_carlo`, `none` or `covariance`.
     pub guidance: GuidanceKind,
     /// Multiplicative inflation of the analysis (1.0 = none).
     pub inflation: f32,
@@ -130,6 +130,16 @@ pub struct FilterConfig {
     /// `flattened` (periodic index distance, the reference's convention).
     #[serde(default)]
     pub loc_distance: crate::model::DistanceKind,
+    /// EnFF covariance guidance: number of guidance stages (0 = one per flow step).
+    #[serde(default = "default_gain_stages")]
+    pub gain_stages: usize,
+    /// EnFF covariance guidance: `homotopy` or `constant`.
+    #[serde(default)]
+    pub gain_schedule: crate::flow::GainSchedule,
+}
+
+fn default_gain_stages() -> usize {
+    crate::filter::enff::DEFAULT_GAIN_STAGES
 }
 
 fn default_eps_alpha() -> f32 {
@@ -287,6 +297,16 @@ impl Config {
         }
         if is_enff(&self.filter.kind) {
             self.enff_config()?.validate()?;
+            if self.filter.guidance == GuidanceKind::Covariance
+                && !self.model()?.geometry().is_spatial()
+            {
+                return Err(Error::invalid(
+                    "filter.guidance",
+                    "covariance",
+                    "covariance guidance localizes on the model's geometry and this model has \
+                     none (Lorenz-63, Rotation2D): use filter.guidance=local",
+                ));
+            }
         }
         if self.filter.kind == "ensf" {
             self.ensf_config().validate()?;
@@ -399,6 +419,9 @@ impl Config {
             guidance: self.filter.guidance,
             inflation: self.filter.inflation,
             seed: self.experiment.seed,
+            loc_radius: self.filter.loc_radius.unwrap_or(4.0),
+            gain_stages: self.filter.gain_stages,
+            gain_schedule: self.filter.gain_schedule,
         })
     }
 

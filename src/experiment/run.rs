@@ -218,7 +218,9 @@ pub fn build_filter<B: Backend + 'static>(
     let f = &config.filter;
     let seed = config.experiment.seed;
     Ok(match f.kind.as_str() {
-        "enff-f2p" | "enff-ot" => Box::new(Enff::<B>::new(config.enff_config()?)?),
+        "enff-f2p" | "enff-ot" => {
+            Box::new(Enff::<B>::new(config.enff_config()?)?.with_geometry(model.geometry()))
+        }
         "ensf" => Box::new(crate::filter::Ensf::<B>::new(config.ensf_config())?),
         "etkf" => Box::new(crate::filter::Etkf::<B>::new(f.inflation)?),
         "letkf" => Box::new(

@@ -2,10 +2,12 @@
 //! analysis along the Monte-Carlo marginal velocity of a probability path whose target is the
 //! forecast ensemble, steered by observation guidance.
 
-use crate::backend::{Backend, DeviceBuffer, FlowUpdate, Guidance};
+use crate::backend::{Backend, DeviceBuffer, FlowUpdate, GainStep, Guidance};
 use crate::error::{check_positive, Error, Result};
+use crate::filter::covariance::{self, DeviceGains};
 use crate::filter::{Filter, Observation};
-use crate::flow::{time_grid, GuidanceKind, Integrator, Path, PathKind};
+use crate::flow::{time_grid, GainSchedule, GuidanceKind, Integrator, Path, PathKind};
+use crate::model::Geometry;
 use crate::rng::{NoiseKey, Stream};
 
 /// Configuration of [`Enff`].
@@ -22,13 +24,36 @@ pub struct EnffConfig {
     pub flow_steps: usize,
     /// `euler` (the reference) or `heun`.
     pub integrator: Integrator,
-    /// `local` (the paper's), `monte_carlo` (exact, the particle-filter bridge) or `none`.
+    /// `local` (the paper's), `monte_carlo` (exact, the particle-filter bridge), `none` or
+    /// `covariance` (localized Kalman-gain guidance, [`crate::filter::covariance`]).
     pub guidance: GuidanceKind,
     /// Multiplicative inflation of the analysis (1.0 = none).
     pub inflation: f32,
     /// Seed of the source noise (combined with the cycle number).
     pub seed: u64,
+    /// Covariance guidance: Gaspari–Cohn localization radius in grid spacings.
+    #[serde(default = "default_loc_radius")]
+    pub loc_radius: f64,
+    /// Covariance guidance: number of guidance stages (gains computed per analysis), at most
+    /// `flow_steps`; 0 = one per flow step.
+    #[serde(default = "default_gain_stages")]
+    pub gain_stages: usize,
+    /// Covariance guidance: `homotopy` (tempered stages, exact Kalman mean for linear `h`) or
+    /// `constant` (`λ·K·(y − h(x̂₁))` at every step).
+    #[serde(default)]
+    pub gain_schedule: GainSchedule,
 }
+
+fn default_loc_radius() -> f64 {
+    4.0
+}
+
+fn default_gain_stages() -> usize {
+    DEFAULT_GAIN_STAGES
+}
+
+/// Default number of covariance-guidance stages.
+pub const DEFAULT_GAIN_STAGES: usize = 4;
 
 impl EnffConfig {
     /// EnFF-F2P with the given `σ_min`, `λ` and flow steps (Euler, local guidance).
@@ -42,6 +67,9 @@ impl EnffConfig {
             guidance: GuidanceKind::Local,
             inflation: 1.0,
             seed: 0,
+            loc_radius: default_loc_radius(),
+            gain_stages: DEFAULT_GAIN_STAGES,
+            gain_schedule: GainSchedule::Homotopy,
         }
     }
 
@@ -81,7 +109,44 @@ impl EnffConfig {
             "filter.inflation",
             self.inflation as f64,
             "inflation is a positive factor, 1.0 = none",
-        )
+        )?;
+        if self.guidance == GuidanceKind::Covariance {
+            if !(self.guidance_scale.is_finite() && self.guidance_scale > 0.0) {
+                return Err(Error::invalid(
+                    "filter.guidance_scale",
+                    self.guidance_scale,
+                    "covariance guidance needs λ > 0 (λ = 1 reproduces the Kalman mean)",
+                ));
+            }
+            covariance::check_radius(self.loc_radius)?;
+            if self.gain_stages > self.flow_steps {
+                return Err(Error::invalid(
+                    "filter.gain_stages",
+                    self.gain_stages,
+                    format!(
+                        "at most one guidance stage per flow step (flow_steps = {}); 0 = one per step",
+                        self.flow_steps
+                    ),
+                ));
+            }
+            if self.integrator != Integrator::Euler {
+                return Err(Error::invalid(
+                    "filter.integrator",
+                    "heun",
+                    "covariance guidance steps with Euler (its stages are exact per step)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of covariance-guidance stages actually used.
+    pub fn stage_count(&self) -> usize {
+        match self.gain_schedule {
+            GainSchedule::Constant => self.flow_steps,
+            GainSchedule::Homotopy if self.gain_stages == 0 => self.flow_steps,
+            GainSchedule::Homotopy => self.gain_stages.min(self.flow_steps),
+        }
     }
 }
 
@@ -100,6 +165,9 @@ pub struct Enff<B: Backend> {
     work: Option<Workspace<B>>,
     step_checks: bool,
     fault: Option<super::InjectedFault>,
+    geometry: Option<Geometry>,
+    gains: Option<DeviceGains<B>>,
+    hbar: Option<B::Buffer>,
 }
 
 impl<B: Backend> Enff<B> {
@@ -113,7 +181,17 @@ impl<B: Backend> Enff<B> {
             work: None,
             step_checks: false,
             fault: None,
+            geometry: None,
+            gains: None,
+            hbar: None,
         })
+    }
+
+    /// Sets the model geometry that covariance guidance localizes on (the experiment passes
+    /// [`crate::model::Model::geometry`]).
+    pub fn with_geometry(mut self, geometry: Geometry) -> Self {
+        self.geometry = Some(geometry);
+        self
     }
 
     /// The configuration.
@@ -127,7 +205,8 @@ impl<B: Backend> Enff<B> {
             .as_ref()
             .is_some_and(|w| w.x.rows() == n && w.x.cols() == d);
         let want_bias = self.config.guidance == GuidanceKind::MonteCarlo;
-        let want_heun = self.config.integrator == Integrator::Heun;
+        let want_heun = self.config.integrator == Integrator::Heun
+            || self.config.guidance == GuidanceKind::Covariance;
         if !fits
             || self
                 .work
@@ -254,6 +333,42 @@ impl<B: Backend> Enff<B> {
             },
             other => other,
         };
+        // Covariance guidance: the local gains of this forecast, and the stage of every step.
+        let mut stage_at: Vec<Option<(f64, f32)>> = vec![None; cfg.flow_steps];
+        let mut cov: Option<(Vec<f32>, Geometry)> = None;
+        let observe = if cfg.guidance == GuidanceKind::Covariance {
+            let op = obs.operator.builtin().ok_or_else(|| Error::Unsupported {
+                backend: backend.name().into(),
+                what: format!(
+                    "covariance guidance with the user-defined operator `{}`",
+                    obs.operator.name()
+                ),
+                fix: "covariance guidance needs observation locations: use a built-in operator"
+                    .into(),
+            })?;
+            let geometry = self.geometry.ok_or_else(|| {
+                Error::invalid(
+                    "filter.guidance",
+                    "covariance",
+                    "covariance guidance needs the model geometry: build the filter with \
+                     Enff::with_geometry (the experiment does this)",
+                )
+            })?;
+            let count = cfg.stage_count();
+            let stages = covariance::stages(cfg.gain_schedule, count, cfg.guidance_scale as f64);
+            for (s, &(tau, weight)) in stages.iter().enumerate() {
+                stage_at[covariance::stage_step(s, count, cfg.flow_steps)] =
+                    Some((tau, weight as f32));
+            }
+            cov = Some((backend.read(ensemble)?, geometry));
+            Some(op)
+        } else {
+            None
+        };
+        let mut gains_owned = self.gains.take();
+        let gains = &mut gains_owned;
+        let mut hbar_owned = self.hbar.take();
+        let hbar_buf = &mut hbar_owned;
         let w = self.workspace(backend, n, d)?;
         let target: &B::Buffer = ensemble;
         if let Some(bias) = w.bias.as_mut() {
@@ -338,6 +453,75 @@ impl<B: Backend> Enff<B> {
                         None,
                     )?;
                 }
+                (Integrator::Euler, Some((x_hat, v)))
+                    if observe.is_some() && stage_at[k].is_some() =>
+                {
+                    // Covariance stage: the unguided velocity and the predicted endpoint
+                    // x̂₁ = x + (1 − t)·v̂, then x ← x + Δ·v̂ + weight·K(τ)(y − h(x̂₁)).
+                    let (tau, weight) = stage_at[k].expect("checked");
+                    let (forecast, geometry) = cov.as_ref().expect("set with the stages");
+                    let op = observe.expect("checked");
+                    backend.copy(&w.x, x_hat)?;
+                    backend.flow_update(
+                        x_hat,
+                        &FlowUpdate {
+                            eval: None,
+                            weights: &w.weights,
+                            target,
+                            source,
+                            path: path.at(t0),
+                            guidance: None,
+                            h_new: 1.0 - t0,
+                            previous: None,
+                            clamp: None,
+                        },
+                        Some(v),
+                    )?;
+                    // The gain of this stage, linearized at the mean of the endpoints, and the
+                    // mean observed endpoint h̄ for the innovation split.
+                    let xh = backend.read(x_hat)?;
+                    let lin = column_means(&xh, n, d);
+                    let alpha = covariance::ANOMALY_WEIGHT;
+                    let m = obs.operator.obs_dim(d)?;
+                    let mut hbar = vec![0.0f64; m];
+                    for row in xh.chunks(d) {
+                        for (q, hb) in hbar.iter_mut().enumerate() {
+                            *hb += op.pointwise.value(row[op.component(q)]) as f64;
+                        }
+                    }
+                    let hbar: Vec<f32> = hbar.iter().map(|v| (v / n as f64) as f32).collect();
+                    match hbar_buf.as_mut() {
+                        Some(b) if b.cols() == m => backend.write(b, &hbar)?,
+                        _ => *hbar_buf = Some(backend.upload(1, m, &hbar)?),
+                    }
+                    let host = covariance::local_gains(
+                        forecast,
+                        n,
+                        d,
+                        &op,
+                        obs.noise_std as f64,
+                        *geometry,
+                        cfg.loc_radius,
+                        &[tau],
+                        Some(&lin),
+                    )?;
+                    let g = DeviceGains::upload(backend, &host, d, gains.take())?;
+                    backend.gain_step(
+                        &mut w.x,
+                        &GainStep {
+                            observe: op,
+                            y: obs.y,
+                            gain: &g.tables[0],
+                            index: &g.index,
+                            endpoint: x_hat,
+                            velocity: v,
+                            h_velocity: dt,
+                            h_gain: weight,
+                            mean_obs: Some((hbar_buf.as_ref().expect("uploaded"), alpha)),
+                        },
+                    )?;
+                    *gains = Some(g);
+                }
                 _ => {
                     backend.flow_update(
                         &mut w.x,
@@ -369,6 +553,8 @@ impl<B: Backend> Enff<B> {
         // Hand the flowed buffer over instead of copying it: the workspace keeps the forecast's
         // buffer (same shape), which the next analysis overwrites with its source sample.
         std::mem::swap(&mut w.x, ensemble);
+        self.gains = gains_owned;
+        self.hbar = hbar_owned;
         // The one host round trip of an analysis: deferred error flags (non-finite inputs or
         // weights) and device errors.
         backend.sync()
@@ -408,6 +594,18 @@ impl<B: Backend> Filter<B> for Enff<B> {
         self.draw_source(backend, n, d, previous, cycle)?;
         self.flow(backend, ensemble, previous, obs)
     }
+}
+
+/// Column means of a row-major `n × d` matrix, in f64.
+fn column_means(x: &[f32], n: usize, d: usize) -> Vec<f64> {
+    let mut m = vec![0.0f64; d];
+    for row in x.chunks(d) {
+        for (a, &v) in m.iter_mut().zip(row) {
+            *a += v as f64;
+        }
+    }
+    m.iter_mut().for_each(|a| *a /= n as f64);
+    m
 }
 
 /// Checks what every flow or score analysis needs: at least 2 members, σ_y > 0, an observation

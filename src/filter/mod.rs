@@ -5,6 +5,7 @@
 use crate::backend::Backend;
 use crate::observe::ObservationOperator;
 
+pub mod covariance;
 pub mod enff;
 pub mod ensemble_kalman;
 pub mod ensf;

@@ -86,6 +86,25 @@ pub enum GuidanceKind {
     MonteCarlo,
     /// No guidance: pure transport to the forecast (§3.3).
     None,
+    /// Covariance (Kalman-gain) guidance: the innovation at the predicted endpoint carried
+    /// through a localized ensemble Kalman gain computed once per guidance stage
+    /// ([`crate::filter::covariance`]).
+    Covariance,
+}
+
+/// How covariance guidance spreads the assimilation over the flow
+/// ([`crate::filter::covariance`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GainSchedule {
+    /// Tempered stages: stage `s` assimilates the likelihood from `τ_s` to `τ_{s+1}` with the
+    /// gain `K(τ_{s+1})`; exact for a linear `h` (the Kalman analysis mean at `λ = 1`).
+    #[default]
+    Homotopy,
+    /// One gain `K(1)` applied at every flow step with weight `λ·Δt`, i.e. the velocity
+    /// `g = λ·K·(y − h(x̂₁))` (feedback through the innovation at the endpoint; at `λ = 1` it
+    /// under-corrects strongly observed directions).
+    Constant,
 }
 
 /// ODE integrator for the flow in pseudo-time.

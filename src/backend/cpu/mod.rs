@@ -24,6 +24,7 @@ use crate::rng::{self, NoiseKey};
 pub mod ensemble_space;
 pub mod fft;
 mod flow;
+mod gain;
 pub mod simd;
 
 /// Column block size of the blocked flow kernels (values per member per block).
@@ -544,6 +545,10 @@ impl Backend for Cpu {
         velocity_out: Option<&mut CpuBuffer>,
     ) -> Result<()> {
         flow::flow_update(self, state, update, velocity_out)
+    }
+
+    fn gain_step(&self, state: &mut CpuBuffer, step: &super::GainStep<'_, Self>) -> Result<()> {
+        gain::gain_step(self, state, step)
     }
 
     fn ensemble_transform(

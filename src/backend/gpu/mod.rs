@@ -27,6 +27,7 @@ use crate::rng::NoiseKey;
 
 pub mod context;
 mod ensemble_space;
+mod gain;
 mod params;
 mod spectral;
 mod stencil;
@@ -188,6 +189,8 @@ pub struct Gpu {
     /// Held for the whole of each backend call, so that the dispatches of one call (which
     /// share scratch buffers) are never interleaved with another thread's.
     call: parking_lot::ReentrantMutex<()>,
+    /// The covariance-guidance kernel, built on first use (`gain.rs`).
+    gain_kernel: std::sync::OnceLock<Kernel>,
 }
 
 fn flag_reset() -> Vec<u32> {
@@ -341,6 +344,7 @@ impl Gpu {
             allocations: std::sync::atomic::AtomicU64::new(0),
             memory_limit: options.memory_limit,
             call: parking_lot::ReentrantMutex::new(()),
+            gain_kernel: std::sync::OnceLock::new(),
         })
     }
 
@@ -1595,6 +1599,10 @@ impl Backend for Gpu {
         local: &super::LocalAnalysis,
     ) -> Result<()> {
         self.letkf_gpu(ensemble, hx, y, local)
+    }
+
+    fn gain_step(&self, state: &mut GpuBuffer, step: &super::GainStep<'_, Self>) -> Result<()> {
+        gain::gain_step(self, state, step)
     }
 
     fn ensemble_stats(&self, ensemble: &GpuBuffer, truth: &GpuBuffer) -> Result<EnsembleStats> {
