@@ -124,7 +124,8 @@ pub struct FilterConfig {
     pub sampler: ScoreSampler,
     /// LETKF and EnKF: Gaspari–Cohn localization radius in grid points (DAPPER's 1.82
     /// convention). Unset: a global EnKF, and the LETKF's default radius 4.
-    #[serde(default)]
+    /// `"none"` in files and `--set` (unset).
+    #[serde(default, with = "optional_radius")]
     pub loc_radius: Option<f64>,
     /// Where localization distances are measured: `geometry` (the model's ring or torus) or
     /// `flattened` (periodic index distance, the reference's convention).
@@ -136,6 +137,38 @@ pub struct FilterConfig {
     /// EnFF covariance guidance: `homotopy` or `constant`.
     #[serde(default)]
     pub gain_schedule: crate::flow::GainSchedule,
+}
+
+/// An optional radius written as a number or `"none"` (TOML has no null).
+mod optional_radius {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(r) => s.serialize_f64(*r),
+            None => s.serialize_str("none"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Radius {
+            Number(f64),
+            Text(String),
+        }
+        match Option::<Radius>::deserialize(d)? {
+            None => Ok(None),
+            Some(Radius::Number(r)) => Ok(Some(r)),
+            Some(Radius::Text(t)) if t == "none" => Ok(None),
+            Some(Radius::Text(t)) => t.parse::<f64>().map(Some).map_err(|_| {
+                D::Error::custom(format!(
+                    "expected a radius in grid points or \"none\" (unset), got {t:?}"
+                ))
+            }),
+        }
+    }
 }
 
 fn default_gain_stages() -> usize {
@@ -469,6 +502,8 @@ impl Config {
                         .ok_or(())
                 })
                 .map_err(|_| bad("a non-negative integer"))?,
+            // An optional setting can be unset again.
+            Value::Number(_) if value == "none" => Value::String(value.to_string()),
             Value::Number(_) => {
                 let f = value.parse::<f64>().map_err(|_| bad("a number"))?;
                 serde_json::Number::from_f64(f)
