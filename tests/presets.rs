@@ -150,3 +150,33 @@ fn cpu_run_over_its_memory_cap_is_refused_up_front() {
         other => panic!("expected TooLarge, got {:?}", other.map(|r| r.summary)),
     }
 }
+
+/// Covariance guidance keeps banded gains on the device: the estimate counts them, about
+/// 2 · d · (observations within the taper support) floats.
+#[test]
+fn memory_estimate_counts_the_covariance_gains() {
+    let p = preset("lorenz96_bao2024_covariance").unwrap();
+    let mut cfg = p.config.clone();
+    cfg.set("model.d=1e6").unwrap();
+    let est = Experiment::new(p.name, cfg.clone(), None)
+        .unwrap()
+        .memory_estimate();
+    let gains = est
+        .parts
+        .iter()
+        .find(|(name, _)| name.starts_with("covariance-guidance gains"))
+        .map(|(_, b)| *b)
+        .expect("gain buffers in the estimate");
+    let radius = cfg.filter.loc_radius.unwrap_or(4.0);
+    let w = (2.0 * (2.0 * 1.82 * radius).floor() + 1.0) as u64;
+    assert_eq!(gains, 2 * 4 * 1_000_000 * w);
+    // Plain guidance has none.
+    cfg.set("filter.guidance=local").unwrap();
+    let plain = Experiment::new(p.name, cfg, None)
+        .unwrap()
+        .memory_estimate();
+    assert!(plain
+        .parts
+        .iter()
+        .all(|(name, _)| !name.starts_with("covariance")));
+}

@@ -11,6 +11,7 @@ use super::config::{Config, InitialMean};
 use crate::backend::{Backend, EnsembleStats};
 use crate::error::{Error, Result};
 use crate::filter::{Enff, Filter, Observation};
+use crate::flow::GuidanceKind;
 use crate::model::System;
 use crate::observe::ObservationOperator;
 use crate::rng::{self, NoiseKey, Stream};
@@ -394,6 +395,25 @@ impl Experiment {
         }
         if cfg.filter.integrator == crate::flow::Integrator::Heun {
             parts.push(("Heun predictor and velocity".to_string(), 2 * nd));
+        }
+        if cfg.filter.kind.starts_with("enff") && cfg.filter.guidance == GuidanceKind::Covariance {
+            // Banded gains: an index and one table of d × w, w the observations inside the
+            // Gaspari–Cohn support (2 · 1.82 · radius) of a component.
+            let reach = 2.0 * 1.82 * cfg.filter.loc_radius.unwrap_or(4.0);
+            let every = cfg.observe.every.max(1) as f64;
+            let near = match cfg.model.system {
+                super::config::SystemKind::Ns => {
+                    let side = cfg.model.d as f64;
+                    let cells = std::f64::consts::PI * reach * reach + 4.0 * reach + 1.0;
+                    3.0 * cells.min(side * side)
+                }
+                _ => (2.0 * reach.floor() + 1.0).min(d as f64),
+            };
+            let w = (near / every).ceil().max(1.0) as u64;
+            parts.push((
+                "covariance-guidance gains (index, table)".to_string(),
+                2 * 4 * d * w,
+            ));
         }
         let per_member = parts
             .iter()
