@@ -550,14 +550,12 @@ impl<B: Backend> EnkfPo<B> {
                 x[i * d + k] = (x[i * d + k] as f64 + v) as f32;
             }
         }
-        if let Some(e) = x.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                name: "localized EnKF analysis".into(),
-                location: format!("member {}, component {}", e / d, e % d),
-                value: x[e] as f64,
-                hint: "the analysis blew up; check the inputs".into(),
-            });
-        }
+        crate::error::check_finite(
+            "localized EnKF analysis",
+            &x,
+            d,
+            "the analysis blew up; check the inputs",
+        )?;
         backend.write(ensemble, &x)
     }
 }

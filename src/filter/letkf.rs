@@ -160,14 +160,12 @@ impl<B: Backend> Letkf<B> {
                 out[i * d + k] = col[i];
             }
         }
-        if let Some(e) = out.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                name: "LETKF analysis".into(),
-                location: format!("member {}, component {}", e / d, e % d),
-                value: out[e] as f64,
-                hint: "the local analysis blew up; check the inputs".into(),
-            });
-        }
+        crate::error::check_finite(
+            "LETKF analysis",
+            &out,
+            d,
+            "the local analysis blew up; check the inputs",
+        )?;
         backend.write(ensemble, &out)
     }
 }
