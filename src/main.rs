@@ -1028,11 +1028,12 @@ fn write_run(dir: &Path, experiment: &Experiment, report: &Report) -> Result<()>
 
 /// The run's checkpoint, resumption and divergence options. `ENFF_TEST_ABORT_AFTER=K` (a test
 /// hook) stops the run after cycle K as a killed process would, once its checkpoint is written.
-fn run_options(args: &RunArgs, out: &Path) -> Result<RunOptions> {
-    let resume = match &args.resume {
-        Some(dir) => Some(enff::experiment::Checkpoint::read(dir)?),
-        None => None,
-    };
+/// `resume` is the checkpoint already read for `--resume` (read once: it holds the ensemble).
+fn run_options(
+    args: &RunArgs,
+    out: &Path,
+    resume: Option<enff::experiment::Checkpoint>,
+) -> Result<RunOptions> {
     let fault = match std::env::var("ENFF_TEST_ABORT_AFTER") {
         Ok(k) => Some(enff::experiment::Fault::AbortAfter(
             k.parse()
@@ -1066,7 +1067,7 @@ fn resume(args: &RunArgs, dir: &Path, ui: Ui) -> Result<()> {
         config.experiment.seed = seed;
     }
     let experiment = Experiment::new(&h.preset, config, h.expected_rmse)?;
-    let options = run_options(args, dir)?;
+    let options = run_options(args, dir, Some(ck))?;
     let backend = AnyBackend::choose(args.backend, Some(experiment.config()))?;
     let traced = trace_options(&args.plots, args.save_ensembles, dir);
     let (report, trace) =
@@ -1109,7 +1110,7 @@ fn run(args: RunArgs, ui: Ui) -> Result<()> {
     if args.seeds > 1 {
         return run_seeds(&experiment, args.seeds, &out, &backend, ui, &args.plots);
     }
-    let options = run_options(&args, &out)?;
+    let options = run_options(&args, &out, None)?;
     let traced = trace_options(&args.plots, args.save_ensembles, &out);
     let (report, trace) =
         on_backend!(&backend, b => run_on(b, &experiment, &out, ui, "", &options, &traced))?;

@@ -4,10 +4,16 @@ use std::path::Path;
 use std::process::Command;
 
 fn enff(args: &[&str]) -> std::process::Output {
+    enff_with(args, &[])
+}
+
+/// `enff` with extra environment variables (test hooks).
+fn enff_with(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_enff"))
         .args(args)
         .env("RUST_LOG", "warn")
         .env_remove("ENFF_REQUIRE_GPU")
+        .envs(env.iter().copied())
         .output()
         .expect("the enff binary runs")
 }
@@ -527,13 +533,7 @@ fn killed_run_resumes_from_its_checkpoint_to_the_same_metrics() {
     assert!(enff(&a).status.success());
     let mut b: Vec<&str> = common.to_vec();
     b.push(cut.to_str().unwrap());
-    let killed = Command::new(env!("CARGO_BIN_EXE_enff"))
-        .args(&b)
-        .env("RUST_LOG", "warn")
-        .env("ENFF_TEST_ABORT_AFTER", "9")
-        .env_remove("ENFF_REQUIRE_GPU")
-        .output()
-        .unwrap();
+    let killed = enff_with(&b, &[("ENFF_TEST_ABORT_AFTER", "9")]);
     assert!(!killed.status.success());
     assert!(stderr(&killed).contains("--resume"), "{}", stderr(&killed));
     assert!(
