@@ -2,7 +2,7 @@
 // ensemble statistics against the truth, finiteness checks, observation operators and
 // per-member log-likelihoods.
 // CPU twins: src/backend/cpu/mod.rs::{inflate, ensemble_stats, check_finite, observe,
-// log_likelihoods}.
+// log_likelihoods, observed_moments}.
 
 // Rust mirror: src/backend/gpu/params.rs::EnsembleParams
 struct EnsembleParams {
@@ -200,4 +200,55 @@ fn loglik(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) w
     if (lid.x == 0u) {
         b[p.row0 + i] = r0[0] * p.neg_inv_2s2;
     }
+}
+
+// Observed moments (2 × m in b): b[q] (+)= Σ_i h(a[i, comp q]) over the rows of this chunk.
+@compute @workgroup_size(256, 1, 1)
+fn obs_sum(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = linear(gid, nwg);
+    if (q >= p.m) {
+        return;
+    }
+    let col = p.offset + q * p.every;
+    var s = 0.0;
+    for (var i = 0u; i < p.rows; i = i + 1u) {
+        s = s + h_of(a[i * p.cols + col]);
+    }
+    if (p.first != 0u) {
+        b[q] = s;
+    } else {
+        b[q] = b[q] + s;
+    }
+}
+
+// b[m + q] (+)= Σ_i (h(a[i, comp q]) − b[q]/n)² (b[q] holds the full sum).
+@compute @workgroup_size(256, 1, 1)
+fn obs_sq(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = linear(gid, nwg);
+    if (q >= p.m) {
+        return;
+    }
+    let col = p.offset + q * p.every;
+    let mean = b[q] * p.inv_n;
+    var s = 0.0;
+    for (var i = 0u; i < p.rows; i = i + 1u) {
+        let dv = h_of(a[i * p.cols + col]) - mean;
+        s = fma(dv, dv, s);
+    }
+    if (p.first != 0u) {
+        b[p.m + q] = s;
+    } else {
+        b[p.m + q] = b[p.m + q] + s;
+    }
+}
+
+// b[q] = sum/n (mean), b[m + q] = sum of squares/(n − 1) (unbiased variance).
+@compute @workgroup_size(256, 1, 1)
+fn obs_final(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = linear(gid, nwg);
+    if (q >= p.m) {
+        return;
+    }
+    b[q] = b[q] * p.inv_n;
+    b[p.m + q] = b[p.m + q] * p.inv_n1;
 }

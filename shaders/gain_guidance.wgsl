@@ -2,6 +2,7 @@
 //   state[k,i] += h_vel·velocity[k,i] + h_gain·Σ_c gain[i,c]·(y[q] − h(endpoint[k, comp(q)])),
 //   q = index[i,c], comp(q) = offset + q·every.
 // With has_mean, the innovation is split: (y − hbar) − alpha·(h(endpoint) − hbar).
+// With has_clip, it is clamped to ±clip_scale·√(h'(lin[c])²·fvar[c] + noise_var), c = comp(q).
 // One thread per (member, component) of a member block; zero gain entries are padding.
 // CPU twin: src/backend/cpu/gain.rs::gain_step.
 
@@ -19,6 +20,10 @@ struct GainParams {
     h_gain: f32,
     has_mean: u32,   // 1: split the innovation about hbar
     alpha: f32,      // anomaly weight of the split
+    has_clip: u32,   // 1: clamp the innovation
+    clip_scale: f32,
+    noise_var: f32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: GainParams;
@@ -29,6 +34,8 @@ struct GainParams {
 @group(0) @binding(5) var<storage, read> index: array<f32>;
 @group(0) @binding(6) var<storage, read> y: array<f32>;
 @group(0) @binding(7) var<storage, read> hbar: array<f32>;
+@group(0) @binding(8) var<storage, read> lin: array<f32>;
+@group(0) @binding(9) var<storage, read> fvar: array<f32>;
 
 const WG: u32 = 256u;
 
@@ -40,6 +47,17 @@ fn h_of(x: f32) -> f32 {
         return tanh(x);
     }
     return x;
+}
+
+fn dh_of(x: f32) -> f32 {
+    if (p.pointwise == 1u) {
+        return 1.0 / (1.0 + x * x);
+    }
+    if (p.pointwise == 2u) {
+        let t = tanh(x);
+        return 1.0 - t * t;
+    }
+    return 1.0;
 }
 
 @compute @workgroup_size(256, 1, 1)
@@ -61,6 +79,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
                 var r = y[q] - hx;
                 if (p.has_mean == 1u) {
                     r = (y[q] - hbar[q]) - p.alpha * (hx - hbar[q]);
+                }
+                if (p.has_clip == 1u) {
+                    let cq = p.offset + q * p.every;
+                    let dh = dh_of(lin[cq]);
+                    let bound = p.clip_scale * sqrt(dh * dh * max(fvar[cq], 0.0) + p.noise_var);
+                    r = clamp(r, -bound, bound);
                 }
                 acc = acc + g * r;
             }

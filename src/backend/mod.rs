@@ -128,6 +128,23 @@ pub struct GainStep<'a, B: Backend + ?Sized> {
     /// ensemble mean of `h(x̂₁)`), the innovation of member `k` is
     /// `(y − h̄) − α·(h(x̂₁[k]) − h̄)` instead of `y − h(x̂₁[k])` (`α = 1` is the same thing).
     pub mean_obs: Option<(&'a B::Buffer, f32)>,
+    /// Innovation clipping (a background check): when given, every innovation is clamped to
+    /// `±scale·√(h'(l_c)²·v_c + noise_var)` with `c = comp(q)`, `l` the linearization point of
+    /// the gain and `v` the forecast variance, so that one stage moves a component by at most
+    /// about `scale` forecast standard deviations (see [`crate::filter::covariance`]).
+    pub clip: Option<InnovationClip<'a, B>>,
+}
+
+/// The bound of [`GainStep::clip`].
+pub struct InnovationClip<'a, B: Backend + ?Sized> {
+    /// Where the gain's Jacobian is taken (`1 × d`).
+    pub linearization: &'a B::Buffer,
+    /// Variance of every component over the forecast members (`1 × d`).
+    pub forecast_var: &'a B::Buffer,
+    /// Bound in standard deviations of the innovation (`> 0`).
+    pub scale: f32,
+    /// Observation-noise variance `σ_y²`.
+    pub noise_var: f32,
 }
 
 /// Ensemble statistics against the truth, reduced where the ensemble lives.
@@ -220,6 +237,17 @@ pub trait Backend: Send + Sync {
         x: &Self::Buffer,
         y: &Self::Buffer,
         obs_noise_std: f32,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// Mean and variance over the members of the observed ensemble: `out` (`2 × m`) receives
+    /// the mean of `h(x_i)` (row 0) and its unbiased variance (row 1). Used by covariance
+    /// guidance (the innovation bound) and adaptive inflation; only `2·m` values, and only
+    /// where a filter needs them, cross to the host.
+    fn observed_moments(
+        &self,
+        operator: &dyn ObservationOperator,
+        x: &Self::Buffer,
         out: &mut Self::Buffer,
     ) -> Result<()>;
 
@@ -364,6 +392,7 @@ pub(crate) fn check_gain_step<B: DeviceBuffer>(
     endpoint: &B,
     velocity: &B,
     mean_obs: Option<&B>,
+    clip: Option<(&B, &B, f32, f32)>,
 ) -> Result<(usize, usize)> {
     let (n, d) = (state.rows(), state.cols());
     let m = observe.obs_dim(d)?;
@@ -375,7 +404,19 @@ pub(crate) fn check_gain_step<B: DeviceBuffer>(
         ("guidance endpoint", endpoint, n, d),
         ("guidance velocity", velocity, n, d),
         ("mean observed endpoint", mean_obs.unwrap_or(y), 1, m),
+        (
+            "clip linearization point",
+            clip.map_or(state, |c| c.0),
+            1,
+            d,
+        ),
+        ("clip forecast variance", clip.map_or(state, |c| c.1), 1, d),
     ] {
+        let (rows, cols) = if clip.is_none() && name.starts_with("clip") {
+            (n, d)
+        } else {
+            (rows, cols)
+        };
         if b.rows() != rows || b.cols() != cols {
             return Err(crate::Error::shape(
                 name,
@@ -383,6 +424,20 @@ pub(crate) fn check_gain_step<B: DeviceBuffer>(
                 format!("{} x {}", b.rows(), b.cols()),
             ));
         }
+    }
+    if let Some((_, _, scale, noise_var)) = clip {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(crate::Error::invalid(
+                "filter.innovation_clip",
+                scale,
+                "the innovation bound is a positive number of standard deviations (0 = off)",
+            ));
+        }
+        crate::error::check_positive(
+            "observe.noise_std",
+            noise_var as f64,
+            "the observation noise std must be positive",
+        )?;
     }
     if m > MAX_GAIN_OBS {
         return Err(crate::Error::TooLarge {

@@ -137,6 +137,20 @@ pub struct FilterConfig {
     /// EnFF covariance guidance: `homotopy` or `constant`.
     #[serde(default)]
     pub gain_schedule: crate::flow::GainSchedule,
+    /// EnFF covariance guidance: innovation bound in standard deviations (0 = off).
+    #[serde(default = "default_innovation_clip")]
+    pub innovation_clip: f32,
+    /// EnFF: largest adaptive prior-inflation factor per cycle (1.0 = off).
+    #[serde(default = "default_adaptive_inflation")]
+    pub adaptive_inflation: f32,
+}
+
+fn default_innovation_clip() -> f32 {
+    crate::filter::enff::DEFAULT_INNOVATION_CLIP
+}
+
+fn default_adaptive_inflation() -> f32 {
+    1.0
 }
 
 /// An optional radius written as a number or `"none"` (TOML has no null).
@@ -455,6 +469,8 @@ impl Config {
             loc_radius: self.filter.loc_radius.unwrap_or(4.0),
             gain_stages: self.filter.gain_stages,
             gain_schedule: self.filter.gain_schedule,
+            innovation_clip: self.filter.innovation_clip,
+            adaptive_inflation: self.filter.adaptive_inflation,
         })
     }
 

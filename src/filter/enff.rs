@@ -2,7 +2,7 @@
 //! analysis along the Monte-Carlo marginal velocity of a probability path whose target is the
 //! forecast ensemble, steered by observation guidance.
 
-use crate::backend::{Backend, DeviceBuffer, FlowUpdate, GainStep, Guidance};
+use crate::backend::{Backend, DeviceBuffer, FlowUpdate, GainStep, Guidance, InnovationClip};
 use crate::error::{check_positive, Error, Result};
 use crate::filter::covariance::{self, DeviceGains};
 use crate::filter::{Filter, Observation};
@@ -42,7 +42,28 @@ pub struct EnffConfig {
     /// `constant` (`λ·K·(y − h(x̂₁))` at every step).
     #[serde(default)]
     pub gain_schedule: GainSchedule,
+    /// Covariance guidance: innovations are clamped to `±c·√(var h(x_f) + σ_y²)` per
+    /// observation (a background check that bounds a stage's step by about `c` forecast
+    /// standard deviations where `h` saturates); 0 = off.
+    #[serde(default = "default_innovation_clip")]
+    pub innovation_clip: f32,
+    /// Adaptive prior inflation: before the analysis the forecast is inflated by the factor
+    /// the innovation statistics ask for, `γ² = (‖y − h̄‖² − m σ_y²)/Σ_q var h_q`, limited to
+    /// `[1, adaptive_inflation]`; 1.0 = off.
+    #[serde(default = "default_adaptive_inflation")]
+    pub adaptive_inflation: f32,
 }
+
+fn default_innovation_clip() -> f32 {
+    DEFAULT_INNOVATION_CLIP
+}
+
+fn default_adaptive_inflation() -> f32 {
+    1.0
+}
+
+/// Default bound of covariance guidance's innovations, in standard deviations.
+pub const DEFAULT_INNOVATION_CLIP: f32 = 2.0;
 
 fn default_loc_radius() -> f64 {
     4.0
@@ -70,6 +91,8 @@ impl EnffConfig {
             loc_radius: default_loc_radius(),
             gain_stages: DEFAULT_GAIN_STAGES,
             gain_schedule: GainSchedule::Homotopy,
+            innovation_clip: DEFAULT_INNOVATION_CLIP,
+            adaptive_inflation: 1.0,
         }
     }
 
@@ -110,6 +133,22 @@ impl EnffConfig {
             self.inflation as f64,
             "inflation is a positive factor, 1.0 = none",
         )?;
+        if !(self.adaptive_inflation.is_finite() && self.adaptive_inflation >= 1.0) {
+            return Err(Error::invalid(
+                "filter.adaptive_inflation",
+                self.adaptive_inflation,
+                "the largest adaptive inflation factor per cycle, at least 1.0 (1.0 = off; \
+                 1.2-1.5 is typical)",
+            ));
+        }
+        if !(self.innovation_clip.is_finite() && self.innovation_clip >= 0.0) {
+            return Err(Error::invalid(
+                "filter.innovation_clip",
+                self.innovation_clip,
+                "the innovation bound is a non-negative number of standard deviations \
+                 (0 = off, 2-3 is typical)",
+            ));
+        }
         if self.guidance == GuidanceKind::Covariance {
             if !(self.guidance_scale.is_finite() && self.guidance_scale > 0.0) {
                 return Err(Error::invalid(
@@ -168,6 +207,9 @@ pub struct Enff<B: Backend> {
     geometry: Option<Geometry>,
     gains: Option<DeviceGains<B>>,
     hbar: Option<B::Buffer>,
+    moments: Option<B::Buffer>,
+    clip: Option<(B::Buffer, B::Buffer)>,
+    last_inflation: f32,
 }
 
 impl<B: Backend> Enff<B> {
@@ -184,6 +226,9 @@ impl<B: Backend> Enff<B> {
             geometry: None,
             gains: None,
             hbar: None,
+            moments: None,
+            clip: None,
+            last_inflation: 1.0,
         })
     }
 
@@ -197,6 +242,11 @@ impl<B: Backend> Enff<B> {
     /// The configuration.
     pub fn config(&self) -> &EnffConfig {
         &self.config
+    }
+
+    /// The adaptive prior-inflation factor of the last analysis (1.0 when off or not needed).
+    pub fn last_inflation(&self) -> f32 {
+        self.last_inflation
     }
 
     fn workspace(&mut self, backend: &B, n: usize, d: usize) -> Result<&mut Workspace<B>> {
@@ -333,6 +383,42 @@ impl<B: Backend> Enff<B> {
             },
             other => other,
         };
+        // Observed moments of the forecast: adaptive prior inflation, then the innovation bound
+        // of covariance guidance (from the inflated forecast).
+        let clip_on = cfg.guidance == GuidanceKind::Covariance && cfg.innovation_clip > 0.0;
+        let mut moments_owned = self.moments.take();
+        self.last_inflation = 1.0;
+        if cfg.adaptive_inflation > 1.0 {
+            let m = obs.operator.obs_dim(d)?;
+            if !moments_owned.as_ref().is_some_and(|b| b.cols() == m) {
+                moments_owned = Some(backend.zeros(2, m)?);
+            }
+            let mb = moments_owned.as_mut().expect("allocated");
+            backend.observed_moments(obs.operator, ensemble, mb)?;
+            let mom = backend.read(mb)?;
+            let y = backend.read(obs.y)?;
+            let gamma = super::inflation::innovation_factor(
+                &mom[..m],
+                &mom[m..],
+                &y,
+                obs.noise_std,
+                cfg.adaptive_inflation,
+            );
+            if gamma > 1.0 {
+                backend.inflate(ensemble, gamma)?;
+            }
+            self.last_inflation = gamma;
+        }
+        // The innovation bound: forecast variances (once) and the linearization point (per
+        // stage), `1 × d` each.
+        let mut clip_owned = if clip_on {
+            match self.clip.take() {
+                Some(c) if c.0.cols() == d => Some(c),
+                _ => Some((backend.zeros(1, d)?, backend.zeros(1, d)?)),
+            }
+        } else {
+            None
+        };
         // Covariance guidance: the local gains of this forecast, and the stage of every step.
         let mut stage_at: Vec<Option<(f64, f32)>> = vec![None; cfg.flow_steps];
         let mut cov: Option<(Vec<f32>, Geometry)> = None;
@@ -360,7 +446,11 @@ impl<B: Backend> Enff<B> {
                 stage_at[covariance::stage_step(s, count, cfg.flow_steps)] =
                     Some((tau, weight as f32));
             }
-            cov = Some((backend.read(ensemble)?, geometry));
+            let forecast = backend.read(ensemble)?;
+            if let Some((_, var)) = clip_owned.as_mut() {
+                backend.write(var, &column_variances(&forecast, n, d))?;
+            }
+            cov = Some((forecast, geometry));
             Some(op)
         } else {
             None
@@ -506,6 +596,10 @@ impl<B: Backend> Enff<B> {
                         Some(&lin),
                     )?;
                     let g = DeviceGains::upload(backend, &host, d, gains.take())?;
+                    if let Some((l, _)) = clip_owned.as_mut() {
+                        let lin32: Vec<f32> = lin.iter().map(|&v| v as f32).collect();
+                        backend.write(l, &lin32)?;
+                    }
                     backend.gain_step(
                         &mut w.x,
                         &GainStep {
@@ -518,6 +612,12 @@ impl<B: Backend> Enff<B> {
                             h_velocity: dt,
                             h_gain: weight,
                             mean_obs: Some((hbar_buf.as_ref().expect("uploaded"), alpha)),
+                            clip: clip_owned.as_ref().map(|(l, v)| InnovationClip {
+                                linearization: l,
+                                forecast_var: v,
+                                scale: cfg.innovation_clip,
+                                noise_var: obs.noise_std * obs.noise_std,
+                            }),
                         },
                     )?;
                     *gains = Some(g);
@@ -555,6 +655,8 @@ impl<B: Backend> Enff<B> {
         std::mem::swap(&mut w.x, ensemble);
         self.gains = gains_owned;
         self.hbar = hbar_owned;
+        self.moments = moments_owned;
+        self.clip = clip_owned;
         // The one host round trip of an analysis: deferred error flags (non-finite inputs or
         // weights) and device errors.
         backend.sync()
@@ -606,6 +708,20 @@ fn column_means(x: &[f32], n: usize, d: usize) -> Vec<f64> {
     }
     m.iter_mut().for_each(|a| *a /= n as f64);
     m
+}
+
+/// Unbiased variance of every column of the `n × d` row-major `x`.
+fn column_variances(x: &[f32], n: usize, d: usize) -> Vec<f32> {
+    let mean = column_means(x, n, d);
+    let mut v = vec![0.0f64; d];
+    for row in x.chunks(d) {
+        for ((a, &x), mu) in v.iter_mut().zip(row).zip(&mean) {
+            *a += (x as f64 - mu).powi(2);
+        }
+    }
+    v.iter()
+        .map(|a| (a / (n.max(2) - 1) as f64) as f32)
+        .collect()
 }
 
 /// Checks what every flow or score analysis needs: at least 2 members, σ_y > 0, an observation

@@ -9,6 +9,7 @@ pub mod covariance;
 pub mod enff;
 pub mod ensemble_kalman;
 pub mod ensf;
+pub mod inflation;
 pub mod kalman;
 pub mod letkf;
 pub mod localization;

@@ -17,6 +17,9 @@ pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>)
         g.endpoint,
         g.velocity,
         g.mean_obs.map(|p| p.0),
+        g.clip
+            .as_ref()
+            .map(|c| (c.linearization, c.forecast_var, c.scale, c.noise_var)),
     )?;
     let (n, d) = (state.rows(), state.cols());
     if n == 0 || d == 0 {
@@ -30,6 +33,14 @@ pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>)
     let (hv, hg) = (g.h_velocity, g.h_gain);
     let op = g.observe;
     let mean = g.mean_obs.map(|(b, a)| (b.as_slice(), a));
+    let clip = g.clip.as_ref().map(|c| {
+        (
+            c.linearization.as_slice(),
+            c.forecast_var.as_slice(),
+            c.scale,
+            c.noise_var,
+        )
+    });
     let row = |(k, st): (usize, &mut [f32])| {
         let xe = &endpoint[k * d..(k + 1) * d];
         let v = &velocity[k * d..(k + 1) * d];
@@ -38,9 +49,18 @@ pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>)
             (0..m)
                 .map(|q| {
                     let hx = op.pointwise.value(xe[op.component(q)]);
-                    match mean {
+                    let r = match mean {
                         Some((hb, a)) => (y[q] - hb[q]) - a * (hx - hb[q]),
                         None => y[q] - hx,
+                    };
+                    match clip {
+                        Some((lin, var, scale, noise_var)) => {
+                            let c = op.component(q);
+                            let dh = op.pointwise.derivative(lin[c]);
+                            let bound = scale * (dh * dh * var[c].max(0.0) + noise_var).sqrt();
+                            r.clamp(-bound, bound)
+                        }
+                        None => r,
                     }
                 })
                 .collect()

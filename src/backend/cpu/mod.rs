@@ -489,6 +489,41 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn observed_moments(
+        &self,
+        operator: &dyn ObservationOperator,
+        x: &CpuBuffer,
+        out: &mut CpuBuffer,
+    ) -> Result<()> {
+        let (n, d) = (x.rows, x.cols);
+        let m = operator.obs_dim(d)?;
+        Cpu::same_shape("observed moments", out, 2, m)?;
+        if m == 0 {
+            return Ok(());
+        }
+        if n == 0 {
+            out.data_mut().fill(0.0);
+            return Ok(());
+        }
+        // Observe member by member, then reduce each observation in f64 (two passes).
+        let mut hx = vec![0.0f32; n * m];
+        hx.par_chunks_mut(m)
+            .zip(x.data.par_chunks(d.max(1)))
+            .for_each(|(y, xi)| operator.apply(xi, y));
+        let (mean, var) = out.data_mut().split_at_mut(m);
+        mean.par_iter_mut()
+            .zip(var.par_iter_mut())
+            .enumerate()
+            .for_each(|(q, (mu, v))| {
+                let s: f64 = (0..n).map(|k| hx[k * m + q] as f64).sum();
+                let mq = s / n as f64;
+                let ss: f64 = (0..n).map(|k| (hx[k * m + q] as f64 - mq).powi(2)).sum();
+                *mu = mq as f32;
+                *v = (ss / (n.max(2) - 1) as f64) as f32;
+            });
+        Ok(())
+    }
+
     fn log_likelihoods(
         &self,
         operator: &dyn ObservationOperator,

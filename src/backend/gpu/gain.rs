@@ -23,6 +23,10 @@ pub(super) struct GainParams {
     h_gain: f32,
     has_mean: u32,
     alpha: f32,
+    has_clip: u32,
+    clip_scale: f32,
+    noise_var: f32,
+    _pad1: u32,
 }
 
 fn kernel(gpu: &Gpu) -> &Kernel {
@@ -49,6 +53,8 @@ fn kernel(gpu: &Gpu) -> &Kernel {
                 (5, Read),
                 (6, Read),
                 (7, Read),
+                (8, Read),
+                (9, Read),
             ],
         )
     })
@@ -64,6 +70,9 @@ pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>)
         g.endpoint,
         g.velocity,
         g.mean_obs.map(|p| p.0),
+        g.clip
+            .as_ref()
+            .map(|c| (c.linearization, c.forecast_var, c.scale, c.noise_var)),
     )?;
     let d = state.cols;
     if state.rows == 0 || d == 0 {
@@ -85,6 +94,13 @@ pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>)
         Some((b, _)) => b.single("the mean observed endpoint")?,
         None => y,
     };
+    let (lin, var) = match &g.clip {
+        Some(c) => (
+            c.linearization.single("the clip linearization point")?,
+            c.forecast_var.single("the clip forecast variance")?,
+        ),
+        None => (y, y),
+    };
     let k = kernel(gpu);
     for c in 0..state.chunks.len() {
         let (r0, r1) = state.chunk_rows(c);
@@ -100,6 +116,9 @@ pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>)
             h_gain: g.h_gain,
             has_mean: g.mean_obs.is_some() as u32,
             alpha: g.mean_obs.map_or(1.0, |p| p.1),
+            has_clip: g.clip.is_some() as u32,
+            clip_scale: g.clip.as_ref().map_or(0.0, |c| c.scale),
+            noise_var: g.clip.as_ref().map_or(0.0, |c| c.noise_var),
             ..Default::default()
         };
         super::u32_of((r1 - r0) * d, "members × state dimension")?;
@@ -115,6 +134,8 @@ pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>)
                 index,
                 y,
                 hbar,
+                lin,
+                var,
             ],
             (groups.0, groups.1, 1),
         )?;

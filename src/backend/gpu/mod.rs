@@ -133,6 +133,9 @@ struct Kernels {
     stats_final: Kernel,
     finite: Kernel,
     observe: Kernel,
+    obs_sum: Kernel,
+    obs_sq: Kernel,
+    obs_final: Kernel,
     loglik: Kernel,
     model_stage: Kernel,
     model_combine: Kernel,
@@ -733,6 +736,9 @@ impl Kernels {
             ),
             finite: k("check_finite", &ens, "finite", &[(1, Read), (4, ReadWrite)]),
             observe: k("observe", &ens, "observe", &[(1, Read), (2, ReadWrite)]),
+            obs_sum: k("obs_sum", &ens, "obs_sum", &[(1, Read), (2, ReadWrite)]),
+            obs_sq: k("obs_sq", &ens, "obs_sq", &[(1, Read), (2, ReadWrite)]),
+            obs_final: k("obs_final", &ens, "obs_final", &[(2, ReadWrite)]),
             loglik: k(
                 "log_likelihoods",
                 &ens,
@@ -1266,6 +1272,45 @@ impl Backend for Gpu {
             self.dispatch(&self.kernels.observe, &p, &[chunk, dst], (g.0, g.1, 1))?;
         }
         Ok(())
+    }
+
+    fn observed_moments(
+        &self,
+        operator: &dyn ObservationOperator,
+        x: &GpuBuffer,
+        out: &mut GpuBuffer,
+    ) -> Result<()> {
+        let _call = self.exclusive();
+        let op = self.builtin_obs(operator)?;
+        let (n, d) = (x.rows, x.cols);
+        let m = operator.obs_dim(d)?;
+        shape_err("observed moments", out, 2, m)?;
+        if m == 0 {
+            return Ok(());
+        }
+        let dst = out.single("observed moments")?;
+        let g = groups_1d(m as u64)?;
+        let params = |c: usize| -> Result<EnsembleParams> {
+            let (r0, r1) = x.chunk_rows(c);
+            Ok(EnsembleParams {
+                rows: (r1 - r0) as u32,
+                cols: u32_of(d, "state dimension")?,
+                first: (c == 0) as u32,
+                m: u32_of(m, "observation dimension")?,
+                every: u32_of(op.every, "observe.every")?,
+                offset: u32_of(op.offset, "observe.offset")?,
+                pointwise: pointwise_code(op.pointwise),
+                inv_n: 1.0 / n.max(1) as f32,
+                inv_n1: 1.0 / n.max(2).saturating_sub(1) as f32,
+                ..Default::default()
+            })
+        };
+        for kernel in [&self.kernels.obs_sum, &self.kernels.obs_sq] {
+            for (c, chunk) in x.chunks.iter().enumerate() {
+                self.dispatch(kernel, &params(c)?, &[chunk, dst], (g.0, g.1, 1))?;
+            }
+        }
+        self.dispatch(&self.kernels.obs_final, &params(0)?, &[dst], (g.0, g.1, 1))
     }
 
     fn log_likelihoods(
