@@ -6,7 +6,7 @@ mod common;
 
 use common::{assert_close, gpu, gpu_split};
 use enff::backend::cpu::Cpu;
-use enff::backend::{Backend, GainStep};
+use enff::backend::{Backend, GainStep, InnovationClip};
 use enff::filter::covariance::local_gains;
 use enff::filter::{Enff, EnffConfig, Filter, Observation};
 use enff::flow::GuidanceKind;
@@ -33,8 +33,16 @@ fn gain_step<B: Backend>(
     data: &[Vec<f32>; 6],
     w: usize,
     h: (f32, f32, Option<f32>),
+    clip: Option<(&[f32], &[f32], f32)>,
 ) -> Vec<f32> {
     let [state, vel, endpoint, y, gain_index, hbar] = data;
+    let clip_bufs = clip.map(|(lin, var, scale)| {
+        (
+            b.upload(1, d, lin).unwrap(),
+            b.upload(1, d, var).unwrap(),
+            scale,
+        )
+    });
     let m = y.len();
     let mut st = b.upload(n, d, state).unwrap();
     let v = b.upload(n, d, vel).unwrap();
@@ -55,6 +63,12 @@ fn gain_step<B: Backend>(
             h_velocity: h.0,
             h_gain: h.1,
             mean_obs: h.2.map(|a| (&hb, a)),
+            clip: clip_bufs.as_ref().map(|(l, v, scale)| InnovationClip {
+                linearization: l,
+                forecast_var: v,
+                scale: *scale,
+                noise_var: 0.01,
+            }),
         },
     )
     .unwrap();
@@ -96,8 +110,8 @@ fn banded_gain_step_agrees_with_the_cpu() {
             (0.1, 0.0, None),
             (0.3, 0.9, Some(0.5f32)),
         ] {
-            let want = gain_step(&cpu, n, d, op, &data, w, h);
-            let got = gain_step(g, n, d, op, &data, w, h);
+            let want = gain_step(&cpu, n, d, op, &data, w, h, None);
+            let got = gain_step(g, n, d, op, &data, w, h, None);
             assert_close(
                 &got,
                 &want,
@@ -106,19 +120,105 @@ fn banded_gain_step_agrees_with_the_cpu() {
                 &format!("gain step case {case} h {h:?}"),
             );
         }
+        // With the innovation bound: a linearization point spanning the saturated range and
+        // small forecast variances, so that many innovations are clamped.
+        let lin = normals(1, d, s + 7, 3.0);
+        let var: Vec<f32> = normals(1, d, s + 8, 0.2).iter().map(|v| v * v).collect();
+        for scale in [0.5f32, 2.0] {
+            let h = (0.3, 0.9, Some(0.5f32));
+            let clip = Some((&lin[..], &var[..], scale));
+            let want = gain_step(&cpu, n, d, op, &data, w, h, clip);
+            let got = gain_step(g, n, d, op, &data, w, h, clip);
+            assert_close(
+                &got,
+                &want,
+                1e-5,
+                1e-5,
+                &format!("clipped gain step case {case} scale {scale}"),
+            );
+            let free = gain_step(&cpu, n, d, op, &data, w, h, None);
+            assert!(
+                want.iter().zip(&free).any(|(a, b)| (a - b).abs() > 1e-3),
+                "case {case}: the bound never binds, the test checks nothing"
+            );
+        }
         // The same on a GPU whose ensembles are split into member blocks of `w` rows (the
         // banded gain, `d × w`, still fits one binding).
         if n > w {
             let gs = gpu_split((w * d * 4) as u64).expect("the adapter opened above");
             let h = (0.25, 0.7, Some(0.5));
-            let got = gain_step(&gs, n, d, op, &data, w, h);
-            let want = gain_step(&cpu, n, d, op, &data, w, h);
+            let got = gain_step(&gs, n, d, op, &data, w, h, None);
+            let want = gain_step(&cpu, n, d, op, &data, w, h, None);
             assert_close(
                 &got,
                 &want,
                 1e-5,
                 1e-5,
                 &format!("split gain step case {case}"),
+            );
+        }
+    }
+}
+
+/// Mean and variance over the members of `h(x)` (the adaptive-inflation statistics) on both
+/// backends, including an ensemble split into member blocks.
+#[test]
+fn observed_moments_agree_with_the_cpu() {
+    let Some((_guard, g)) = gpu() else { return };
+    let cpu = Cpu::new();
+    for (case, (n, d, every, offset, pw)) in [
+        (5usize, 37usize, 2usize, 1usize, Pointwise::Arctan),
+        (2, 101, 1, 0, Pointwise::Identity),
+        (9, 53, 3, 2, Pointwise::Tanh),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let op = Observe::full(pw).subsample(every, offset).unwrap();
+        let m = (d - offset).div_ceil(every);
+        // An offset mean, so that a one-pass variance would lose digits.
+        let x: Vec<f32> = normals(n, d, 40 + case as u64, 0.3)
+            .iter()
+            .map(|v| v + 2.5)
+            .collect();
+        let want = {
+            let xb = cpu.upload(n, d, &x).unwrap();
+            let mut out = cpu.zeros(2, m).unwrap();
+            cpu.observed_moments(&op, &xb, &mut out).unwrap();
+            cpu.read(&out).unwrap()
+        };
+        // Direct f64 reference.
+        for q in 0..m {
+            let c = op.component(q);
+            let h: Vec<f64> = (0..n).map(|k| pw.value(x[k * d + c]) as f64).collect();
+            let mu = h.iter().sum::<f64>() / n as f64;
+            let var = h.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / (n - 1) as f64;
+            assert!((want[q] as f64 - mu).abs() < 1e-5, "case {case} mean {q}");
+            assert!(
+                (want[m + q] as f64 - var).abs() < 1e-5 * (1.0 + var),
+                "case {case} var {q}"
+            );
+        }
+        let got = {
+            let xb = g.upload(n, d, &x).unwrap();
+            let mut out = g.zeros(2, m).unwrap();
+            g.observed_moments(&op, &xb, &mut out).unwrap();
+            g.read(&out).unwrap()
+        };
+        assert_close(&got, &want, 1e-5, 1e-5, &format!("moments case {case}"));
+        if n > 2 {
+            // Member blocks of 2 rows.
+            let gs = gpu_split((2 * d * 4) as u64).expect("the adapter opened above");
+            let xb = gs.upload(n, d, &x).unwrap();
+            let mut out = gs.zeros(2, m).unwrap();
+            gs.observed_moments(&op, &xb, &mut out).unwrap();
+            let got = gs.read(&out).unwrap();
+            assert_close(
+                &got,
+                &want,
+                1e-5,
+                1e-5,
+                &format!("split moments case {case}"),
             );
         }
     }
@@ -131,6 +231,8 @@ fn analysis<B: Backend>(b: &B, n: usize, d: usize, op: &Observe) -> Vec<f32> {
         loc_radius: 2.5,
         gain_stages: 3,
         inflation: 1.1,
+        // Both safeguards on (the clip is on by default): the same on both backends.
+        adaptive_inflation: 1.4,
         ..EnffConfig::f2p(0.05, 1.0, 5)
     };
     let mut f = Enff::<B>::new(cfg)
