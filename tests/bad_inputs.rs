@@ -157,6 +157,22 @@ fn cases() -> Vec<Case> {
             Box::new(|| config_with(&["filter.kind=letkf", "filter.loc_radius=0"])),
         ),
         (
+            "adaptive inflation below 1",
+            "InvalidParameter",
+            Box::new(|| config_with(&["filter.adaptive_inflation=0.8"])),
+        ),
+        (
+            "negative innovation bound (covariance guidance)",
+            "InvalidParameter",
+            Box::new(|| {
+                config_with(&[
+                    "filter.guidance=covariance",
+                    "filter.guidance_scale=1",
+                    "filter.innovation_clip=-2",
+                ])
+            }),
+        ),
+        (
             "Kalman filter on a nonlinear model",
             "InvalidParameter",
             Box::new(|| {
