@@ -917,12 +917,24 @@ fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
         }
         rows.push((f.clone(), summaries, error));
     }
+    // The guidance of each EnFF row (`local`, `covariance`, …), so that tables say which
+    // variant they compare; "-" for the other filters.
+    let guidance_of = |f: &str| -> String {
+        experiments
+            .iter()
+            .find(|(name, _)| name == f)
+            .filter(|(name, _)| name.starts_with("enff"))
+            .and_then(|(_, e)| serde_json::to_value(e.config().filter.guidance).ok())
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| "-".into())
+    };
     let mut md = String::from(
-        "| filter | rmse_mean | spread_mean | s/analysis | s/cycle |\n|---|---|---|---|---|\n",
+        "| filter | guidance | rmse_mean | spread_mean | s/analysis | s/cycle |\n\
+         |---|---|---|---|---|---|\n",
     );
     let mut csv = String::from(
-        "filter,rmse_mean,spread_mean,seconds_per_analysis,seconds_per_cycle,seeds,rmse_std,\
-         spread_std,error\n",
+        "filter,guidance,rmse_mean,spread_mean,seconds_per_analysis,seconds_per_cycle,seeds,\
+         rmse_std,spread_std,error\n",
     );
     let cfg = experiments[0].1.config();
     let mut text = format!(
@@ -938,17 +950,18 @@ fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
         }
     );
     text.push_str(&format!(
-        "{:<10} {:>18} {:>18} {:>12} {:>10}\n",
-        "filter", "rmse_mean", "spread_mean", "s/analysis", "s/cycle"
+        "{:<10} {:<10} {:>18} {:>18} {:>12} {:>10}\n",
+        "filter", "guidance", "rmse_mean", "spread_mean", "s/analysis", "s/cycle"
     ));
     let mut json_rows = Vec::new();
     for (f, summaries, err) in &rows {
+        let g = guidance_of(f);
         if !err.is_empty() {
             let short = err.lines().next().unwrap_or("").replace(',', ";");
-            text.push_str(&format!("{f:<10} failed: {short}\n"));
-            md.push_str(&format!("| {f} | failed: {short} | | | |\n"));
-            csv.push_str(&format!("{f},,,,,{},,,{short}\n", summaries.len()));
-            json_rows.push(serde_json::json!({ "filter": f, "error": err }));
+            text.push_str(&format!("{f:<10} {g:<10} failed: {short}\n"));
+            md.push_str(&format!("| {f} | {g} | failed: {short} | | | |\n"));
+            csv.push_str(&format!("{f},{g},,,,,{},,,{short}\n", summaries.len()));
+            json_rows.push(serde_json::json!({ "filter": f, "guidance": g, "error": err }));
             continue;
         }
         let col = |g: fn(&Summary) -> f64| {
@@ -965,17 +978,17 @@ fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
             }
         };
         text.push_str(&format!(
-            "{f:<10} {:>18} {:>18} {per:>12.5} {per_cycle:>10.5}\n",
+            "{f:<10} {g:<10} {:>18} {:>18} {per:>12.5} {per_cycle:>10.5}\n",
             pm(rmse),
             pm(spread)
         ));
         md.push_str(&format!(
-            "| {f} | {} | {} | {per:.5} | {per_cycle:.5} |\n",
+            "| {f} | {g} | {} | {} | {per:.5} | {per_cycle:.5} |\n",
             pm(rmse),
             pm(spread)
         ));
         csv.push_str(&format!(
-            "{f},{},{},{per},{per_cycle},{},{},{},\n",
+            "{f},{g},{},{},{per},{per_cycle},{},{},{},\n",
             rmse.0,
             spread.0,
             summaries.len(),
@@ -984,6 +997,7 @@ fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
         ));
         json_rows.push(serde_json::json!({
             "filter": f,
+            "guidance": g,
             "seeds": summaries.len(),
             "rmse_mean": rmse.0,
             "rmse_std": rmse.1,

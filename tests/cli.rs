@@ -395,9 +395,11 @@ fn compare_runs_filters_on_identical_inputs_and_writes_tables() {
     assert!(o.status.success(), "{}", stderr(&o));
     let csv = std::fs::read_to_string(out.join("compare.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5, "{csv}");
-    assert!(std::fs::read_to_string(out.join("compare.md"))
-        .unwrap()
-        .contains("| etkf |"));
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    assert!(md.contains("| etkf | - |"), "{md}");
+    // EnFF rows name their guidance variant.
+    assert!(md.contains("| enff-f2p | local |"), "{md}");
+    assert!(csv.starts_with("filter,guidance,"), "{csv}");
     // Identical inputs: every filter saw the same forecast on cycle 1 (no forecast step yet),
     // so the first rows' forecast RMSE agree exactly.
     let first = |f: &str| {

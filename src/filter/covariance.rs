@@ -63,6 +63,35 @@
 //! `filter.gain_schedule = "constant"` is the plain form `g = λ·K(1)·(y − h(x̂₁))` at every flow
 //! step, kept for comparison.
 //!
+//! # Safeguards for saturating observations: the innovation bound and adaptive inflation
+//!
+//! The stages are exact for linear `h`. With a saturating `h` (arctan) and a cold start the
+//! linearization can be badly off: where the gain's Jacobian `h'(l)` is small, `K ≈ P h'/σ_y²`
+//! is large, while the innovation `y − h(x̂₁)` is bounded but does not shrink as the member
+//! moves (the observation has saturated), so a Gauss–Newton stage overshoots by many forecast
+//! standard deviations; the next forecast starts from states far outside the attractor and the
+//! run diverges. Measured on the half-observed cold start (d = 400, 3 seeds): divergence or a
+//! time-mean RMSE of 0.8–3 for every λ and fixed inflation tried.
+//!
+//! * **Innovation bound** (`filter.innovation_clip = c`, default 2, 0 = off). Each innovation
+//!   is clamped to `±c·s_q` with `s_q² = h'(l_c)² v_c + σ_y²` — the innovation standard
+//!   deviation of the linear-Gaussian model the gain assumes (`l` the gain's linearization
+//!   point, `v_c` the forecast variance of the observed component `c`). In that model
+//!   `|K_iq|·s_q ≤ √P_ii`, so one stage moves a component by at most about `c` forecast
+//!   standard deviations per observation, whatever `h'`. It is the classical background check,
+//!   applied as a clamp (Huber) rather than a rejection, so a cold start still moves towards
+//!   the observations. For a consistent Gaussian ensemble only the innovations beyond `c`
+//!   standard deviations are touched (4.6 % at `c = 2`); the Kalman-limit tests switch it off.
+//! * **Adaptive prior inflation** (`filter.adaptive_inflation = γ_max`, 1.0 = off): the forecast
+//!   is inflated by the factor its innovation statistics ask for, within `[1, γ_max]`
+//!   ([`crate::filter::inflation`]). A cold start's spread is far below its error; without it
+//!   the gains are too small to pull the unobserved components in.
+//!
+//! Together, at the Kalman-consistent `λ = 1` and no fixed inflation: half-observed cold start
+//! 0.17 ± 0.05 (d = 2000, 3 seeds; plain EnFF 1.4), fully observed 0.048 (d = 1000; 0.054
+//! before with `λ = 2` and inflation 1.05). With well-behaved observations (identity,
+//! `σ_y = 1`) the bound rarely binds and `lorenz96_sakov2008` is unchanged.
+//!
 //! # Localization and the banded gain
 //!
 //! The gain is computed once per stage from the forecast ensemble, locally per state
