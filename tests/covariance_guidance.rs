@@ -339,7 +339,7 @@ fn run(name: &str, sets: &[&str], seed: u64) -> enff::experiment::Summary {
 
 /// The cold-start arctan Lorenz-96 (ensemble N(0, 1), truth std 3.6, σ_y = 0.05) with
 /// covariance guidance runs its 80 cycles without a non-finite value and converges: enff
-/// measures 0.051-0.054 over seeds at d = 100 and d = 1000 (plain EnFF-F2P: 0.16-0.17).
+/// measures 0.048-0.049 over seeds at d = 400 and d = 1000 (plain EnFF-F2P: 0.16-0.17).
 #[test]
 fn cold_start_arctan_lorenz96_runs_80_cycles_and_converges() {
     let s = run("lorenz96_bao2024_covariance", &["model.d=100"], 5);
@@ -350,24 +350,33 @@ fn cold_start_arctan_lorenz96_runs_80_cycles_and_converges() {
 }
 
 /// Canonical Lorenz-96 (d = 40, identity observations, n = 40): covariance guidance at λ = 1
-/// reaches the ETKF's level, where the paper's local guidance stalls near 0.42. Over 300 cycles
-/// enff measures 0.174-0.188 (ETKF 0.155-0.157) over three seeds.
+/// with a wide taper (n = 40 members resolve the 40-dimensional covariance, so the radius only
+/// trims sampling noise) reaches the ETKF, where the paper's local guidance stalls near 0.42.
+/// Over 1000 cycles and 3 seeds enff measures 0.185 ± 0.004 against the ETKF's 0.194 ± 0.017
+/// (0.188 with inflation 1.02; BENCHMARKS.md); this short run (200 cycles averaged) allows 10 %.
 #[test]
-fn sakov2008_covariance_guidance_is_near_the_etkf() {
-    let s = run(
+fn sakov2008_covariance_guidance_matches_the_etkf() {
+    let cov = run(
         "lorenz96_sakov2008",
         &[
             "filter.guidance=covariance",
             "filter.guidance_scale=1",
             "filter.sigma_min=0.01",
+            "filter.loc_radius=16",
             "experiment.cycles=300",
         ],
         3,
     );
+    let etkf = run(
+        "lorenz96_sakov2008",
+        &["filter.kind=etkf", "experiment.cycles=300"],
+        3,
+    );
     assert!(
-        (0.15..0.23).contains(&s.rmse_mean),
-        "time-mean RMSE {}",
-        s.rmse_mean
+        cov.rmse_mean < 1.1 * etkf.rmse_mean && cov.rmse_mean < 0.2,
+        "covariance EnFF {} vs ETKF {}",
+        cov.rmse_mean,
+        etkf.rmse_mean
     );
 }
 
