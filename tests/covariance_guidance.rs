@@ -430,7 +430,7 @@ fn the_innovation_bound_limits_a_stage_step() {
                 h_velocity: 0.0,
                 h_gain: 0.5,
                 mean_obs: None,
-                clip: clip.then(|| InnovationClip {
+                clip: clip.then_some(InnovationClip {
                     linearization: &lin,
                     forecast_var: &var,
                     scale,

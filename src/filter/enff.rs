@@ -390,7 +390,7 @@ impl<B: Backend> Enff<B> {
         self.last_inflation = 1.0;
         if cfg.adaptive_inflation > 1.0 {
             let m = obs.operator.obs_dim(d)?;
-            if !moments_owned.as_ref().is_some_and(|b| b.cols() == m) {
+            if moments_owned.as_ref().is_none_or(|b| b.cols() != m) {
                 moments_owned = Some(backend.zeros(2, m)?);
             }
             let mb = moments_owned.as_mut().expect("allocated");
