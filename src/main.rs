@@ -392,11 +392,7 @@ fn main() -> ExitCode {
         return match mpi_cli::main(world, cli.command, ui) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!(
-                    "error (MPI rank {} of {}): {e:#}",
-                    world.rank(),
-                    world.size()
-                );
+                mpi_cli::print_error(world.rank(), world.size(), &format!("{e:#}"));
                 ExitCode::FAILURE
             }
         };

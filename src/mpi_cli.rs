@@ -15,8 +15,7 @@ use enff::distributed::{self, Comm, Shard};
 use enff::experiment::Experiment;
 
 use super::{
-    output_dir, print_summary, write_run, AnyBackend, BenchArgs, Command, Gpu,
-    RunArgs, Source, Ui,
+    output_dir, print_summary, write_run, AnyBackend, BenchArgs, Command, Gpu, RunArgs, Source, Ui,
 };
 use enff::backend::Backend;
 
@@ -24,11 +23,7 @@ use enff::backend::Backend;
 pub(super) fn main(world: &MpiWorld, command: Option<Command>, ui: Ui) -> Result<()> {
     let comm = world.comm();
     match command {
-        None => run(
-            world,
-            super::default_run_args(),
-            ui,
-        ),
+        None => run(world, super::default_run_args(), ui),
         Some(Command::Run(args)) => run(world, args, ui),
         Some(Command::Info) => info(comm.as_ref()),
         Some(Command::Bench(args)) if args.mpi => bench(world, args),
@@ -39,6 +34,13 @@ pub(super) fn main(world: &MpiWorld, command: Option<Command>, ui: Ui) -> Result
             )
         }
     }
+}
+
+/// Prints a rank's error as one write, so that the lines of several ranks do not interleave.
+pub(super) fn print_error(rank: usize, size: usize, message: &str) {
+    use std::io::Write;
+    let line = format!("error (MPI rank {rank} of {size}): {message}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Fails on every rank when `local` failed on any rank (see [`distributed::agree`]).
@@ -65,9 +67,7 @@ fn check_args(args: &RunArgs) -> Result<()> {
         (args.dry_run, "--dry-run"),
     ];
     if let Some((_, flag)) = refused.iter().find(|(on, _)| *on) {
-        anyhow::bail!(
-            "{flag} is not available in a run over MPI ranks; run in one process for it"
-        );
+        anyhow::bail!("{flag} is not available in a run over MPI ranks; run in one process for it");
     }
     Ok(())
 }
@@ -163,7 +163,7 @@ fn run(world: &MpiWorld, args: RunArgs, ui: Ui) -> Result<()> {
         Ok(r) => r,
         Err(e) => {
             // The other ranks may be waiting in a collective: end the whole job.
-            eprintln!("error (MPI rank {rank} of {size}): {e}");
+            print_error(rank, size, &e.to_string());
             world.abort(1);
         }
     };
@@ -184,7 +184,7 @@ fn run(world: &MpiWorld, args: RunArgs, ui: Ui) -> Result<()> {
                 .with_context(|| format!("writing plots to {}", out.display()))
         });
         if let Err(e) = written {
-            eprintln!("error (MPI rank 0 of {size}): {e:#}");
+            print_error(0, size, &format!("{e:#}"));
             world.abort(1);
         }
         if ui.json {

@@ -27,7 +27,14 @@ const SMALL: [&str; 12] = [
 /// `timeout 120 mpirun -n N enff ARGS…` (oversubscribed: this machine may have fewer cores).
 fn mpirun(n: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new("timeout")
-        .args(["120", "mpirun", "--oversubscribe", "--bind-to", "none", "-n"])
+        .args([
+            "120",
+            "mpirun",
+            "--oversubscribe",
+            "--bind-to",
+            "none",
+            "-n",
+        ])
         .arg(n.to_string())
         .arg(env!("CARGO_BIN_EXE_enff"))
         .args(args)
@@ -215,12 +222,18 @@ fn bad_input_is_a_clear_error_on_every_rank() {
             out,
             "--set",
             "experiment.cycles=2",
+            "--set",
+            "experiment.burn_in=0",
         ],
         &[],
     );
     assert_fails_on_every_rank(&o, 2, "cannot be sharded");
     // A filter without a sharded analysis.
-    let o = mpirun(2, &run_args(out, "experiment.cycles=2", &["--filter", "etkf"]), &[]);
+    let o = mpirun(
+        2,
+        &run_args(out, "experiment.cycles=2", &["--filter", "etkf"]),
+        &[],
+    );
     assert_fails_on_every_rank(&o, 2, "has no sharded analysis");
     // Ranks started with different configurations (MPMD launch: two programs).
     let bin = env!("CARGO_BIN_EXE_enff");
@@ -228,7 +241,11 @@ fn bad_input_is_a_clear_error_on_every_rank() {
     cmd.args(["120", "mpirun", "--oversubscribe", "--bind-to", "none"]);
     for d in ["model.d=41", "model.d=40"] {
         cmd.args(["-n", "1", bin]);
-        cmd.args(run_args(out, "experiment.cycles=2", &["--force", "--set", d]));
+        cmd.args(run_args(
+            out,
+            "experiment.cycles=2",
+            &["--force", "--set", d],
+        ));
         cmd.arg(":");
     }
     let o = cmd

@@ -48,14 +48,7 @@ pub fn time_flow_steps<B: Backend>(
     let key = NoiseKey::new(11, Stream::User, 0);
     super::fill_normal_slab(backend, &mut fresh, key, slab.start, None, 1.0)?;
     let mut prev = backend.zeros(n, slab.len)?;
-    super::fill_normal_slab(
-        backend,
-        &mut prev,
-        key.with_step(1),
-        slab.start,
-        None,
-        1.0,
-    )?;
+    super::fill_normal_slab(backend, &mut prev, key.with_step(1), slab.start, None, 1.0)?;
     let mut truth = backend.zeros(1, slab.len)?;
     super::fill_normal_slab(backend, &mut truth, key.with_step(2), slab.start, None, 1.0)?;
     let mut y = backend.zeros(1, range.len())?;

@@ -70,9 +70,7 @@ impl SlabForecast {
             self.rhs(shard, f, x, n, len, 0)?;
             match model.scheme {
                 Scheme::Rk4ThreeEighths => {
-                    self.stage(shard, f, x, n, len, 1, |x, k, c| {
-                        x[c] + h / 3.0 * k[0][c]
-                    })?;
+                    self.stage(shard, f, x, n, len, 1, |x, k, c| x[c] + h / 3.0 * k[0][c])?;
                     self.stage(shard, f, x, n, len, 2, |x, k, c| {
                         x[c] + h * (k[1][c] - k[0][c] / 3.0)
                     })?;
@@ -186,10 +184,16 @@ mod tests {
     fn one_slab_advances_exactly_like_the_whole_state() {
         for scheme in [Scheme::Rk4Classic, Scheme::Rk4ThreeEighths] {
             let d = 11;
-            let model = Model::new(System::Lorenz96(Lorenz96::new(d, 8.0).unwrap()), 0.01, scheme)
-                .unwrap();
+            let model = Model::new(
+                System::Lorenz96(Lorenz96::new(d, 8.0).unwrap()),
+                0.01,
+                scheme,
+            )
+            .unwrap();
             let n = 2;
-            let x0: Vec<f32> = (0..n * d).map(|c| ((c * 37) % 17) as f32 * 0.3 - 2.0).collect();
+            let x0: Vec<f32> = (0..n * d)
+                .map(|c| ((c * 37) % 17) as f32 * 0.3 - 2.0)
+                .collect();
             let mut whole = x0.clone();
             let mut scratch = vec![0.0; rk::SCRATCH_VECTORS * d];
             for row in whole.chunks_mut(d) {

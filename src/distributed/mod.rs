@@ -146,7 +146,11 @@ impl Slab {
 
     /// The whole state as one slab.
     pub fn whole(d: usize) -> Slab {
-        Slab { start: 0, len: d, d }
+        Slab {
+            start: 0,
+            len: d,
+            d,
+        }
     }
 }
 
@@ -465,7 +469,8 @@ mod tests {
         let mean: Vec<f32> = (0..d).map(|k| k as f32).collect();
         let mean_full = cpu.upload(1, d, &mean).unwrap();
         let mut full = cpu.zeros(n, d).unwrap();
-        cpu.fill_normal(&mut full, key, Some(&mean_full), 0.5).unwrap();
+        cpu.fill_normal(&mut full, key, Some(&mean_full), 0.5)
+            .unwrap();
         let full = cpu.read(&full).unwrap();
         for rank in 0..3 {
             let s = Slab::of(d, rank, 3);

@@ -57,13 +57,11 @@ impl MpiWorld {
         let Some(expected) = launched_size() else {
             return Ok(None);
         };
-        let (universe, _provided) =
-            mpi::initialize_with_threading(mpi::Threading::Funneled).ok_or_else(|| {
-                Error::Distributed {
-                    ranks: expected,
-                    what: "MPI was already initialized".into(),
-                    fix: "initialize MPI once per process".into(),
-                }
+        let (universe, _provided) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+            .ok_or_else(|| Error::Distributed {
+                ranks: expected,
+                what: "MPI was already initialized".into(),
+                fix: "initialize MPI once per process".into(),
             })?;
         install_abort_on_panic();
         let world = universe.world();
