@@ -460,6 +460,76 @@ mod tests {
         assert!(matches!(err, Error::Distributed { ranks: 3, .. }), "{err}");
     }
 
+    /// The sum of all components: every observation depends on the whole state.
+    #[derive(Debug)]
+    struct Total;
+
+    impl ObservationOperator for Total {
+        fn name(&self) -> String {
+            "total".into()
+        }
+        fn obs_dim(&self, _d: usize) -> Result<usize> {
+            Ok(1)
+        }
+        fn apply(&self, x: &[f32], y: &mut [f32]) {
+            y[0] = x.iter().sum();
+        }
+        fn adjoint(&self, _x: &[f32], r: &[f32], out: &mut [f32]) {
+            out.iter_mut().for_each(|v| *v = r[0]);
+        }
+    }
+
+    #[test]
+    fn a_user_defined_operator_is_refused_and_built_ins_are_split() {
+        let slab = Slab::of(10, 1, 2);
+        let err = local_operator(&Total, &slab, 2).unwrap_err();
+        assert!(
+            matches!(&err, Error::Distributed { what, .. } if what.contains("`total`")),
+            "{err}"
+        );
+        let (local, range) = local_operator(&Observe::identity(), &slab, 2).unwrap();
+        assert_eq!((local.offset, range), (0, 5..10));
+    }
+
+    #[test]
+    fn unshardable_settings_are_refused_with_the_setting_named() {
+        let base = crate::experiment::preset("lorenz96_bao2024")
+            .unwrap()
+            .config;
+        assert!(check_shardable(&base, 4).is_ok());
+        let refused = |sets: &[&str], ranks: usize, needle: &str| {
+            let mut c = base.clone();
+            for s in sets {
+                c.set(s).unwrap();
+            }
+            let e = check_shardable(&c, ranks).unwrap_err();
+            assert!(e.to_string().contains(needle), "{sets:?}: {e}");
+        };
+        refused(&["filter.kind=letkf"], 2, "has no sharded analysis");
+        refused(&["filter.guidance=covariance"], 2, "covariance guidance");
+        refused(&["model.d=7"], 4, "at least 2 components per rank");
+        refused(&["model.d=7"], 8, "more ranks than state components");
+        refused(
+            &["model.d=20", "observe.every=8"],
+            4,
+            "holds no observed component",
+        );
+        let ks = crate::experiment::preset("ks_512").unwrap().config;
+        let e = check_shardable(&ks, 2).unwrap_err();
+        assert!(e.to_string().contains("cannot be sharded"), "{e}");
+    }
+
+    #[test]
+    fn the_one_process_comm_is_its_own_neighbour() {
+        let c = SingleProcess;
+        let (mut l, mut r) = ([0.0f32; 2], [0.0f32; 1]);
+        c.exchange(&[1.0], &[2.0, 3.0], &mut l, &mut r).unwrap();
+        assert_eq!((l, r), ([2.0, 3.0], [1.0]));
+        let comm: Arc<dyn Comm> = Arc::new(SingleProcess);
+        assert!(agree(comm.as_ref(), Ok(3)).is_ok());
+        assert!(check_same_config(comm.as_ref(), 42).is_ok());
+    }
+
     #[test]
     fn slab_noise_equals_the_columns_of_the_full_draw() {
         use crate::backend::cpu::Cpu;

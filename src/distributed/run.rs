@@ -282,3 +282,59 @@ pub fn slab_operator(
 ) -> Result<(crate::observe::Observe, std::ops::Range<usize>)> {
     super::local_operator(op, &shard.slab, shard.comm.size())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+
+    #[test]
+    fn one_shard_runs_the_single_process_experiment() {
+        let mut config = crate::experiment::preset("lorenz96_bao2024")
+            .unwrap()
+            .config;
+        for s in [
+            "model.d=13",
+            "ensemble.n=5",
+            "experiment.spinup=50",
+            "experiment.cycles=4",
+            "experiment.burn_in=0",
+            "filter.flow_steps=5",
+        ] {
+            config.set(s).unwrap();
+        }
+        let exp = Experiment::new("t", config, None).unwrap();
+        let cpu = Cpu::new();
+        let want = exp.run(&cpu, |_| {}).unwrap();
+        let mut snapshots = 0;
+        let got = run_sharded(
+            &exp,
+            &cpu,
+            &Shard::single(13),
+            Some(2),
+            |_| {},
+            |_, x| {
+                assert_eq!(x.len(), 5 * 13);
+                snapshots += 1;
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(snapshots, 2);
+        assert_eq!(got.ranks, 1);
+        for (w, g) in want.metrics.iter().zip(&got.report.metrics) {
+            for (a, b) in [
+                (w.rmse, g.rmse),
+                (w.spread, g.spread),
+                (w.rmse_forecast, g.rmse_forecast),
+                (w.spread_forecast, g.spread_forecast),
+            ] {
+                assert!(
+                    (a - b).abs() <= 1e-12 * a.abs(),
+                    "cycle {}: {a} vs {b}",
+                    w.cycle
+                );
+            }
+        }
+    }
+}
