@@ -140,6 +140,42 @@ fn one_analysis_over_3_ranks_matches_the_single_process_run() {
 }
 
 #[test]
+fn monte_carlo_guidance_with_heun_over_2_ranks_matches_the_single_process_run() {
+    // The Monte-Carlo bias is a sum over observations: each rank's partial logits carry the
+    // part of its own observations. Heun sums the logits twice per step.
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("one"), dir.path().join("two"));
+    let extra = [
+        "--save-ensembles",
+        "1",
+        "--set",
+        "filter.guidance=monte_carlo",
+        "--set",
+        "filter.integrator=heun",
+        "--set",
+        "observe.every=2",
+    ];
+    let o = single(&run_args(
+        a.to_str().unwrap(),
+        "experiment.cycles=1",
+        &extra,
+    ));
+    assert!(o.status.success(), "{}", text(&o));
+    let o = mpirun(
+        2,
+        &run_args(b.to_str().unwrap(), "experiment.cycles=1", &extra),
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let x = npy(&a.join("ensembles").join("cycle_0001.npy"));
+    let y = npy(&b.join("ensembles").join("cycle_0001.npy"));
+    let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for (p, q) in x.iter().zip(&y) {
+        assert!((p - q).abs() <= 1e-5 * scale, "{p} vs {q} (scale {scale})");
+    }
+}
+
+#[test]
 fn ten_cycles_over_2_and_4_ranks_give_the_single_process_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("one");
