@@ -604,6 +604,11 @@ fn bench_filters(
 }
 
 fn bench(args: BenchArgs, ui: Ui) -> Result<()> {
+    #[cfg(feature = "mpi")]
+    anyhow::ensure!(
+        !args.mpi && !args.weak,
+        "--mpi and --weak time sharded flow steps: start them with `mpirun -n N enff bench --mpi`"
+    );
     let path = match args.path.as_str() {
         "f2p" => enff::flow::PathKind::F2p,
         "ot" => enff::flow::PathKind::Ot,
