@@ -376,6 +376,16 @@ fn main() -> ExitCode {
     let quiet_rank = mpi_world.as_ref().is_some_and(|w| w.rank() != 0);
     #[cfg(not(feature = "mpi"))]
     let quiet_rank = false;
+    // Without the feature, N copies under mpirun would each run the whole experiment.
+    #[cfg(not(feature = "mpi"))]
+    if let Some(n) = enff::distributed::launched_size().filter(|&n| n > 1) {
+        eprintln!(
+            "error: started by an MPI launcher as one of {n} processes, but this enff was built \
+             without the `mpi` feature (each process would run the whole experiment alone): \
+             rebuild with `cargo build --release --features mpi`"
+        );
+        return ExitCode::FAILURE;
+    }
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     if cli.quiet || quiet_rank {

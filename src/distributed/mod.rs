@@ -46,6 +46,30 @@ pub mod run;
 
 pub use run::{run_sharded, ShardedReport};
 
+/// Environment variables through which launchers announce the size of the job they started:
+/// Open MPI's `mpirun`, PMI (MPICH's Hydra, Intel MPI, Slurm's `srun --mpi=pmi2`) and PMIx.
+const SIZE_VARIABLES: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"];
+
+/// Variables whose presence alone says the process was started by an MPI launcher.
+const LAUNCH_VARIABLES: [&str; 3] = ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"];
+
+/// The size of the job an MPI launcher says it started, if this process was started by one
+/// (0 when the launcher does not say); `ENFF_MPI=1` counts as a launch.
+pub fn launched_size() -> Option<usize> {
+    let forced = std::env::var("ENFF_MPI").is_ok_and(|v| v == "1");
+    let size = SIZE_VARIABLES
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok());
+    let launched = LAUNCH_VARIABLES
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    match (size, launched || forced) {
+        (Some(s), _) => Some(s),
+        (None, true) => Some(0),
+        (None, false) => None,
+    }
+}
+
 /// The collectives a sharded run needs.
 pub trait Comm: Send + Sync {
     /// This process's rank, `0..size`.

@@ -14,32 +14,8 @@ use mpi::collective::SystemOperation;
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::*;
 
-use super::Comm;
+use super::{launched_size, Comm};
 use crate::error::{Error, Result};
-
-/// Environment variables through which launchers announce the size of the job they started:
-/// Open MPI's `mpirun`, PMI (MPICH's Hydra, Intel MPI, Slurm's `srun --mpi=pmi2`) and PMIx.
-const SIZE_VARIABLES: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"];
-
-/// Variables whose presence alone says the process was started by an MPI launcher.
-const LAUNCH_VARIABLES: [&str; 3] = ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"];
-
-/// The size of the job the launcher says it started, if the process was started by one
-/// (`ENFF_MPI=1` forces MPI on, e.g. for a launcher that sets none of the usual variables).
-pub fn launched_size() -> Option<usize> {
-    let forced = std::env::var("ENFF_MPI").is_ok_and(|v| v == "1");
-    let size = SIZE_VARIABLES
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok());
-    let launched = LAUNCH_VARIABLES
-        .iter()
-        .any(|v| std::env::var_os(v).is_some());
-    match (size, launched || forced) {
-        (Some(s), _) => Some(s),
-        (None, true) => Some(0),
-        (None, false) => None,
-    }
-}
 
 /// An initialized MPI library; finalizes MPI when dropped.
 pub struct MpiWorld {
