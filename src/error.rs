@@ -194,6 +194,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+
+    /// A run cannot be sharded over several processes (MPI ranks) as configured.
+    #[error("cannot run over {ranks} MPI ranks: {what} ({fix})")]
+    Distributed {
+        /// Number of ranks of the job.
+        ranks: usize,
+        /// What stands in the way.
+        what: String,
+        /// How to fix it.
+        fix: String,
+    },
 }
 
 impl Error {

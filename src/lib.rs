@@ -55,6 +55,7 @@
 pub mod assimilator;
 pub mod backend;
 pub mod bench;
+pub mod distributed;
 pub mod ensemble;
 pub mod error;
 pub mod experiment;

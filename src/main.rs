@@ -89,6 +89,9 @@ macro_rules! on_backend {
     };
 }
 
+#[cfg(feature = "mpi")]
+mod mpi_cli;
+
 impl AnyBackend {
     /// The backend for `choice` (every model has GPU kernels, so `config` does not matter).
     fn choose(choice: BackendChoice, config: Option<&Config>) -> Result<AnyBackend> {
@@ -342,6 +345,15 @@ struct BenchArgs {
     /// over d ∈ {1e3, 1e4, 1e5}, n = 20 (or the --size grid).
     #[arg(long, value_delimiter = ',')]
     filters: Vec<String>,
+    /// Under mpirun: time sharded EnFF flow steps (compute and allreduce) over the --size
+    /// grid, and the allreduce of n² floats for n = 20 … 1000.
+    #[cfg(feature = "mpi")]
+    #[arg(long)]
+    mpi: bool,
+    /// With --mpi: D in --size NxD is per rank (weak scaling) instead of the whole state.
+    #[cfg(feature = "mpi")]
+    #[arg(long)]
+    weak: bool,
 }
 
 fn main() -> ExitCode {
@@ -351,9 +363,32 @@ fn main() -> ExitCode {
         std::env::set_var("NODEVICE_SELECT", "1");
     }
     let cli = Cli::parse();
+    #[cfg(feature = "mpi")]
+    let mpi_world = match enff::distributed::mpi::MpiWorld::init() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Only rank 0 of an MPI job logs below warnings.
+    #[cfg(feature = "mpi")]
+    let quiet_rank = mpi_world.as_ref().is_some_and(|w| w.rank() != 0);
+    #[cfg(not(feature = "mpi"))]
+    let quiet_rank = false;
+    // Without the feature, N copies under mpirun would each run the whole experiment.
+    #[cfg(not(feature = "mpi"))]
+    if let Some(n) = enff::distributed::launched_size().filter(|&n| n > 1) {
+        eprintln!(
+            "error: started by an MPI launcher as one of {n} processes, but this enff was built \
+             without the `mpi` feature (each process would run the whole experiment alone): \
+             rebuild with `cargo build --release --features mpi`"
+        );
+        return ExitCode::FAILURE;
+    }
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    if cli.quiet {
+    if cli.quiet || quiet_rank {
         logger.filter_level(log::LevelFilter::Warn);
     }
     logger.format_timestamp(None).init();
@@ -361,27 +396,19 @@ fn main() -> ExitCode {
         quiet: cli.quiet,
         json: cli.json,
     };
+    // Under an MPI launcher (feature `mpi`): the sharded commands, see mpi_cli.
+    #[cfg(feature = "mpi")]
+    if let Some(world) = &mpi_world {
+        return match mpi_cli::main(world, cli.command, ui) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                mpi_cli::print_error(world.rank(), world.size(), &format!("{e:#}"));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = match cli.command {
-        None => run(
-            RunArgs {
-                preset: DEFAULT_PRESET.into(),
-                filter: None,
-                sets: Vec::new(),
-                backend: BackendChoice::Auto,
-                seed: None,
-                seeds: 1,
-                out: None,
-                force: false,
-                dry_run: false,
-                checkpoint_every: 0,
-                resume: None,
-                on_divergence: "stop".into(),
-                check_every_step: false,
-                plots: PlotArgs::default(),
-                save_ensembles: None,
-            },
-            ui,
-        ),
+        None => run(default_run_args(), ui),
         Some(Command::Run(args)) => run(args, ui),
         Some(Command::Compare(args)) => compare(args, ui),
         Some(Command::Preset {
@@ -402,6 +429,27 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The arguments of `enff` with no command (`enff run` of the default preset).
+fn default_run_args() -> RunArgs {
+    RunArgs {
+        preset: DEFAULT_PRESET.into(),
+        filter: None,
+        sets: Vec::new(),
+        backend: BackendChoice::Auto,
+        seed: None,
+        seeds: 1,
+        out: None,
+        force: false,
+        dry_run: false,
+        checkpoint_every: 0,
+        resume: None,
+        on_divergence: "stop".into(),
+        check_every_step: false,
+        plots: PlotArgs::default(),
+        save_ensembles: None,
     }
 }
 
@@ -566,6 +614,11 @@ fn bench_filters(
 }
 
 fn bench(args: BenchArgs, ui: Ui) -> Result<()> {
+    #[cfg(feature = "mpi")]
+    anyhow::ensure!(
+        !args.mpi && !args.weak,
+        "--mpi and --weak time sharded flow steps: start them with `mpirun -n N enff bench --mpi`"
+    );
     let path = match args.path.as_str() {
         "f2p" => enff::flow::PathKind::F2p,
         "ot" => enff::flow::PathKind::Ot,
@@ -574,17 +627,7 @@ fn bench(args: BenchArgs, ui: Ui) -> Result<()> {
     let grid: Vec<(usize, usize)> = if !args.sizes.is_empty() {
         args.sizes
             .iter()
-            .map(|s| {
-                let (n, d) = s
-                    .split_once('x')
-                    .with_context(|| format!("--size {s}: write NxD, e.g. 20x10000"))?;
-                Ok((
-                    n.trim()
-                        .parse()
-                        .with_context(|| format!("--size {s}: bad N"))?,
-                    parse_count(d).with_context(|| format!("--size {s}: bad D"))?,
-                ))
-            })
+            .map(|s| parse_size(s))
             .collect::<Result<_>>()?
     } else if args.quick {
         enff::bench::QUICK_GRID.to_vec()
@@ -835,6 +878,19 @@ fn bench_cycles(
 }
 
 /// Parses counts such as `10000`, `1e5` or `1_000_000`.
+/// `--size NxD`.
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let (n, d) = s
+        .split_once('x')
+        .with_context(|| format!("--size {s}: write NxD, e.g. 20x10000"))?;
+    Ok((
+        n.trim()
+            .parse()
+            .with_context(|| format!("--size {s}: bad N"))?,
+        parse_count(d).with_context(|| format!("--size {s}: bad D"))?,
+    ))
+}
+
 fn parse_count(s: &str) -> Result<usize> {
     let t = s.trim().replace('_', "");
     if let Ok(v) = t.parse::<usize>() {

@@ -505,7 +505,7 @@ impl Experiment {
     }
 
     /// The truth at the first observation time: the system's initial condition, spun up.
-    fn initial_truth<B: Backend>(
+    pub(crate) fn initial_truth<B: Backend>(
         &self,
         backend: &B,
         model: &crate::model::Model,

@@ -210,6 +210,8 @@ pub struct Enff<B: Backend> {
     moments: Option<B::Buffer>,
     clip: Option<(B::Buffer, B::Buffer)>,
     last_inflation: f32,
+    /// Sharded run: this rank's slab and the communicator that sums the partial logits.
+    shard: Option<crate::distributed::Shard>,
 }
 
 impl<B: Backend> Enff<B> {
@@ -229,7 +231,17 @@ impl<B: Backend> Enff<B> {
             moments: None,
             clip: None,
             last_inflation: 1.0,
+            shard: None,
         })
+    }
+
+    /// Runs this filter on one slab of a sharded state ([`crate::distributed`]): the ensemble
+    /// passed to the analysis holds the slab's components, the observation those of the slab,
+    /// the source noise is keyed by global component, and the partial logits are summed over
+    /// ranks before every softmax. Covariance guidance cannot be sharded (refused at analysis).
+    pub fn with_shard(mut self, shard: crate::distributed::Shard) -> Self {
+        self.shard = Some(shard);
+        self
     }
 
     /// Sets the model geometry that covariance guidance localizes on (the experiment passes
@@ -338,12 +350,14 @@ impl<B: Backend> Enff<B> {
         let key = NoiseKey::new(self.config.seed, Stream::FlowSource, cycle);
         let sigma_min = self.config.sigma_min;
         let needs_source = self.path.needs_source();
+        let start = self.shard.as_ref().map_or(0, |s| s.slab.start);
         let w = self.workspace(backend, n, d)?;
-        if needs_source {
-            backend.fill_normal(&mut w.x, key, previous, sigma_min)
+        let (mean, scale) = if needs_source {
+            (previous, sigma_min)
         } else {
-            backend.fill_normal(&mut w.x, key, None, 1.0)
-        }
+            (None, 1.0)
+        };
+        crate::distributed::fill_normal_slab(backend, &mut w.x, key, start, mean, scale)
     }
 
     /// Integrates the flow from the source sample in the workspace and writes the analysis.
@@ -374,6 +388,19 @@ impl<B: Backend> Enff<B> {
             noise_std: obs.noise_std,
         };
         let steps = cfg.flow_steps;
+        // Sharded: the logits below are partial (this slab's), summed over ranks.
+        let shard = self.shard.clone();
+        let sum_partial = |buf: &mut B::Buffer| match &shard {
+            Some(s) => s.sum_partial(backend, buf),
+            None => Ok(()),
+        };
+        if shard.is_some() && cfg.guidance == GuidanceKind::Covariance {
+            return Err(crate::distributed::refuse(
+                shard.as_ref().map_or(1, |s| s.comm.size()),
+                "covariance guidance computes its gains from the whole forecast",
+                "use filter.guidance=local, monte_carlo or none",
+            ));
+        }
         // A non-finite value met at flow step k (0-based), named for the user.
         let at_step = |k: usize, what: &str, e: Error| match e {
             Error::NonFinite { .. } => Error::Diverged {
@@ -397,13 +424,13 @@ impl<B: Backend> Enff<B> {
             backend.observed_moments(obs.operator, ensemble, mb)?;
             let mom = backend.read(mb)?;
             let y = backend.read(obs.y)?;
-            let gamma = super::inflation::innovation_factor(
-                &mom[..m],
-                &mom[m..],
-                &y,
-                obs.noise_std,
-                cfg.adaptive_inflation,
-            );
+            let mut sums = super::inflation::innovation_sums(&mom[..m], &mom[m..], &y);
+            if let Some(shard) = self.shard.as_ref() {
+                // Each rank holds the observations of its slab: one factor for all.
+                shard.comm.sum_f64(&mut sums)?;
+            }
+            let gamma =
+                super::inflation::factor_from_sums(sums, obs.noise_std, cfg.adaptive_inflation);
             if gamma > 1.0 {
                 backend.inflate(ensemble, gamma)?;
             }
@@ -491,6 +518,7 @@ impl<B: Backend> Enff<B> {
                 w.bias.as_ref(),
                 &mut w.weights,
             )?;
+            sum_partial(&mut w.weights)?;
             backend
                 .softmax_rows(&mut w.weights)
                 .and_then(|_| if checks { backend.sync() } else { Ok(()) })
@@ -523,6 +551,7 @@ impl<B: Backend> Enff<B> {
                         w.bias.as_ref(),
                         &mut w.weights,
                     )?;
+                    sum_partial(&mut w.weights)?;
                     backend
                         .softmax_rows(&mut w.weights)
                         .and_then(|_| if checks { backend.sync() } else { Ok(()) })

@@ -25,16 +25,27 @@ pub fn innovation_factor(
     noise_std: f32,
     max: f32,
 ) -> f32 {
-    if max <= 1.0 || y.is_empty() {
-        return 1.0;
-    }
-    let m = y.len() as f64;
+    factor_from_sums(innovation_sums(mean_h, var_h, y), noise_std, max)
+}
+
+/// The sums the factor needs, `[‖y − h̄‖², Σ_q var h_q, m]`: additive over disjoint sets of
+/// observations, so a sharded run sums them over its ranks before [`factor_from_sums`].
+pub fn innovation_sums(mean_h: &[f32], var_h: &[f32], y: &[f32]) -> [f64; 3] {
     let innovation: f64 = y
         .iter()
         .zip(mean_h)
         .map(|(y, h)| (*y as f64 - *h as f64).powi(2))
         .sum();
     let spread: f64 = var_h.iter().map(|v| v.max(0.0) as f64).sum();
+    [innovation, spread, y.len() as f64]
+}
+
+/// The factor from the (summed) [`innovation_sums`].
+pub fn factor_from_sums(sums: [f64; 3], noise_std: f32, max: f32) -> f32 {
+    let [innovation, spread, m] = sums;
+    if max <= 1.0 || m <= 0.0 {
+        return 1.0;
+    }
     let excess = innovation - m * (noise_std as f64).powi(2);
     if !excess.is_finite() || !spread.is_finite() {
         return 1.0;

@@ -1,0 +1,341 @@
+//! Sharded runs over MPI ranks (`--features mpi`): the built binary under `mpirun -n N`,
+//! compared with the single-process run, and bad input as a clear error on every rank without
+//! a hang. Every launch runs under `timeout 120`, so a hang fails the test instead of the CI.
+
+#![cfg(feature = "mpi")]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// The small Lorenz-96 experiment of these tests: d = 41 (not divisible by 2, 3 or 4), n = 8,
+/// arctan of every component, a short spin-up.
+const SMALL: [&str; 12] = [
+    "--set",
+    "model.d=41",
+    "--set",
+    "ensemble.n=8",
+    "--set",
+    "experiment.spinup=200",
+    "--set",
+    "experiment.burn_in=0",
+    "--set",
+    "filter.flow_steps=9",
+    "--backend",
+    "cpu",
+];
+
+/// `timeout 120 mpirun -n N enff ARGS…` (oversubscribed: this machine may have fewer cores).
+fn mpirun(n: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new("timeout")
+        .args([
+            "120",
+            "mpirun",
+            "--oversubscribe",
+            "--bind-to",
+            "none",
+            "-n",
+        ])
+        .arg(n.to_string())
+        .arg(env!("CARGO_BIN_EXE_enff"))
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RUST_LOG", "warn")
+        .env_remove("ENFF_REQUIRE_GPU")
+        .envs(env.iter().copied())
+        .output()
+        .expect("mpirun runs (install openmpi-bin)")
+}
+
+/// The same binary in one process, without MPI.
+fn single(args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("120")
+        .arg(env!("CARGO_BIN_EXE_enff"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("ENFF_REQUIRE_GPU")
+        .output()
+        .expect("the enff binary runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn run_args<'a>(out: &'a str, cycles: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "run",
+        "lorenz96_bao2024",
+        "--out",
+        out,
+        "--no-plots",
+        "--set",
+        cycles,
+    ];
+    v.extend_from_slice(&SMALL);
+    v.extend_from_slice(extra);
+    v
+}
+
+/// The rows of metrics.csv as maps column → value.
+fn metrics(dir: &Path) -> Vec<std::collections::HashMap<String, f64>> {
+    let csv = std::fs::read_to_string(dir.join("metrics.csv")).expect("metrics.csv written");
+    let mut lines = csv.lines();
+    let header: Vec<String> = lines
+        .next()
+        .unwrap()
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .cloned()
+                .zip(l.split(',').map(|v| v.parse::<f64>().unwrap_or(f64::NAN)))
+                .collect()
+        })
+        .collect()
+}
+
+fn npy(path: &Path) -> Vec<f32> {
+    enff::io::npy::read_npy(path)
+        .expect("snapshot readable")
+        .data
+}
+
+#[test]
+fn one_analysis_over_3_ranks_matches_the_single_process_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("one"), dir.path().join("three"));
+    let (a_s, b_s) = (a.to_str().unwrap(), b.to_str().unwrap());
+    // Two cycles: the second analysis follows a forecast with halo exchanges.
+    let extra = ["--save-ensembles", "1"];
+    let o = single(&run_args(a_s, "experiment.cycles=2", &extra));
+    assert!(o.status.success(), "{}", text(&o));
+    let o = mpirun(3, &run_args(b_s, "experiment.cycles=2", &extra), &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    for cycle in ["cycle_0001.npy", "cycle_0002.npy"] {
+        let x = npy(&a.join("ensembles").join(cycle));
+        let y = npy(&b.join("ensembles").join(cycle));
+        assert_eq!(x.len(), 8 * 41);
+        assert_eq!(x.len(), y.len());
+        let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let worst = x
+            .iter()
+            .zip(&y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst <= 1e-5 * scale,
+            "{cycle}: max |Δ| {worst} vs 1e-5 × {scale}"
+        );
+    }
+}
+
+#[test]
+fn monte_carlo_guidance_with_heun_over_2_ranks_matches_the_single_process_run() {
+    // The Monte-Carlo bias is a sum over observations: each rank's partial logits carry the
+    // part of its own observations. Heun sums the logits twice per step.
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("one"), dir.path().join("two"));
+    let extra = [
+        "--save-ensembles",
+        "1",
+        "--set",
+        "filter.guidance=monte_carlo",
+        "--set",
+        "filter.integrator=heun",
+        "--set",
+        "observe.every=2",
+    ];
+    let o = single(&run_args(
+        a.to_str().unwrap(),
+        "experiment.cycles=1",
+        &extra,
+    ));
+    assert!(o.status.success(), "{}", text(&o));
+    let o = mpirun(
+        2,
+        &run_args(b.to_str().unwrap(), "experiment.cycles=1", &extra),
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let x = npy(&a.join("ensembles").join("cycle_0001.npy"));
+    let y = npy(&b.join("ensembles").join("cycle_0001.npy"));
+    let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for (p, q) in x.iter().zip(&y) {
+        assert!((p - q).abs() <= 1e-5 * scale, "{p} vs {q} (scale {scale})");
+    }
+}
+
+#[test]
+fn ten_cycles_over_2_and_4_ranks_give_the_single_process_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("one");
+    let o = single(&run_args(
+        base.to_str().unwrap(),
+        "experiment.cycles=10",
+        &[],
+    ));
+    assert!(o.status.success(), "{}", text(&o));
+    let want = metrics(&base);
+    assert_eq!(want.len(), 10);
+    for ranks in [2usize, 4] {
+        let out = dir.path().join(format!("r{ranks}"));
+        let o = mpirun(
+            ranks,
+            &run_args(out.to_str().unwrap(), "experiment.cycles=10", &[]),
+            &[],
+        );
+        assert!(o.status.success(), "{ranks} ranks: {}", text(&o));
+        let got = metrics(&out);
+        assert_eq!(got.len(), 10);
+        // The documented tolerance: 1e-4 relative on every cycle's RMSE and spread.
+        for (w, g) in want.iter().zip(&got) {
+            for key in ["rmse_forecast", "spread_forecast", "rmse", "spread"] {
+                let (x, y) = (w[key], g[key]);
+                assert!(
+                    (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+                    "{ranks} ranks, cycle {}: {key} {y} vs single process {x}",
+                    w["cycle"]
+                );
+            }
+        }
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("summary.json")).expect("summary.json"),
+        )
+        .unwrap();
+        assert_eq!(summary["d"], 41);
+        assert!(summary["device"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{ranks} ranks")));
+    }
+}
+
+/// Every rank of a job that must fail says so and the job exits non-zero, well before the
+/// timeout.
+fn assert_fails_on_every_rank(o: &Output, ranks: usize, needle: &str) {
+    let all = text(o);
+    assert!(!o.status.success(), "{all}");
+    assert_ne!(o.status.code(), Some(124), "the job hung: {all}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    for r in 0..ranks {
+        assert!(
+            err.contains(&format!("error (MPI rank {r} of {ranks})")),
+            "rank {r} printed no error: {all}"
+        );
+    }
+    assert!(err.contains(needle), "no `{needle}` in: {all}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error_on_every_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x");
+    let out = out.to_str().unwrap();
+    // More ranks than Lorenz-96 can split (2 components each at least).
+    let mut args = run_args(out, "experiment.cycles=2", &[]);
+    args.extend(["--set", "model.d=5"]);
+    let o = mpirun(3, &args, &[]);
+    assert_fails_on_every_rank(&o, 3, "at least 2 components per rank");
+    // A model that cannot be sharded.
+    let o = mpirun(
+        2,
+        &[
+            "run",
+            "lorenz63_spantini2022",
+            "--backend",
+            "cpu",
+            "--out",
+            out,
+            "--set",
+            "experiment.cycles=2",
+            "--set",
+            "experiment.burn_in=0",
+        ],
+        &[],
+    );
+    assert_fails_on_every_rank(&o, 2, "cannot be sharded");
+    // A filter without a sharded analysis.
+    let o = mpirun(
+        2,
+        &run_args(out, "experiment.cycles=2", &["--filter", "etkf"]),
+        &[],
+    );
+    assert_fails_on_every_rank(&o, 2, "has no sharded analysis");
+    // Ranks started with different configurations (MPMD launch: two programs).
+    let bin = env!("CARGO_BIN_EXE_enff");
+    let mut cmd = Command::new("timeout");
+    cmd.args(["120", "mpirun", "--oversubscribe", "--bind-to", "none"]);
+    for d in ["model.d=41", "model.d=40"] {
+        cmd.args(["-n", "1", bin]);
+        cmd.args(run_args(
+            out,
+            "experiment.cycles=2",
+            &["--force", "--set", d],
+        ));
+        cmd.arg(":");
+    }
+    let o = cmd
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_fails_on_every_rank(&o, 2, "different configurations");
+}
+
+#[test]
+fn a_panic_on_one_rank_ends_the_whole_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p");
+    let started = std::time::Instant::now();
+    let o = mpirun(
+        3,
+        &run_args(out.to_str().unwrap(), "experiment.cycles=3", &[]),
+        &[("ENFF_TEST_PANIC_RANK", "1")],
+    );
+    let all = text(&o);
+    assert!(!o.status.success(), "{all}");
+    assert_ne!(o.status.code(), Some(124), "the job hung: {all}");
+    assert!(all.contains("injected panic on rank 1"), "{all}");
+    assert!(all.contains("aborting the whole job"), "{all}");
+    assert!(started.elapsed().as_secs() < 100);
+}
+
+#[test]
+fn a_launcher_of_another_mpi_library_is_detected() {
+    // A foreign launcher (MPICH's Hydra) announces its job through PMI_SIZE / PMI_RANK; the
+    // Open MPI library then starts every process alone, in a world of 1.
+    let o = Command::new("timeout")
+        .arg("120")
+        .arg(env!("CARGO_BIN_EXE_enff"))
+        .arg("info")
+        .env("PMI_SIZE", "2")
+        .env("PMI_RANK", "0")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap();
+    let all = text(&o);
+    assert!(!o.status.success(), "{all}");
+    assert!(all.contains("sees a world of 1"), "{all}");
+}
+
+#[test]
+fn info_lists_every_rank() {
+    let o = mpirun(2, &["info"], &[]);
+    let all = text(&o);
+    assert!(o.status.success(), "{all}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("MPI world of 2 ranks"), "{all}");
+    assert!(out.contains("rank 0:") && out.contains("rank 1:"), "{all}");
+}
