@@ -176,6 +176,41 @@ fn monte_carlo_guidance_with_heun_over_2_ranks_matches_the_single_process_run() 
 }
 
 #[test]
+fn adaptive_inflation_is_one_factor_for_all_ranks() {
+    // A cap far above the estimates, so that the factor is the estimate itself: summed over
+    // the ranks' observations it equals the single-process one; per slab it would not.
+    let dir = tempfile::tempdir().unwrap();
+    let extra = ["--set", "filter.adaptive_inflation=50"];
+    let base = dir.path().join("one");
+    let o = single(&run_args(
+        base.to_str().unwrap(),
+        "experiment.cycles=6",
+        &extra,
+    ));
+    assert!(o.status.success(), "{}", text(&o));
+    let want = metrics(&base);
+    let out = dir.path().join("r3");
+    let o = mpirun(
+        3,
+        &run_args(out.to_str().unwrap(), "experiment.cycles=6", &extra),
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let got = metrics(&out);
+    assert_eq!(got.len(), want.len());
+    for (w, g) in want.iter().zip(&got) {
+        for key in ["spread_forecast", "rmse", "spread"] {
+            let (x, y) = (w[key], g[key]);
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+                "cycle {}: {key} {y} vs single process {x}",
+                w["cycle"]
+            );
+        }
+    }
+}
+
+#[test]
 fn ten_cycles_over_2_and_4_ranks_give_the_single_process_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("one");
