@@ -32,16 +32,6 @@ struct GainParams {
 
 const WG: u32 = 256u;
 
-fn h_of(x: f32) -> f32 {
-    if (p.pointwise == 1u) {
-        return atan(x);
-    }
-    if (p.pointwise == 2u) {
-        return tanh(x);
-    }
-    return x;
-}
-
 @compute @workgroup_size(256, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let e = gid.x + gid.y * nwg.x * WG;
@@ -57,7 +47,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             let g = gain[base + c];
             if (g != 0.0) {
                 let q = min(u32(index[base + c]), p.m - 1u);
-                let hx = h_of(endpoint[k * p.d + p.offset + q * p.every]);
+                let hx = obs_value(p.pointwise, endpoint[k * p.d + p.offset + q * p.every]);
                 var r = y[q] - hx;
                 if (p.has_mean == 1u) {
                     r = (y[q] - hbar[q]) - p.alpha * (hx - hbar[q]);

@@ -165,22 +165,23 @@ pub fn stage_step(s: usize, stages: usize, flow_steps: usize) -> usize {
     s * flow_steps / stages.max(1)
 }
 
-/// Local Kalman gains `K(τ)` for every `τ` in `taus`, from the forecast ensemble `x` (`n × d`,
-/// row-major) observed through `op` with noise std `sigma`, localized on `geometry` with a
-/// Gaspari–Cohn taper of radius `radius`. The Jacobian `H` is taken at `linearize_at` (`d`
-/// values; `None` = the forecast mean).
-#[allow(clippy::too_many_arguments)]
-pub fn local_gains(
-    x: &[f32],
-    n: usize,
-    d: usize,
-    op: &Observe,
-    sigma: f64,
-    geometry: Geometry,
-    radius: f64,
-    taus: &[f64],
-    linearize_at: Option<&[f64]>,
-) -> Result<BandedGains> {
+/// The static localization windows of covariance guidance: for every state component its
+/// observations inside the Gaspari–Cohn support and their tapers, sorted by observation index
+/// and zero-padded to the widest window. They depend only on the geometry, the operator and
+/// the radius, so a filter builds them once on the host and keeps them on the backend.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GainWindows {
+    /// Entries per component (the widest local window, at least 1).
+    pub w: usize,
+    /// Observation index of every entry (`d × w`, exact integers; padding is index 0).
+    pub index: Vec<f32>,
+    /// Taper `ρ` of every entry (`d × w`; padding is 0).
+    pub taper: Vec<f32>,
+}
+
+/// The windows of `op` on `geometry` (`d` components) for a Gaspari–Cohn taper of radius
+/// `radius`: observations within `2·1.82·radius` whose taper exceeds 1e-6.
+pub fn gain_windows(op: &Observe, d: usize, geometry: Geometry, radius: f64) -> Result<GainWindows> {
     check_radius(radius)?;
     if !geometry.is_spatial() {
         return Err(Error::invalid(
@@ -197,6 +198,56 @@ pub fn local_gains(
             format!("{:?}", geometry.dim()),
         ));
     }
+    let m = crate::observe::ObservationOperator::obs_dim(op, d)?;
+    if m > MAX_GAIN_OBS {
+        return Err(Error::TooLarge {
+            detail: format!("covariance guidance indexes at most {MAX_GAIN_OBS} observations"),
+        });
+    }
+    let reach = 2.0 * 1.82 * radius;
+    let rows: Vec<Vec<(usize, f64)>> = (0..d)
+        .into_par_iter()
+        .map(|i| {
+            let mut local: Vec<(usize, f64)> = geometry
+                .neighbours(i, reach)
+                .into_iter()
+                .filter(|&(c, _)| c >= op.offset && (c - op.offset).is_multiple_of(op.every))
+                .map(|(c, dist)| ((c - op.offset) / op.every, gaspari_cohn(dist, radius)))
+                .filter(|&(q, rho)| q < m && rho > RHO_MIN)
+                .collect();
+            local.sort_by_key(|p| p.0);
+            local
+        })
+        .collect();
+    let w = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut index = vec![0.0f32; d * w];
+    let mut taper = vec![0.0f32; d * w];
+    for (i, local) in rows.iter().enumerate() {
+        for (e, &(q, rho)) in local.iter().enumerate() {
+            index[i * w + e] = q as f32;
+            taper[i * w + e] = rho as f32;
+        }
+    }
+    Ok(GainWindows { w, index, taper })
+}
+
+/// Local Kalman gains `K(τ)` for every `τ` in `taus`, from the forecast ensemble `x` (`n × d`,
+/// row-major) observed through `op` with noise std `sigma`, localized on `geometry` with a
+/// Gaspari–Cohn taper of radius `radius`. The Jacobian `H` is taken at `linearize_at` (`d`
+/// values; `None` = the forecast mean).
+#[allow(clippy::too_many_arguments)]
+pub fn local_gains(
+    x: &[f32],
+    n: usize,
+    d: usize,
+    op: &Observe,
+    sigma: f64,
+    geometry: Geometry,
+    radius: f64,
+    taus: &[f64],
+    linearize_at: Option<&[f64]>,
+) -> Result<BandedGains> {
+    let windows = gain_windows(op, d, geometry, radius)?;
     if n < 2 {
         return Err(Error::invalid(
             "ensemble.n",
@@ -205,11 +256,6 @@ pub fn local_gains(
         ));
     }
     let m = crate::observe::ObservationOperator::obs_dim(op, d)?;
-    if m > MAX_GAIN_OBS {
-        return Err(Error::TooLarge {
-            detail: format!("covariance guidance indexes at most {MAX_GAIN_OBS} observations"),
-        });
-    }
     // Scaled anomalies, component-major: a[c*n + k] = (x[k,c] − x̄_c)/√(n−1).
     let scale = 1.0 / ((n - 1) as f64).sqrt();
     let mut a = vec![0.0f64; n * d];
@@ -243,21 +289,23 @@ pub fn local_gains(
             *v = dh * av;
         }
     });
-    let reach = 2.0 * 1.82 * radius;
-    // Per component: its observations with tapers, and one gain row per τ.
+    let ww = windows.w;
+    // Per component: its observations with tapers (as stored in the windows, f32), and one
+    // gain row per τ.
     let rows: Vec<LocalRow> = (0..d)
         .into_par_iter()
         .map_init(
             || (vec![0.0f64; n * n], vec![0.0f64; n * n], vec![0.0f64; n]),
             |(g, l, w), i| {
-                let mut local: Vec<(usize, f64)> = geometry
-                    .neighbours(i, reach)
-                    .into_iter()
-                    .filter(|&(c, _)| c >= op.offset && (c - op.offset).is_multiple_of(op.every))
-                    .map(|(c, dist)| ((c - op.offset) / op.every, gaspari_cohn(dist, radius)))
-                    .filter(|&(q, rho)| q < m && rho > RHO_MIN)
+                let local: Vec<(usize, f64)> = (0..ww)
+                    .filter(|&e| windows.taper[i * ww + e] > 0.0)
+                    .map(|e| {
+                        (
+                            windows.index[i * ww + e] as usize,
+                            windows.taper[i * ww + e] as f64,
+                        )
+                    })
                     .collect();
-                local.sort_by_key(|p| p.0);
                 let ml = local.len();
                 let mut out = vec![0.0f64; taus.len() * ml];
                 if ml == 0 {
@@ -295,13 +343,12 @@ pub fn local_gains(
             },
         )
         .collect();
-    let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(1);
-    let mut index = vec![0.0f32; d * w];
+    let w = ww;
+    let index = windows.index;
     let mut tables = vec![vec![0.0f32; d * w]; taus.len()];
     for (i, (local, out)) in rows.iter().enumerate() {
         let ml = local.len();
-        for (e, &(q, _)) in local.iter().enumerate() {
-            index[i * w + e] = q as f32;
+        for e in 0..ml {
             for (t, table) in tables.iter_mut().enumerate() {
                 table[i * w + e] = out[t * ml + e] as f32;
             }
@@ -358,39 +405,44 @@ fn cholesky_solve(l: &[f64], n: usize, v: &mut [f64]) {
     }
 }
 
-/// Device copies of the banded gains of one analysis, reused from cycle to cycle.
+/// Device copies of the static windows (uploaded once), the gain table of the current stage
+/// and the mean observed endpoint `h̄`, reused from stage to stage and cycle to cycle while the
+/// state dimension, operator, geometry and radius stay the same.
 pub(crate) struct DeviceGains<B: Backend> {
+    key: (usize, Observe, u64, Geometry),
+    /// Window observation indices (`d × w`).
     pub(crate) index: B::Buffer,
-    pub(crate) tables: Vec<B::Buffer>,
+    /// Window tapers (`d × w`).
+    pub(crate) taper: B::Buffer,
+    /// The gain table of the current stage (`d × w`).
+    pub(crate) gain: B::Buffer,
+    /// The mean observed endpoint of the current stage (`1 × m`).
+    pub(crate) hbar: B::Buffer,
 }
 
 impl<B: Backend> DeviceGains<B> {
-    /// Uploads `g`, reusing `old`'s buffers when the shapes match.
-    pub(crate) fn upload(
+    /// `old` when it was built for the same problem; otherwise builds the windows on the host
+    /// and uploads them (the only host work of covariance guidance).
+    pub(crate) fn prepare(
         backend: &B,
-        g: &BandedGains,
+        op: Observe,
         d: usize,
+        geometry: Geometry,
+        radius: f64,
         old: Option<Self>,
     ) -> Result<Self> {
-        use crate::backend::DeviceBuffer;
-        let fits = old.as_ref().is_some_and(|o| {
-            o.index.rows() == d && o.index.cols() == g.w && o.tables.len() == g.tables.len()
-        });
-        if fits {
-            let mut o = old.expect("checked");
-            backend.write(&mut o.index, &g.index)?;
-            for (buf, t) in o.tables.iter_mut().zip(&g.tables) {
-                backend.write(buf, t)?;
-            }
+        let key = (d, op, radius.to_bits(), geometry);
+        if let Some(o) = old.filter(|o| o.key == key) {
             return Ok(o);
         }
+        let win = gain_windows(&op, d, geometry, radius)?;
+        let m = crate::observe::ObservationOperator::obs_dim(&op, d)?;
         Ok(DeviceGains {
-            index: backend.upload(d, g.w, &g.index)?,
-            tables: g
-                .tables
-                .iter()
-                .map(|t| backend.upload(d, g.w, t))
-                .collect::<Result<_>>()?,
+            key,
+            index: backend.upload(d, win.w, &win.index)?,
+            taper: backend.upload(d, win.w, &win.taper)?,
+            gain: backend.zeros(d, win.w)?,
+            hbar: backend.zeros(1, m)?,
         })
     }
 }

@@ -2,7 +2,7 @@
 //! analysis along the Monte-Carlo marginal velocity of a probability path whose target is the
 //! forecast ensemble, steered by observation guidance.
 
-use crate::backend::{Backend, DeviceBuffer, FlowUpdate, GainStep, Guidance};
+use crate::backend::{Backend, DeviceBuffer, FlowUpdate, GainStep, Guidance, LocalGains};
 use crate::error::{check_positive, Error, Result};
 use crate::filter::covariance::{self, DeviceGains};
 use crate::filter::{Filter, Observation};
@@ -167,7 +167,6 @@ pub struct Enff<B: Backend> {
     fault: Option<super::InjectedFault>,
     geometry: Option<Geometry>,
     gains: Option<DeviceGains<B>>,
-    hbar: Option<B::Buffer>,
 }
 
 impl<B: Backend> Enff<B> {
@@ -183,7 +182,6 @@ impl<B: Backend> Enff<B> {
             fault: None,
             geometry: None,
             gains: None,
-            hbar: None,
         })
     }
 
@@ -335,7 +333,6 @@ impl<B: Backend> Enff<B> {
         };
         // Covariance guidance: the local gains of this forecast, and the stage of every step.
         let mut stage_at: Vec<Option<(f64, f32)>> = vec![None; cfg.flow_steps];
-        let mut cov: Option<(Vec<f32>, Geometry)> = None;
         let observe = if cfg.guidance == GuidanceKind::Covariance {
             let op = obs.operator.builtin().ok_or_else(|| Error::Unsupported {
                 backend: backend.name().into(),
@@ -360,15 +357,20 @@ impl<B: Backend> Enff<B> {
                 stage_at[covariance::stage_step(s, count, cfg.flow_steps)] =
                     Some((tau, weight as f32));
             }
-            cov = Some((backend.read(ensemble)?, geometry));
+            // The static windows are built and uploaded once; the gains stay on the backend.
+            self.gains = Some(DeviceGains::prepare(
+                backend,
+                op,
+                d,
+                geometry,
+                cfg.loc_radius,
+                self.gains.take(),
+            )?);
             Some(op)
         } else {
             None
         };
         let mut gains_owned = self.gains.take();
-        let gains = &mut gains_owned;
-        let mut hbar_owned = self.hbar.take();
-        let hbar_buf = &mut hbar_owned;
         let w = self.workspace(backend, n, d)?;
         let target: &B::Buffer = ensemble;
         if let Some(bias) = w.bias.as_mut() {
@@ -459,7 +461,7 @@ impl<B: Backend> Enff<B> {
                     // Covariance stage: the unguided velocity and the predicted endpoint
                     // x̂₁ = x + (1 − t)·v̂, then x ← x + Δ·v̂ + weight·K(τ)(y − h(x̂₁)).
                     let (tau, weight) = stage_at[k].expect("checked");
-                    let (forecast, geometry) = cov.as_ref().expect("set with the stages");
+                    let g = gains_owned.as_mut().expect("prepared with the stages");
                     let op = observe.expect("checked");
                     backend.copy(&w.x, x_hat)?;
                     backend.flow_update(
@@ -478,49 +480,34 @@ impl<B: Backend> Enff<B> {
                         Some(v),
                     )?;
                     // The gain of this stage, linearized at the mean of the endpoints, and the
-                    // mean observed endpoint h̄ for the innovation split.
-                    let xh = backend.read(x_hat)?;
-                    let lin = column_means(&xh, n, d);
-                    let alpha = covariance::ANOMALY_WEIGHT;
-                    let m = obs.operator.obs_dim(d)?;
-                    let mut hbar = vec![0.0f64; m];
-                    for row in xh.chunks(d) {
-                        for (q, hb) in hbar.iter_mut().enumerate() {
-                            *hb += op.pointwise.value(row[op.component(q)]) as f64;
-                        }
-                    }
-                    let hbar: Vec<f32> = hbar.iter().map(|v| (v / n as f64) as f32).collect();
-                    match hbar_buf.as_mut() {
-                        Some(b) if b.cols() == m => backend.write(b, &hbar)?,
-                        _ => *hbar_buf = Some(backend.upload(1, m, &hbar)?),
-                    }
-                    let host = covariance::local_gains(
-                        forecast,
-                        n,
-                        d,
-                        &op,
-                        obs.noise_std as f64,
-                        *geometry,
-                        cfg.loc_radius,
-                        &[tau],
-                        Some(&lin),
+                    // mean observed endpoint h̄ for the innovation split, on the backend.
+                    backend.local_gains(
+                        &LocalGains {
+                            observe: op,
+                            forecast: target,
+                            endpoint: x_hat,
+                            index: &g.index,
+                            taper: &g.taper,
+                            noise_std: obs.noise_std,
+                            tau: tau as f32,
+                        },
+                        &mut g.gain,
+                        &mut g.hbar,
                     )?;
-                    let g = DeviceGains::upload(backend, &host, d, gains.take())?;
                     backend.gain_step(
                         &mut w.x,
                         &GainStep {
                             observe: op,
                             y: obs.y,
-                            gain: &g.tables[0],
+                            gain: &g.gain,
                             index: &g.index,
                             endpoint: x_hat,
                             velocity: v,
                             h_velocity: dt,
                             h_gain: weight,
-                            mean_obs: Some((hbar_buf.as_ref().expect("uploaded"), alpha)),
+                            mean_obs: Some((&g.hbar, covariance::ANOMALY_WEIGHT)),
                         },
                     )?;
-                    *gains = Some(g);
                 }
                 _ => {
                     backend.flow_update(
@@ -554,7 +541,6 @@ impl<B: Backend> Enff<B> {
         // buffer (same shape), which the next analysis overwrites with its source sample.
         std::mem::swap(&mut w.x, ensemble);
         self.gains = gains_owned;
-        self.hbar = hbar_owned;
         // The one host round trip of an analysis: deferred error flags (non-finite inputs or
         // weights) and device errors.
         backend.sync()
@@ -594,18 +580,6 @@ impl<B: Backend> Filter<B> for Enff<B> {
         self.draw_source(backend, n, d, previous, cycle)?;
         self.flow(backend, ensemble, previous, obs)
     }
-}
-
-/// Column means of a row-major `n × d` matrix, in f64.
-fn column_means(x: &[f32], n: usize, d: usize) -> Vec<f64> {
-    let mut m = vec![0.0f64; d];
-    for row in x.chunks(d) {
-        for (a, &v) in m.iter_mut().zip(row) {
-            *a += v as f64;
-        }
-    }
-    m.iter_mut().for_each(|a| *a /= n as f64);
-    m
 }
 
 /// Checks what every flow or score analysis needs: at least 2 members, σ_y > 0, an observation
