@@ -1,13 +1,14 @@
 //! GPU/CPU parity of the covariance-guidance kernels (the banded-gain step of
-//! `shaders/gain_guidance.wgsl`) and of whole covariance-guided EnFF analyses, on random inputs
-//! with odd sizes.
+//! `shaders/gain_guidance.wgsl`, the local gains of `shaders/local_gains.wgsl` against their
+//! CPU twin and the f64 host reference) and of whole covariance-guided EnFF analyses, on random
+//! inputs with odd sizes.
 
 mod common;
 
 use common::{assert_close, gpu, gpu_split};
 use enff::backend::cpu::Cpu;
-use enff::backend::{Backend, GainStep};
-use enff::filter::covariance::local_gains;
+use enff::backend::{Backend, GainStep, LocalGains};
+use enff::filter::covariance::{gain_windows, local_gains};
 use enff::filter::{Enff, EnffConfig, Filter, Observation};
 use enff::flow::GuidanceKind;
 use enff::model::Geometry;
@@ -201,4 +202,184 @@ fn banded_gains_are_localized() {
             }
         }
     }
+}
+
+/// One local-gain problem: forecast, endpoints, operator and geometry.
+struct GainCase {
+    n: usize,
+    d: usize,
+    op: Observe,
+    geometry: Geometry,
+    radius: f64,
+    sigma: f32,
+    tau: f32,
+    x: Vec<f32>,
+    xh: Vec<f32>,
+}
+
+impl GainCase {
+    fn new(n: usize, op: Observe, geometry: Geometry, radius: f64, seed: u64) -> Self {
+        let d = geometry.dim().unwrap();
+        let x = normals(n, d, seed, 1.0);
+        let xh: Vec<f32> = normals(n, d, seed + 1, 0.3)
+            .iter()
+            .zip(&x)
+            .map(|(e, v)| v + e + 0.2)
+            .collect();
+        GainCase {
+            n,
+            d,
+            op,
+            geometry,
+            radius,
+            sigma: 0.4,
+            tau: 0.75,
+            x,
+            xh,
+        }
+    }
+
+    /// `(gain table, h̄)` from `Backend::local_gains` on `b`.
+    fn on<B: Backend>(&self, b: &B) -> (Vec<f32>, Vec<f32>, usize) {
+        let win = gain_windows(&self.op, self.d, self.geometry, self.radius).unwrap();
+        let m = enff::observe::ObservationOperator::obs_dim(&self.op, self.d).unwrap();
+        let x = b.upload(self.n, self.d, &self.x).unwrap();
+        let xh = b.upload(self.n, self.d, &self.xh).unwrap();
+        let index = b.upload(self.d, win.w, &win.index).unwrap();
+        let taper = b.upload(self.d, win.w, &win.taper).unwrap();
+        let mut gain = b.zeros(self.d, win.w).unwrap();
+        let mut hbar = b.zeros(1, m).unwrap();
+        b.local_gains(
+            &LocalGains {
+                observe: self.op,
+                forecast: &x,
+                endpoint: &xh,
+                index: &index,
+                taper: &taper,
+                noise_std: self.sigma,
+                tau: self.tau,
+            },
+            &mut gain,
+            &mut hbar,
+        )
+        .unwrap();
+        b.sync().unwrap();
+        (b.read(&gain).unwrap(), b.read(&hbar).unwrap(), win.w)
+    }
+
+    /// The f64 host reference, linearized at the endpoint mean, and h̄ in f64.
+    fn reference(&self) -> (Vec<f32>, Vec<f32>) {
+        let (n, d) = (self.n, self.d);
+        let lin: Vec<f64> = (0..d)
+            .map(|c| (0..n).map(|k| self.xh[k * d + c] as f64).sum::<f64>() / n as f64)
+            .collect();
+        let g = local_gains(
+            &self.x,
+            n,
+            d,
+            &self.op,
+            self.sigma as f64,
+            self.geometry,
+            self.radius,
+            &[self.tau as f64],
+            Some(&lin),
+        )
+        .unwrap();
+        let m = enff::observe::ObservationOperator::obs_dim(&self.op, d).unwrap();
+        let hbar = (0..m)
+            .map(|q| {
+                let c = self.op.component(q);
+                ((0..n)
+                    .map(|k| self.op.pointwise.value(self.xh[k * d + c]) as f64)
+                    .sum::<f64>()
+                    / n as f64) as f32
+            })
+            .collect();
+        (g.tables[0].clone(), hbar)
+    }
+}
+
+fn gain_cases() -> Vec<(&'static str, GainCase)> {
+    vec![
+        // Ring, every 2nd component observed through arctan: w ≤ n (observation space).
+        (
+            "ring arctan every 2",
+            GainCase::new(
+                9,
+                Observe::arctan().subsample(2, 1).unwrap(),
+                Geometry::Ring { len: 37 },
+                2.5,
+                31,
+            ),
+        ),
+        // Ring, identity, w > n (ensemble space on the CPU).
+        (
+            "ring identity",
+            GainCase::new(5, Observe::identity(), Geometry::Ring { len: 53 }, 3.0, 41),
+        ),
+        // Torus of 5 × 7 cells with 2 fields, tanh of every 3rd component.
+        (
+            "torus tanh every 3",
+            GainCase::new(
+                7,
+                Observe::full(Pointwise::Tanh).subsample(3, 2).unwrap(),
+                Geometry::Torus {
+                    nx: 5,
+                    ny: 7,
+                    fields: 2,
+                },
+                1.1,
+                51,
+            ),
+        ),
+    ]
+}
+
+/// Scale of a gain table, for tolerances relative to it.
+fn peak(v: &[f32]) -> f64 {
+    v.iter().fold(0.0f64, |a, &b| a.max(b.abs() as f64))
+}
+
+#[test]
+fn local_gains_agree_with_the_cpu_twin_and_the_f64_reference() {
+    let Some((_guard, g)) = gpu() else { return };
+    let cpu = Cpu::new();
+    for (name, case) in gain_cases() {
+        let (want, want_hbar) = case.reference();
+        let (twin, twin_hbar, w) = case.on(&cpu);
+        let (got, got_hbar, _) = case.on(g);
+        assert!(w <= enff::backend::gpu::GPU_MAX_WINDOW, "{name}: window {w}");
+        let atol = 1e-4 * peak(&want);
+        assert!(peak(&want) > 0.1, "{name}: the gains must be non-trivial");
+        assert_close(&got, &twin, atol, 1e-3, &format!("{name}: gpu vs twin"));
+        assert_close(&got, &want, atol, 1e-3, &format!("{name}: gpu vs f64"));
+        assert_close(&got_hbar, &twin_hbar, 1e-6, 1e-5, &format!("{name}: h̄"));
+        assert_close(&got_hbar, &want_hbar, 1e-6, 1e-5, &format!("{name}: h̄ f64"));
+        // Padding entries stay exactly zero.
+        let win = gain_windows(&case.op, case.d, case.geometry, case.radius).unwrap();
+        for (e, t) in win.taper.iter().enumerate() {
+            if *t == 0.0 {
+                assert_eq!(got[e], 0.0, "{name}: padding entry {e}");
+            }
+        }
+    }
+}
+
+/// Windows wider than the kernel's and ensembles split into member blocks take the host path
+/// (the CPU twin), with the same results.
+#[test]
+fn local_gains_fall_back_to_the_twin_for_wide_windows_and_split_ensembles() {
+    let Some((_guard, g)) = gpu() else { return };
+    let cpu = Cpu::new();
+    let wide = GainCase::new(6, Observe::identity(), Geometry::Ring { len: 71 }, 8.0, 61);
+    let (twin, twin_hbar, w) = wide.on(&cpu);
+    assert!(w > enff::backend::gpu::GPU_MAX_WINDOW, "window {w}");
+    let (got, got_hbar, _) = wide.on(g);
+    assert_close(&got, &twin, 1e-6, 1e-5, "wide window");
+    assert_close(&got_hbar, &twin_hbar, 1e-6, 1e-5, "wide window h̄");
+    let (_, case) = gain_cases().remove(0);
+    let gs = gpu_split((4 * case.d * 4) as u64).expect("the adapter opened above");
+    let (twin, _, _) = case.on(&cpu);
+    let (got, _, _) = case.on(&gs);
+    assert_close(&got, &twin, 1e-6, 1e-5, "split ensemble");
 }
