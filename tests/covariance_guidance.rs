@@ -2,7 +2,7 @@
 //! the cold start, and short twin runs.
 
 use enff::backend::cpu::Cpu;
-use enff::backend::Backend;
+use enff::backend::{Backend, LocalGains};
 use enff::experiment::{preset, Experiment};
 use enff::filter::{Enff, EnffConfig, Etkf, Filter, Observation};
 use enff::flow::GuidanceKind;
@@ -348,4 +348,128 @@ fn sakov2008_covariance_guidance_is_near_the_etkf() {
         "time-mean RMSE {}",
         s.rmse_mean
     );
+}
+
+/// `rows × cols` standard normals scaled by `scale` (drawn on the CPU backend).
+fn normals(rows: usize, cols: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let cpu = Cpu::new();
+    let mut b = cpu.zeros(rows, cols).unwrap();
+    cpu.fill_normal(&mut b, NoiseKey::new(seed, Stream::User, 0), None, scale)
+        .unwrap();
+    cpu.read(&b).unwrap()
+}
+
+/// The backend's local gains (the CPU twin: f32 algebra, eight-lane blocks, observation or
+/// ensemble space) agree with the f64 host reference on odd sizes, for windows narrower
+/// (observation space) and wider (ensemble space) than the ensemble, on a ring and a torus,
+/// for a subsampled arctan and the identity; h̄ is the mean of h at the endpoints.
+#[test]
+fn backend_local_gains_match_the_f64_reference() {
+    let cpu = Cpu::new();
+    let torus = Geometry::Torus {
+        nx: 7,
+        ny: 5,
+        fields: 3,
+    };
+    for (n, geometry, op, radius, tau) in [
+        (21, Geometry::Ring { len: 59 }, Observe::arctan(), 2.0, 2.0),
+        (
+            7,
+            Geometry::Ring { len: 43 },
+            Observe::arctan().subsample(2, 1).unwrap(),
+            3.5,
+            0.5,
+        ),
+        (5, Geometry::Ring { len: 31 }, Observe::identity(), 1.5, 1.0),
+        (
+            11,
+            torus,
+            Observe::arctan().subsample(3, 1).unwrap(),
+            1.3,
+            1.5,
+        ),
+    ] {
+        let d = geometry.dim().unwrap();
+        let seed = (n * d) as u64;
+        let x = normals(n, d, seed, 1.3);
+        let xh: Vec<f32> = normals(n, d, seed + 1, 0.4)
+            .iter()
+            .zip(&x)
+            .map(|(e, v)| v + e - 0.3)
+            .collect();
+        let sigma = 0.3;
+        let lin: Vec<f64> = (0..d)
+            .map(|c| (0..n).map(|k| xh[k * d + c] as f64).sum::<f64>() / n as f64)
+            .collect();
+        let want = enff::filter::covariance::local_gains(
+            &x,
+            n,
+            d,
+            &op,
+            sigma as f64,
+            geometry,
+            radius,
+            &[tau as f64],
+            Some(&lin),
+        )
+        .unwrap();
+        let win = enff::filter::covariance::gain_windows(&op, d, geometry, radius).unwrap();
+        assert_eq!((win.w, &win.index), (want.w, &want.index));
+        let m = op.obs_dim(d).unwrap();
+        let buf = |r, c, v: &[f32]| cpu.upload(r, c, v).unwrap();
+        let (xb, xhb) = (buf(n, d, &x), buf(n, d, &xh));
+        let (index, taper) = (buf(d, win.w, &win.index), buf(d, win.w, &win.taper));
+        let mut gain = cpu.zeros(d, win.w).unwrap();
+        let mut hbar = cpu.zeros(1, m).unwrap();
+        let call = LocalGains {
+            observe: op,
+            forecast: &xb,
+            endpoint: &xhb,
+            index: &index,
+            taper: &taper,
+            noise_std: sigma,
+            tau,
+        };
+        cpu.local_gains(&call, &mut gain, &mut hbar).unwrap();
+        let got = cpu.read(&gain).unwrap();
+        let peak = want.tables[0].iter().fold(0.0f32, |a, b| a.max(b.abs()));
+        assert!(peak > 0.05, "{geometry:?}: trivial gains");
+        for (e, (g, r)) in got.iter().zip(&want.tables[0]).enumerate() {
+            assert!(
+                (g - r).abs() <= 1e-4 * peak + 1e-3 * r.abs(),
+                "{geometry:?} n={n} w={}: entry {e}: {g} vs {r}",
+                win.w
+            );
+        }
+        let hb = cpu.read(&hbar).unwrap();
+        for (q, v) in hb.iter().enumerate() {
+            let c = op.component(q);
+            let mean = (0..n)
+                .map(|k| op.pointwise.value(xh[k * d + c]) as f64)
+                .sum::<f64>()
+                / n as f64;
+            assert!((*v as f64 - mean).abs() < 1e-5, "h̄[{q}] {v} vs {mean}");
+        }
+        // Bad scalars and shapes are typed errors naming what is wrong.
+        for (bad, key) in [(-1.0, "τ"), (f32::NAN, "τ")] {
+            let e = cpu
+                .local_gains(&LocalGains { tau: bad, ..call }, &mut gain, &mut hbar)
+                .unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
+        let e = cpu
+            .local_gains(
+                &LocalGains {
+                    noise_std: 0.0,
+                    ..call
+                },
+                &mut gain,
+                &mut hbar,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("observe.noise_std"), "{e}");
+        let mut short = cpu.zeros(1, m + 1).unwrap();
+        let e = cpu.local_gains(&call, &mut gain, &mut short).unwrap_err();
+        assert!(e.to_string().contains("mean observed endpoint"), "{e}");
+    }
 }

@@ -348,7 +348,10 @@ fn local_gains_agree_with_the_cpu_twin_and_the_f64_reference() {
         let (want, want_hbar) = case.reference();
         let (twin, twin_hbar, w) = case.on(&cpu);
         let (got, got_hbar, _) = case.on(g);
-        assert!(w <= enff::backend::gpu::GPU_MAX_WINDOW, "{name}: window {w}");
+        assert!(
+            w <= enff::backend::gpu::GPU_MAX_WINDOW,
+            "{name}: window {w}"
+        );
         let atol = 1e-4 * peak(&want);
         assert!(peak(&want) > 0.1, "{name}: the gains must be non-trivial");
         assert_close(&got, &twin, atol, 1e-3, &format!("{name}: gpu vs twin"));

@@ -81,15 +81,35 @@
 //! (`d × w` each), zero-padded, and the kernel [`Backend::gain_step`] applies it at the flow
 //! steps that carry a stage, O(n·d·w).
 //!
-//! # What crosses to the host
+//! # Where the gains are computed, and what crosses to the host
 //!
-//! The local gains are computed on the host in f64 (parallel over components with rayon). Per
-//! analysis the forecast ensemble (`n × d`) is read once; per stage the predicted endpoints
-//! (`n × d`) are read (for the linearization point and `h̄`) and the gain table and its index
-//! (`d × w` each) and `h̄` (`m`) are written. The flow itself (weights, velocities, the gain
-//! step) stays on the backend. The host work, O(d·(n²·w + n³)) per stage, dominates the cost
-//! of an analysis on the CPU (see BENCHMARKS.md); moving the ensemble-space algebra to the
-//! device is the next step for large `d`.
+//! The windows (observation index and taper of every entry, `d × w` each) depend only on the
+//! geometry, the operator and the radius: [`gain_windows`] builds them once on the host and
+//! the filter uploads them once and keeps them (with the gain table and `h̄`) from cycle to
+//! cycle. Everything else runs on the backend, [`Backend::local_gains`], once per stage: the
+//! column means of the forecast and of the endpoints (the linearization point), `h̄`, and the
+//! local gains, written into the device's gain table, which [`Backend::gain_step`] applies.
+//! Per analysis nothing of size `n × d` is read back; only the deferred error flags are.
+//!
+//! Each component's system is solved in whichever space is smaller. In observation space
+//! (the Woodbury form, with `D = diag(ρ_i)` and `B` the `n × w` matrix of the `b_q`),
+//!
+//! ```text
+//!   K_i = (1/σ_y) · D^{1/2} (I + τ·D^{1/2} BᵀB D^{1/2})⁻¹ D^{1/2} Bᵀ a_i,
+//! ```
+//!
+//! a `w × w` Cholesky whose entries are tapered forecast covariances `h'_q h'_r P(c_q, c_r)`;
+//! in ensemble space, the `n × n` system above. Both are the same matrix identity. The GPU
+//! kernel (`shaders/local_gains.wgsl`, one workgroup per component) uses the observation
+//! space for windows up to [`crate::backend::gpu::GPU_MAX_WINDOW`] entries, its matrix and
+//! a tile of members in workgroup memory; wider windows (a torus with a large radius) and
+//! ensembles split into member blocks fall back to the CPU twin on the host, with a logged
+//! line. The CPU twin (`backend/cpu/gain.rs`) solves sixteen components at a time in f32
+//! lanes, in observation space when `w ≤ n` and in ensemble space otherwise; the f64 host
+//! function [`local_gains`] is the reference the tests compare both against. The cost per
+//! stage is `O(d·(n·w² + w³))` or `O(d·(n²·w + n³))`, against `O(n²·d)` per flow step of the
+//! transport; on the CPU a stage costs about as much as several plain flow steps (see
+//! BENCHMARKS.md).
 //!
 //! # What is tested
 //!
@@ -181,7 +201,12 @@ pub struct GainWindows {
 
 /// The windows of `op` on `geometry` (`d` components) for a Gaspari–Cohn taper of radius
 /// `radius`: observations within `2·1.82·radius` whose taper exceeds 1e-6.
-pub fn gain_windows(op: &Observe, d: usize, geometry: Geometry, radius: f64) -> Result<GainWindows> {
+pub fn gain_windows(
+    op: &Observe,
+    d: usize,
+    geometry: Geometry,
+    radius: f64,
+) -> Result<GainWindows> {
     check_radius(radius)?;
     if !geometry.is_spatial() {
         return Err(Error::invalid(
@@ -231,6 +256,9 @@ pub fn gain_windows(op: &Observe, d: usize, geometry: Geometry, radius: f64) -> 
     Ok(GainWindows { w, index, taper })
 }
 
+/// The f64 host reference of the local gains (the backends compute them with
+/// [`Backend::local_gains`]; the tests compare against this).
+///
 /// Local Kalman gains `K(τ)` for every `τ` in `taus`, from the forecast ensemble `x` (`n × d`,
 /// row-major) observed through `op` with noise std `sigma`, localized on `geometry` with a
 /// Gaspari–Cohn taper of radius `radius`. The Jacobian `H` is taken at `linearize_at` (`d`

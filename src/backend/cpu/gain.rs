@@ -67,7 +67,10 @@ pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>)
         acc.iter_mut().for_each(|v| *v = 0.0);
         if hg != 0.0 {
             for (i, a) in (i0..i1).zip(acc.chunks_mut(n)) {
-                for (&gk, &qf) in gain[i * w..(i + 1) * w].iter().zip(&index[i * w..(i + 1) * w]) {
+                for (&gk, &qf) in gain[i * w..(i + 1) * w]
+                    .iter()
+                    .zip(&index[i * w..(i + 1) * w])
+                {
                     if gk != 0.0 {
                         // Indices were written by the host as exact integers below m.
                         let q = (qf as usize).min(m - 1);
@@ -452,14 +455,16 @@ pub fn local_gains(g: &GainInputs<'_>, gain: &mut [f32], hbar: &mut [f32]) -> Re
     let scale = 1.0 / ((n - 1) as f64).sqrt();
     let mut at = vec![0.0 as F; n * d];
     const COLS: usize = 256;
-    at.par_chunks_mut(n * COLS).enumerate().for_each(|(blk, out)| {
-        for (cc, col) in out.chunks_mut(n).enumerate() {
-            let c = blk * COLS + cc;
-            for (k, v) in col.iter_mut().enumerate() {
-                *v = ((g.x[k * d + c] as f64 - fmean[c]) * scale) as F;
+    at.par_chunks_mut(n * COLS)
+        .enumerate()
+        .for_each(|(blk, out)| {
+            for (cc, col) in out.chunks_mut(n).enumerate() {
+                let c = blk * COLS + cc;
+                for (k, v) in col.iter_mut().enumerate() {
+                    *v = ((g.x[k * d + c] as f64 - fmean[c]) * scale) as F;
+                }
             }
-        }
-    });
+        });
     let ctx = Ctx {
         at: &at,
         dh: &dh,
