@@ -138,7 +138,8 @@ pub struct GainInputs<'a> {
 /// Components solved together, one per f32 lane (two AVX2 registers per operation).
 const LANES: usize = 16;
 
-/// The precision of the twin's algebra (the kernel's).
+/// The precision of the twin's algebra (the kernel's; the gain table is written without a
+/// conversion, so this stays f32).
 type F = f32;
 
 /// One value per lane.
@@ -323,15 +324,16 @@ fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch
                 }
             }
             let acc = dot_lanes::<FMA>(ae, &sc.ai);
-            for l in 0..LANES {
-                sc.rhs[e][l] = sc.s[e][l] * acc[l];
+            let se = sc.s[e];
+            for (rv, (sv, av)) in sc.rhs[e].iter_mut().zip(se.iter().zip(acc)) {
+                *rv = sv * av;
             }
         }
         cholesky_lanes::<FMA>(&mut sc.mat, w);
         solve_lanes::<FMA>(&sc.mat, w, &mut sc.rhs);
         for l in 0..lanes {
             for e in 0..w {
-                out[l * w + e] = (sc.sq[e][l] * c.inv_sigma * sc.rhs[e][l]) as f32;
+                out[l * w + e] = sc.sq[e][l] * c.inv_sigma * sc.rhs[e][l];
             }
         }
     } else {
@@ -373,7 +375,7 @@ fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch
         }
         for l in 0..lanes {
             for (e, a) in sc.dots.iter().enumerate() {
-                out[l * w + e] = (sc.sq[e][l] * c.inv_sigma * a[l]) as f32;
+                out[l * w + e] = sc.sq[e][l] * c.inv_sigma * a[l];
             }
         }
     }
