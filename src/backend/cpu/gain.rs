@@ -40,21 +40,39 @@ pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>)
         .lock()
         .map_err(|_| Error::Gpu("CPU scratch lock poisoned by an earlier panic".into()))?;
     let r = super::grow(&mut rbuf, if hg != 0.0 { m * n } else { 0 });
-    let innovations = |(q, col): (usize, &mut [f32])| {
-        let c = op.component(q);
-        for (k, v) in col.iter_mut().enumerate() {
-            let hx = h_fast(op.pointwise, endpoint[k * d + c]);
-            *v = match mean {
-                Some((hb, a)) => (y[q] - hb[q]) - a * (hx - hb[q]),
-                None => y[q] - hx,
-            };
+    // Blocks of QB observations: per member, h at the block's components (a contiguous,
+    // vectorizable run when every component is observed), then scattered into r.
+    const QB: usize = 64;
+    let innovations = |(blk, out): (usize, &mut [f32])| {
+        let q0 = blk * QB;
+        let nq = out.len() / n;
+        let mut hx = [0.0f32; QB];
+        for k in 0..n {
+            let row = &endpoint[k * d..(k + 1) * d];
+            if op.every == 1 {
+                let c0 = op.component(q0);
+                for (h, &x) in hx[..nq].iter_mut().zip(&row[c0..c0 + nq]) {
+                    *h = h_fast(op.pointwise, x);
+                }
+            } else {
+                for (j, h) in hx[..nq].iter_mut().enumerate() {
+                    *h = h_fast(op.pointwise, row[op.component(q0 + j)]);
+                }
+            }
+            for (j, &h) in hx[..nq].iter().enumerate() {
+                let q = q0 + j;
+                out[j * n + k] = match mean {
+                    Some((hb, a)) => (y[q] - hb[q]) - a * (h - hb[q]),
+                    None => y[q] - h,
+                };
+            }
         }
     };
     if hg != 0.0 {
         if parallel {
-            r.par_chunks_mut(n).enumerate().for_each(innovations);
+            r.par_chunks_mut(n * QB).enumerate().for_each(innovations);
         } else {
-            r.chunks_mut(n).enumerate().for_each(innovations);
+            r.chunks_mut(n * QB).enumerate().for_each(innovations);
         }
     }
     let r: &[f32] = r;
