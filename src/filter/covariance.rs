@@ -116,7 +116,10 @@
 //! With linear `h`, a Gaussian forecast ensemble, no localization and `λ = 1`, one analysis
 //! gives the ETKF analysis mean of the same ensemble (to 2e-3, for 1 and 4 stages) and
 //! converges to the population Kalman mean as `n` grows (20 → 320 members);
-//! the constant schedule misses it (`tests/covariance_guidance.rs`).
+//! the constant schedule misses it (`tests/covariance_guidance.rs`). The backends' local gains
+//! agree with the f64 reference [`local_gains`] on odd rings and tori, in both spaces
+//! (`tests/covariance_guidance.rs` for the CPU twin, `tests/gpu_guidance.rs` for the kernels and
+//! their host fallbacks).
 
 use rayon::prelude::*;
 
