@@ -40,16 +40,6 @@ fn linear(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * WG;
 }
 
-fn h_of(x: f32) -> f32 {
-    if (p.pointwise == 1u) {
-        return atan(x);
-    }
-    if (p.pointwise == 2u) {
-        return tanh(x);
-    }
-    return x;
-}
-
 // b[k] (+)= Σ_i a[i, k]
 @compute @workgroup_size(256, 1, 1)
 fn colsum(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -174,7 +164,7 @@ fn observe(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     }
     let i = idx / p.m;
     let q = idx % p.m;
-    b[idx] = h_of(a[i * p.cols + p.offset + q * p.every]);
+    b[idx] = obs_value(p.pointwise, a[i * p.cols + p.offset + q * p.every]);
 }
 
 // One workgroup per member: b[row0 + i] = −Σ_q (f[q] − h(a[i, offset + q·every]))² / (2σ²)
@@ -186,7 +176,7 @@ fn loglik(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) w
     }
     var s = 0.0;
     for (var q = lid.x; q < p.m; q = q + WG) {
-        let r = f[q] - h_of(a[i * p.cols + p.offset + q * p.every]);
+        let r = f[q] - obs_value(p.pointwise, a[i * p.cols + p.offset + q * p.every]);
         s = fma(r, r, s);
     }
     r0[lid.x] = s;

@@ -54,27 +54,6 @@ struct UpdateParams {
 
 const MAXJ: u32 = 32u;
 
-fn h_of(x: f32) -> f32 {
-    if (p.pointwise == 1u) {
-        return atan(x);
-    }
-    if (p.pointwise == 2u) {
-        return tanh(x);
-    }
-    return x;
-}
-
-fn h_prime(x: f32) -> f32 {
-    if (p.pointwise == 1u) {
-        return 1.0 / (1.0 + x * x);
-    }
-    if (p.pointwise == 2u) {
-        let t = tanh(x);
-        return 1.0 - t * t;
-    }
-    return 1.0;
-}
-
 fn u_at(j: u32, k: u32) -> f32 {
     var u = p.ua * tgt[j * p.d + k];
     if (p.has_source != 0u) {
@@ -135,7 +114,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         }
         if (observed) {
             let xh = xe + p.horizon * v;
-            v = v + p.scale * h_prime(xh) * (y[obs_idx] - h_of(xh));
+            v = v + p.scale * obs_derivative(p.pointwise, xh) * (y[obs_idx] - obs_value(p.pointwise, xh));
         }
         if (p.clamp > 0.0) {
             v = clamp(v, -p.clamp, p.clamp);
@@ -181,7 +160,7 @@ fn finish(i: u32, k: u32, vin: f32) {
         let rel = k - p.obs_offset;
         if (rel % p.obs_every == 0u && rel / p.obs_every < p.obs_m) {
             let xh = xe + p.horizon * v;
-            v = v + p.scale * h_prime(xh) * (y[rel / p.obs_every] - h_of(xh));
+            v = v + p.scale * obs_derivative(p.pointwise, xh) * (y[rel / p.obs_every] - obs_value(p.pointwise, xh));
         }
     }
     if (p.clamp > 0.0) {

@@ -2,7 +2,8 @@
 //   state[k,i] += h_vel·velocity[k,i] + h_gain·Σ_c gain[i,c]·(y[q] − h(endpoint[k, comp(q)])),
 //   q = index[i,c], comp(q) = offset + q·every.
 // With has_mean, the innovation is split: (y − hbar) − alpha·(h(endpoint) − hbar).
-// With has_clip, it is clamped to ±clip_scale·√(h'(lin[c])²·fvar[c] + noise_var), c = comp(q).
+// With has_clip, it is clamped to ±clip_scale·√ivar[m + q] (row 1 of the stage's observation
+// statistics: the linearized innovation variance).
 // One thread per (member, component) of a member block; zero gain entries are padding.
 // CPU twin: src/backend/cpu/gain.rs::gain_step.
 
@@ -22,8 +23,8 @@ struct GainParams {
     alpha: f32,      // anomaly weight of the split
     has_clip: u32,   // 1: clamp the innovation
     clip_scale: f32,
-    noise_var: f32,
     _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: GainParams;
@@ -34,31 +35,9 @@ struct GainParams {
 @group(0) @binding(5) var<storage, read> index: array<f32>;
 @group(0) @binding(6) var<storage, read> y: array<f32>;
 @group(0) @binding(7) var<storage, read> hbar: array<f32>;
-@group(0) @binding(8) var<storage, read> lin: array<f32>;
-@group(0) @binding(9) var<storage, read> fvar: array<f32>;
+@group(0) @binding(8) var<storage, read> ivar: array<f32>;
 
 const WG: u32 = 256u;
-
-fn h_of(x: f32) -> f32 {
-    if (p.pointwise == 1u) {
-        return atan(x);
-    }
-    if (p.pointwise == 2u) {
-        return tanh(x);
-    }
-    return x;
-}
-
-fn dh_of(x: f32) -> f32 {
-    if (p.pointwise == 1u) {
-        return 1.0 / (1.0 + x * x);
-    }
-    if (p.pointwise == 2u) {
-        let t = tanh(x);
-        return 1.0 - t * t;
-    }
-    return 1.0;
-}
 
 @compute @workgroup_size(256, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -75,15 +54,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             let g = gain[base + c];
             if (g != 0.0) {
                 let q = min(u32(index[base + c]), p.m - 1u);
-                let hx = h_of(endpoint[k * p.d + p.offset + q * p.every]);
+                let hx = obs_value(p.pointwise, endpoint[k * p.d + p.offset + q * p.every]);
                 var r = y[q] - hx;
                 if (p.has_mean == 1u) {
                     r = (y[q] - hbar[q]) - p.alpha * (hx - hbar[q]);
                 }
                 if (p.has_clip == 1u) {
-                    let cq = p.offset + q * p.every;
-                    let dh = dh_of(lin[cq]);
-                    let bound = p.clip_scale * sqrt(dh * dh * max(fvar[cq], 0.0) + p.noise_var);
+                    let bound = p.clip_scale * sqrt(max(ivar[p.m + q], 0.0));
                     r = clamp(r, -bound, bound);
                 }
                 acc = acc + g * r;

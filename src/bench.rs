@@ -279,8 +279,40 @@ pub fn format_table(rows: &[AnalysisBench]) -> String {
 /// The baseline-filter grid of `BENCHMARKS.md`: Lorenz-96 sizes `d ∈ {1e3, 1e4, 1e5}`, n = 20.
 pub const FILTER_GRID: [(usize, usize); 3] = [(20, 1_000), (20, 10_000), (20, 100_000)];
 
-/// Filters [`bench_filter`] can time.
-pub const BENCH_FILTERS: [&str; 4] = ["letkf", "letkf-batched", "enkf", "etkf"];
+/// Filters [`bench_filter`] can time: the baselines, plain EnFF-F2P (`enff`, the
+/// `lorenz96_bao2024` settings: σ_min = 0.01, λ = 0.05, 19 flow steps) and EnFF-F2P with
+/// covariance guidance in 1, 2 or 4 stages (`enff-cov1`, `-cov2`, `-cov4`: the
+/// `lorenz96_bao2024_covariance` settings, λ = 2, radius 4, inflation 1.05).
+pub const BENCH_FILTERS: [&str; 8] = [
+    "letkf",
+    "letkf-batched",
+    "enkf",
+    "etkf",
+    "enff",
+    "enff-cov1",
+    "enff-cov2",
+    "enff-cov4",
+];
+
+/// The EnFF configurations of [`bench_filter`] (`enff`, `enff-covS`), if `filter` is one.
+fn bench_enff_config(filter: &str) -> Option<EnffConfig> {
+    let plain = EnffConfig::f2p(1e-2, 0.05, 19);
+    let stages = match filter {
+        "enff" => return Some(plain),
+        "enff-cov1" => 1,
+        "enff-cov2" => 2,
+        "enff-cov4" => 4,
+        _ => return None,
+    };
+    Some(EnffConfig {
+        guidance: crate::flow::GuidanceKind::Covariance,
+        guidance_scale: 2.0,
+        loc_radius: BENCH_LOC_RADIUS,
+        gain_stages: stages,
+        inflation: 1.05,
+        ..plain
+    })
+}
 
 /// LETKF radius of the benchmarked analysis (the sakov2008 setting).
 pub const BENCH_LOC_RADIUS: f64 = 4.0;
@@ -306,9 +338,10 @@ pub struct FilterBench {
     pub seconds_best: f64,
 }
 
-/// Times `reps` analyses of a baseline filter (after `warmup` untimed ones) on the random
-/// `n × d` problem of [`BenchProblem`] (arctan observation of every component, σ_y = 0.1),
-/// localizing on the Lorenz-96 ring of `d` components with radius [`BENCH_LOC_RADIUS`].
+/// Times `reps` analyses of a filter of [`BENCH_FILTERS`] (after `warmup` untimed ones) on the
+/// random `n × d` problem of [`BenchProblem`] (arctan observation of every component,
+/// σ_y = 0.1), localizing on the Lorenz-96 ring of `d` components with radius
+/// [`BENCH_LOC_RADIUS`]; EnFF-F2P flows from the problem's previous analysis.
 pub fn bench_filter<B: Backend + 'static>(
     backend: &B,
     filter: &str,
@@ -335,6 +368,9 @@ pub fn bench_filter<B: Backend + 'static>(
         ),
         "enkf" => Box::new(EnkfPo::<B>::new(1.0, 7)?),
         "etkf" => Box::new(Etkf::<B>::new(1.0)?),
+        other if bench_enff_config(other).is_some() => Box::new(
+            Enff::<B>::new(bench_enff_config(other).expect("checked"))?.with_geometry(ring),
+        ),
         other => {
             return Err(Error::UnknownFilter {
                 name: other.to_string(),
@@ -353,7 +389,8 @@ pub fn bench_filter<B: Backend + 'static>(
             noise_std: BENCH_OBS_NOISE_STD,
         };
         let start = Instant::now();
-        f.analyse(backend, &mut problem.ensemble, None, &obs, r as u32 + 1)?;
+        let previous = f.needs_previous_analysis().then_some(&problem.previous);
+        f.analyse(backend, &mut problem.ensemble, previous, &obs, r as u32 + 1)?;
         backend.sync()?;
         if r >= warmup {
             times.push(start.elapsed().as_secs_f64());
@@ -376,22 +413,30 @@ pub fn bench_filter<B: Backend + 'static>(
     })
 }
 
-/// A table of baseline-filter timings (milliseconds per analysis).
+/// A table of filter timings (milliseconds per analysis), with the ratio to plain EnFF (`enff`)
+/// on the same backend and size where the table has that row.
 pub fn format_filter_table(rows: &[FilterBench]) -> String {
     let mut s = format!(
-        "{:<13} {:<7} {:>5} {:>9} {:>5} {:>12} {:>10}\n",
-        "filter", "backend", "n", "d", "reps", "ms/analysis", "best ms"
+        "{:<13} {:<7} {:>5} {:>9} {:>5} {:>12} {:>10} {:>8}\n",
+        "filter", "backend", "n", "d", "reps", "ms/analysis", "best ms", "x enff"
     );
     for r in rows {
+        let plain = rows
+            .iter()
+            .find(|p| p.filter == "enff" && p.backend == r.backend && p.n == r.n && p.d == r.d)
+            .map_or(String::from("-"), |p| {
+                format!("{:.2}", r.seconds_per_analysis / p.seconds_per_analysis)
+            });
         s.push_str(&format!(
-            "{:<13} {:<7} {:>5} {:>9} {:>5} {:>12.3} {:>10.3}\n",
+            "{:<13} {:<7} {:>5} {:>9} {:>5} {:>12.3} {:>10.3} {:>8}\n",
             r.filter,
             r.backend,
             r.n,
             r.d,
             r.reps,
             r.seconds_per_analysis * 1e3,
-            r.seconds_best * 1e3
+            r.seconds_best * 1e3,
+            plain
         ));
     }
     s

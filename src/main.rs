@@ -341,8 +341,8 @@ struct BenchArgs {
     /// steps per second, and whole ks_1024 / ns_64 cycles, instead of analyses.
     #[arg(long)]
     models: bool,
-    /// Time baseline-filter analyses instead (comma-separated: letkf, letkf-batched, enkf, etkf)
-    /// over d ∈ {1e3, 1e4, 1e5}, n = 20 (or the --size grid).
+    /// Time filter analyses instead (comma-separated: letkf, letkf-batched, enkf, etkf, enff,
+    /// enff-cov1, enff-cov2, enff-cov4) over d ∈ {1e3, 1e4, 1e5}, n = 20 (or the --size grid).
     #[arg(long, value_delimiter = ',')]
     filters: Vec<String>,
     /// Under mpirun: time sharded EnFF flow steps (compute and allreduce) over the --size

@@ -2,7 +2,7 @@
 //! the cold start, and short twin runs.
 
 use enff::backend::cpu::Cpu;
-use enff::backend::Backend;
+use enff::backend::{Backend, LocalGains};
 use enff::experiment::{preset, Experiment};
 use enff::filter::{Enff, EnffConfig, Etkf, Filter, Observation};
 use enff::flow::GuidanceKind;
@@ -398,7 +398,9 @@ fn half_observed_cold_start_converges_with_the_safeguards() {
 
 /// The innovation bound limits how far one stage moves a member: with a huge gain and an
 /// innovation far beyond the forecast spread, the step is at most
-/// `h_gain · Σ|K| · c·√(h'² v + σ²)`, and without the bound it is not.
+/// `h_gain · Σ|K| · c·√(h'² v + σ²)`, and without the bound it is not. (That the backends
+/// compute `h'² v + σ²` itself is checked against the f64 reference in `tests/gpu_guidance.rs`
+/// and below.)
 #[test]
 fn the_innovation_bound_limits_a_stage_step() {
     use enff::backend::{GainStep, InnovationClip};
@@ -413,9 +415,14 @@ fn the_innovation_bound_limits_a_stage_step() {
     let gain = cpu.upload(d, w, &vec![50.0f32; d * w]).unwrap();
     let index: Vec<f32> = (0..d * w).map(|e| ((e / w + e % w) % d) as f32).collect();
     let index = cpu.upload(d, w, &index).unwrap();
-    let lin = cpu.upload(1, d, &vec![8.0f32; d]).unwrap();
-    let var = cpu.upload(1, d, &vec![0.25f32; d]).unwrap();
     let (scale, sigma) = (2.0f32, 0.05f32);
+    // The stage's observation statistics: h̄ (unused here) and the linearized innovation
+    // variance h'(8)²·0.25 + σ² of a forecast with std 0.5 linearized at 8.
+    let dh = 1.0 / (1.0 + 64.0f32);
+    let s2 = dh * dh * 0.25 + sigma * sigma;
+    let mut stats = vec![0.0f32; d];
+    stats.extend(std::iter::repeat_n(s2, d));
+    let stats = cpu.upload(2, d, &stats).unwrap();
     let step = |clip: bool| {
         let mut st = cpu.upload(n, d, &state).unwrap();
         cpu.gain_step(
@@ -431,18 +438,15 @@ fn the_innovation_bound_limits_a_stage_step() {
                 h_gain: 0.5,
                 mean_obs: None,
                 clip: clip.then_some(InnovationClip {
-                    linearization: &lin,
-                    forecast_var: &var,
+                    innovation_var: &stats,
                     scale,
-                    noise_var: sigma * sigma,
                 }),
             },
         )
         .unwrap();
         cpu.read(&st).unwrap()
     };
-    let dh = 1.0 / (1.0 + 64.0f32);
-    let bound = scale * (dh * dh * 0.25 + sigma * sigma).sqrt();
+    let bound = scale * s2.sqrt();
     let limit = 0.5 * (w as f32 * 50.0) * bound;
     let clipped = step(true);
     let free = step(false);
@@ -501,4 +505,141 @@ fn adaptive_inflation_inflates_an_under_dispersed_forecast_only() {
     let (g, _) = run(0.0);
     assert_eq!(g, 1.0);
     assert!(spread_of(&fc) > 0.0);
+}
+
+/// `rows × cols` standard normals scaled by `scale` (drawn on the CPU backend).
+fn normals(rows: usize, cols: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let cpu = Cpu::new();
+    let mut b = cpu.zeros(rows, cols).unwrap();
+    cpu.fill_normal(&mut b, NoiseKey::new(seed, Stream::User, 0), None, scale)
+        .unwrap();
+    cpu.read(&b).unwrap()
+}
+
+/// The backend's local gains (the CPU twin: f32 algebra, eight-lane blocks, observation or
+/// ensemble space) agree with the f64 host reference on odd sizes, for windows narrower
+/// (observation space) and wider (ensemble space) than the ensemble, on a ring and a torus,
+/// for a subsampled arctan and the identity; h̄ is the mean of h at the endpoints.
+#[test]
+fn backend_local_gains_match_the_f64_reference() {
+    let cpu = Cpu::new();
+    let torus = Geometry::Torus {
+        nx: 7,
+        ny: 5,
+        fields: 3,
+    };
+    for (n, geometry, op, radius, tau) in [
+        (21, Geometry::Ring { len: 59 }, Observe::arctan(), 2.0, 2.0),
+        (
+            7,
+            Geometry::Ring { len: 43 },
+            Observe::arctan().subsample(2, 1).unwrap(),
+            3.5,
+            0.5,
+        ),
+        (5, Geometry::Ring { len: 31 }, Observe::identity(), 1.5, 1.0),
+        (
+            11,
+            torus,
+            Observe::arctan().subsample(3, 1).unwrap(),
+            1.3,
+            1.5,
+        ),
+    ] {
+        let d = geometry.dim().unwrap();
+        let seed = (n * d) as u64;
+        let x = normals(n, d, seed, 1.3);
+        let xh: Vec<f32> = normals(n, d, seed + 1, 0.4)
+            .iter()
+            .zip(&x)
+            .map(|(e, v)| v + e - 0.3)
+            .collect();
+        let sigma = 0.3;
+        let lin: Vec<f64> = (0..d)
+            .map(|c| (0..n).map(|k| xh[k * d + c] as f64).sum::<f64>() / n as f64)
+            .collect();
+        let want = enff::filter::covariance::local_gains(
+            &x,
+            n,
+            d,
+            &op,
+            sigma as f64,
+            geometry,
+            radius,
+            &[tau as f64],
+            Some(&lin),
+        )
+        .unwrap();
+        let win = enff::filter::covariance::gain_windows(&op, d, geometry, radius).unwrap();
+        assert_eq!((win.w, &win.index), (want.w, &want.index));
+        let m = op.obs_dim(d).unwrap();
+        let buf = |r, c, v: &[f32]| cpu.upload(r, c, v).unwrap();
+        let (xb, xhb) = (buf(n, d, &x), buf(n, d, &xh));
+        let (index, taper) = (buf(d, win.w, &win.index), buf(d, win.w, &win.taper));
+        let mut gain = cpu.zeros(d, win.w).unwrap();
+        let mut hbar = cpu.zeros(2, m).unwrap();
+        let call = LocalGains {
+            observe: op,
+            forecast: &xb,
+            endpoint: &xhb,
+            index: &index,
+            taper: &taper,
+            noise_std: sigma,
+            tau,
+        };
+        cpu.local_gains(&call, &mut gain, &mut hbar).unwrap();
+        let got = cpu.read(&gain).unwrap();
+        let peak = want.tables[0].iter().fold(0.0f32, |a, b| a.max(b.abs()));
+        assert!(peak > 0.05, "{geometry:?}: trivial gains");
+        for (e, (g, r)) in got.iter().zip(&want.tables[0]).enumerate() {
+            assert!(
+                (g - r).abs() <= 1e-4 * peak + 1e-3 * r.abs(),
+                "{geometry:?} n={n} w={}: entry {e}: {g} vs {r}",
+                win.w
+            );
+        }
+        let hb = cpu.read(&hbar).unwrap();
+        for (q, v) in hb[..m].iter().enumerate() {
+            let c = op.component(q);
+            let mean = (0..n)
+                .map(|k| op.pointwise.value(xh[k * d + c]) as f64)
+                .sum::<f64>()
+                / n as f64;
+            assert!((*v as f64 - mean).abs() < 1e-5, "h̄[{q}] {v} vs {mean}");
+            // Row 1: the linearized innovation variance h'(x̄̂₁)²·var(x_f) + σ².
+            let mf = (0..n).map(|k| x[k * d + c] as f64).sum::<f64>() / n as f64;
+            let var = (0..n)
+                .map(|k| (x[k * d + c] as f64 - mf).powi(2))
+                .sum::<f64>()
+                / (n - 1) as f64;
+            let dh = op.pointwise.derivative(lin[c] as f32) as f64;
+            let want_var = dh * dh * var + (sigma as f64).powi(2);
+            let got_var = hb[m + q] as f64;
+            assert!(
+                (got_var - want_var).abs() < 1e-5 * (1.0 + want_var),
+                "innovation variance [{q}] {got_var} vs {want_var}"
+            );
+        }
+        // Bad scalars and shapes are typed errors naming what is wrong.
+        for (bad, key) in [(-1.0, "τ"), (f32::NAN, "τ")] {
+            let e = cpu
+                .local_gains(&LocalGains { tau: bad, ..call }, &mut gain, &mut hbar)
+                .unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
+        let e = cpu
+            .local_gains(
+                &LocalGains {
+                    noise_std: 0.0,
+                    ..call
+                },
+                &mut gain,
+                &mut hbar,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("observe.noise_std"), "{e}");
+        let mut short = cpu.zeros(1, m + 1).unwrap();
+        let e = cpu.local_gains(&call, &mut gain, &mut short).unwrap_err();
+        assert!(e.to_string().contains("mean observed endpoint"), "{e}");
+    }
 }

@@ -1,13 +1,14 @@
 //! GPU/CPU parity of the covariance-guidance kernels (the banded-gain step of
-//! `shaders/gain_guidance.wgsl`) and of whole covariance-guided EnFF analyses, on random inputs
-//! with odd sizes.
+//! `shaders/gain_guidance.wgsl`, the local gains of `shaders/local_gains.wgsl` against their
+//! CPU twin and the f64 host reference) and of whole covariance-guided EnFF analyses, on random
+//! inputs with odd sizes.
 
 mod common;
 
 use common::{assert_close, gpu, gpu_split};
 use enff::backend::cpu::Cpu;
-use enff::backend::{Backend, GainStep, InnovationClip};
-use enff::filter::covariance::local_gains;
+use enff::backend::{Backend, GainStep, InnovationClip, LocalGains};
+use enff::filter::covariance::{gain_windows, local_gains};
 use enff::filter::{Enff, EnffConfig, Filter, Observation};
 use enff::flow::GuidanceKind;
 use enff::model::Geometry;
@@ -33,17 +34,11 @@ fn gain_step<B: Backend>(
     data: &[Vec<f32>; 6],
     w: usize,
     h: (f32, f32, Option<f32>),
-    clip: Option<(&[f32], &[f32], f32)>,
+    clip: Option<(&[f32], f32)>,
 ) -> Vec<f32> {
     let [state, vel, endpoint, y, gain_index, hbar] = data;
-    let clip_bufs = clip.map(|(lin, var, scale)| {
-        (
-            b.upload(1, d, lin).unwrap(),
-            b.upload(1, d, var).unwrap(),
-            scale,
-        )
-    });
     let m = y.len();
+    let clip_bufs = clip.map(|(stats, scale)| (b.upload(2, m, stats).unwrap(), scale));
     let mut st = b.upload(n, d, state).unwrap();
     let v = b.upload(n, d, vel).unwrap();
     let e = b.upload(n, d, endpoint).unwrap();
@@ -63,11 +58,9 @@ fn gain_step<B: Backend>(
             h_velocity: h.0,
             h_gain: h.1,
             mean_obs: h.2.map(|a| (&hb, a)),
-            clip: clip_bufs.as_ref().map(|(l, v, scale)| InnovationClip {
-                linearization: l,
-                forecast_var: v,
+            clip: clip_bufs.as_ref().map(|(stats, scale)| InnovationClip {
+                innovation_var: stats,
                 scale: *scale,
-                noise_var: 0.01,
             }),
         },
     )
@@ -120,13 +113,13 @@ fn banded_gain_step_agrees_with_the_cpu() {
                 &format!("gain step case {case} h {h:?}"),
             );
         }
-        // With the innovation bound: a linearization point spanning the saturated range and
-        // small forecast variances, so that many innovations are clamped.
-        let lin = normals(1, d, s + 7, 3.0);
-        let var: Vec<f32> = normals(1, d, s + 8, 0.2).iter().map(|v| v * v).collect();
+        // With the innovation bound: small innovation variances (row 1 of the statistics), so
+        // that many innovations are clamped.
+        let mut stats = normals(1, m, s + 7, 1.0);
+        stats.extend(normals(1, m, s + 8, 0.2).iter().map(|v| v * v + 0.01));
         for scale in [0.5f32, 2.0] {
             let h = (0.3, 0.9, Some(0.5f32));
-            let clip = Some((&lin[..], &var[..], scale));
+            let clip = Some((&stats[..], scale));
             let want = gain_step(&cpu, n, d, op, &data, w, h, clip);
             let got = gain_step(g, n, d, op, &data, w, h, clip);
             assert_close(
@@ -303,4 +296,200 @@ fn banded_gains_are_localized() {
             }
         }
     }
+}
+
+/// One local-gain problem: forecast, endpoints, operator and geometry.
+struct GainCase {
+    n: usize,
+    d: usize,
+    op: Observe,
+    geometry: Geometry,
+    radius: f64,
+    sigma: f32,
+    tau: f32,
+    x: Vec<f32>,
+    xh: Vec<f32>,
+}
+
+impl GainCase {
+    fn new(n: usize, op: Observe, geometry: Geometry, radius: f64, seed: u64) -> Self {
+        let d = geometry.dim().unwrap();
+        let x = normals(n, d, seed, 1.0);
+        let xh: Vec<f32> = normals(n, d, seed + 1, 0.3)
+            .iter()
+            .zip(&x)
+            .map(|(e, v)| v + e + 0.2)
+            .collect();
+        GainCase {
+            n,
+            d,
+            op,
+            geometry,
+            radius,
+            sigma: 0.4,
+            tau: 0.75,
+            x,
+            xh,
+        }
+    }
+
+    /// `(gain table, h̄)` from `Backend::local_gains` on `b`.
+    fn on<B: Backend>(&self, b: &B) -> (Vec<f32>, Vec<f32>, usize) {
+        let win = gain_windows(&self.op, self.d, self.geometry, self.radius).unwrap();
+        let m = enff::observe::ObservationOperator::obs_dim(&self.op, self.d).unwrap();
+        let x = b.upload(self.n, self.d, &self.x).unwrap();
+        let xh = b.upload(self.n, self.d, &self.xh).unwrap();
+        let index = b.upload(self.d, win.w, &win.index).unwrap();
+        let taper = b.upload(self.d, win.w, &win.taper).unwrap();
+        let mut gain = b.zeros(self.d, win.w).unwrap();
+        // Both rows of the stage's observation statistics: h̄ and the innovation variances.
+        let mut hbar = b.zeros(2, m).unwrap();
+        b.local_gains(
+            &LocalGains {
+                observe: self.op,
+                forecast: &x,
+                endpoint: &xh,
+                index: &index,
+                taper: &taper,
+                noise_std: self.sigma,
+                tau: self.tau,
+            },
+            &mut gain,
+            &mut hbar,
+        )
+        .unwrap();
+        b.sync().unwrap();
+        (b.read(&gain).unwrap(), b.read(&hbar).unwrap(), win.w)
+    }
+
+    /// The f64 host reference, linearized at the endpoint mean, and h̄ in f64.
+    fn reference(&self) -> (Vec<f32>, Vec<f32>) {
+        let (n, d) = (self.n, self.d);
+        let lin: Vec<f64> = (0..d)
+            .map(|c| (0..n).map(|k| self.xh[k * d + c] as f64).sum::<f64>() / n as f64)
+            .collect();
+        let g = local_gains(
+            &self.x,
+            n,
+            d,
+            &self.op,
+            self.sigma as f64,
+            self.geometry,
+            self.radius,
+            &[self.tau as f64],
+            Some(&lin),
+        )
+        .unwrap();
+        let m = enff::observe::ObservationOperator::obs_dim(&self.op, d).unwrap();
+        let mut hbar: Vec<f32> = (0..m)
+            .map(|q| {
+                let c = self.op.component(q);
+                ((0..n)
+                    .map(|k| self.op.pointwise.value(self.xh[k * d + c]) as f64)
+                    .sum::<f64>()
+                    / n as f64) as f32
+            })
+            .collect();
+        // Row 1: h'(x̄̂₁)²·var(x_f) + σ² per observation.
+        for q in 0..m {
+            let c = self.op.component(q);
+            let mf = (0..n).map(|k| self.x[k * d + c] as f64).sum::<f64>() / n as f64;
+            let var = (0..n)
+                .map(|k| (self.x[k * d + c] as f64 - mf).powi(2))
+                .sum::<f64>()
+                / (n - 1) as f64;
+            let dh = self.op.pointwise.derivative(lin[c] as f32) as f64;
+            let s = self.sigma as f64;
+            hbar.push((dh * dh * var + s * s) as f32);
+        }
+        (g.tables[0].clone(), hbar)
+    }
+}
+
+fn gain_cases() -> Vec<(&'static str, GainCase)> {
+    vec![
+        // Ring, every 2nd component observed through arctan: w ≤ n (observation space).
+        (
+            "ring arctan every 2",
+            GainCase::new(
+                9,
+                Observe::arctan().subsample(2, 1).unwrap(),
+                Geometry::Ring { len: 37 },
+                2.5,
+                31,
+            ),
+        ),
+        // Ring, identity, w > n (ensemble space on the CPU).
+        (
+            "ring identity",
+            GainCase::new(5, Observe::identity(), Geometry::Ring { len: 53 }, 3.0, 41),
+        ),
+        // Torus of 5 × 7 cells with 2 fields, tanh of every 3rd component.
+        (
+            "torus tanh every 3",
+            GainCase::new(
+                7,
+                Observe::full(Pointwise::Tanh).subsample(3, 2).unwrap(),
+                Geometry::Torus {
+                    nx: 5,
+                    ny: 7,
+                    fields: 2,
+                },
+                1.1,
+                51,
+            ),
+        ),
+    ]
+}
+
+/// Scale of a gain table, for tolerances relative to it.
+fn peak(v: &[f32]) -> f64 {
+    v.iter().fold(0.0f64, |a, &b| a.max(b.abs() as f64))
+}
+
+#[test]
+fn local_gains_agree_with_the_cpu_twin_and_the_f64_reference() {
+    let Some((_guard, g)) = gpu() else { return };
+    let cpu = Cpu::new();
+    for (name, case) in gain_cases() {
+        let (want, want_hbar) = case.reference();
+        let (twin, twin_hbar, w) = case.on(&cpu);
+        let (got, got_hbar, _) = case.on(g);
+        assert!(
+            w <= enff::backend::gpu::GPU_MAX_WINDOW,
+            "{name}: window {w}"
+        );
+        let atol = 1e-4 * peak(&want);
+        assert!(peak(&want) > 0.1, "{name}: the gains must be non-trivial");
+        assert_close(&got, &twin, atol, 1e-3, &format!("{name}: gpu vs twin"));
+        assert_close(&got, &want, atol, 1e-3, &format!("{name}: gpu vs f64"));
+        assert_close(&got_hbar, &twin_hbar, 1e-6, 1e-5, &format!("{name}: h̄"));
+        assert_close(&got_hbar, &want_hbar, 1e-6, 1e-5, &format!("{name}: h̄ f64"));
+        // Padding entries stay exactly zero.
+        let win = gain_windows(&case.op, case.d, case.geometry, case.radius).unwrap();
+        for (e, t) in win.taper.iter().enumerate() {
+            if *t == 0.0 {
+                assert_eq!(got[e], 0.0, "{name}: padding entry {e}");
+            }
+        }
+    }
+}
+
+/// Windows wider than the kernel's and ensembles split into member blocks take the host path
+/// (the CPU twin), with the same results.
+#[test]
+fn local_gains_fall_back_to_the_twin_for_wide_windows_and_split_ensembles() {
+    let Some((_guard, g)) = gpu() else { return };
+    let cpu = Cpu::new();
+    let wide = GainCase::new(6, Observe::identity(), Geometry::Ring { len: 71 }, 8.0, 61);
+    let (twin, twin_hbar, w) = wide.on(&cpu);
+    assert!(w > enff::backend::gpu::GPU_MAX_WINDOW, "window {w}");
+    let (got, got_hbar, _) = wide.on(g);
+    assert_close(&got, &twin, 1e-6, 1e-5, "wide window");
+    assert_close(&got_hbar, &twin_hbar, 1e-6, 1e-5, "wide window h̄");
+    let (_, case) = gain_cases().remove(0);
+    let gs = gpu_split((4 * case.d * 4) as u64).expect("the adapter opened above");
+    let (twin, _, _) = case.on(&cpu);
+    let (got, _, _) = case.on(&gs);
+    assert_close(&got, &twin, 1e-6, 1e-5, "split ensemble");
 }

@@ -151,8 +151,9 @@ fn cpu_run_over_its_memory_cap_is_refused_up_front() {
     }
 }
 
-/// Covariance guidance keeps banded gains on the device: the estimate counts them, about
-/// 2 · d · (observations within the taper support) floats.
+/// Covariance guidance keeps its windows and banded gains on the device: the estimate counts
+/// them, 3 · d · (observations within the taper support) floats, and the scratch of the local
+/// gains (the column means and h̄ on the GPU, anomalies and innovations on the CPU).
 #[test]
 fn memory_estimate_counts_the_covariance_gains() {
     let p = preset("lorenz96_bao2024_covariance").unwrap();
@@ -169,7 +170,15 @@ fn memory_estimate_counts_the_covariance_gains() {
         .expect("gain buffers in the estimate");
     let radius = cfg.filter.loc_radius.unwrap_or(4.0);
     let w = (2.0 * (2.0 * 1.82 * radius).floor() + 1.0) as u64;
-    assert_eq!(gains, 2 * 4 * 1_000_000 * w);
+    assert_eq!(gains, 3 * 4 * 1_000_000 * w);
+    let scratch = est
+        .parts
+        .iter()
+        .find(|(name, _)| name.starts_with("covariance-guidance scratch"))
+        .map(|(_, b)| *b)
+        .expect("local-gain scratch in the estimate");
+    let (n, d, m) = (cfg.ensemble.n as u64, 1_000_000u64, 1_000_000u64);
+    assert_eq!(scratch, 4 * (2 * d + m + n * (d + m)));
     // Plain guidance has none.
     cfg.set("filter.guidance=local").unwrap();
     let plain = Experiment::new(p.name, cfg, None)

@@ -129,22 +129,51 @@ pub struct GainStep<'a, B: Backend + ?Sized> {
     /// `(y − h̄) − α·(h(x̂₁[k]) − h̄)` instead of `y − h(x̂₁[k])` (`α = 1` is the same thing).
     pub mean_obs: Option<(&'a B::Buffer, f32)>,
     /// Innovation clipping (a background check): when given, every innovation is clamped to
-    /// `±scale·√(h'(l_c)²·v_c + noise_var)` with `c = comp(q)`, `l` the linearization point of
-    /// the gain and `v` the forecast variance, so that one stage moves a component by at most
-    /// about `scale` forecast standard deviations (see [`crate::filter::covariance`]).
+    /// `±scale·s_q`, `s_q² = h'(l_c)²·v_c + σ_y²` the innovation variance of the linearized
+    /// model the gain assumes (`c = comp(q)`, `l` the gain's linearization point, `v` the
+    /// forecast variance), so that one stage moves a component by at most about `scale`
+    /// forecast standard deviations per observation (see [`crate::filter::covariance`]).
     pub clip: Option<InnovationClip<'a, B>>,
 }
 
 /// The bound of [`GainStep::clip`].
 pub struct InnovationClip<'a, B: Backend + ?Sized> {
-    /// Where the gain's Jacobian is taken (`1 × d`).
-    pub linearization: &'a B::Buffer,
-    /// Variance of every component over the forecast members (`1 × d`).
-    pub forecast_var: &'a B::Buffer,
+    /// Observation statistics of the stage (`2 × m`), as [`Backend::local_gains`] writes
+    /// them: row 1 holds `s_q²` (row 0, `h̄`, may serve [`GainStep::mean_obs`] too).
+    pub innovation_var: &'a B::Buffer,
     /// Bound in standard deviations of the innovation (`> 0`).
     pub scale: f32,
-    /// Observation-noise variance `σ_y²`.
-    pub noise_var: f32,
+}
+
+/// The local Kalman gains of one covariance-guidance stage, computed where the ensemble lives
+/// (see [`crate::filter::covariance`]): for every state component `i`, with the window of
+/// observations `q = index[i, e]` and Gaspari–Cohn tapers `ρ_e = taper[i, e]` (`ρ = 0` marks
+/// padding),
+///
+/// `gain[i, e] = (ρ_e/σ_y) · b_qᵀ (I + τ·G_i)⁻¹ a_i`, `G_i = Σ_e ρ_e b_q b_qᵀ`,
+///
+/// where `a_c` are the forecast anomalies of component `c` scaled by `1/√(n − 1)` and
+/// `b_q = h'(x̄̂₁[comp(q)])·a_comp(q)/σ_y`, linearized at the mean of the predicted endpoints
+/// `x̂₁`. The same call writes `h̄` (`1 × m`), the ensemble mean of `h(x̂₁)`, for the
+/// innovation split of [`GainStep::mean_obs`]; when that buffer is `2 × m`, row 1 receives the
+/// linearized innovation variances `s_q² = h'(x̄̂₁[c])²·var(x_f[c]) + σ_y²` (`c = comp(q)`) for
+/// [`GainStep::clip`]. Only the `d × w` gain table and these `m`-vectors are written; nothing
+/// of size `n × d` leaves the backend.
+pub struct LocalGains<'a, B: Backend + ?Sized> {
+    /// The built-in observation operator (pointwise map and subsampling).
+    pub observe: Observe,
+    /// The forecast ensemble (`n × d`), whose covariance the gain carries.
+    pub forecast: &'a B::Buffer,
+    /// The predicted endpoints `x̂₁` (`n × d`): linearization point and `h̄`.
+    pub endpoint: &'a B::Buffer,
+    /// Observation index of every window entry (`d × w`, exact integers stored as f32).
+    pub index: &'a B::Buffer,
+    /// Taper `ρ` of every window entry (`d × w`; 0 = padding).
+    pub taper: &'a B::Buffer,
+    /// Observation noise std `σ_y > 0`.
+    pub noise_std: f32,
+    /// Tempering exponent `τ ≥ 0` of the stage.
+    pub tau: f32,
 }
 
 /// Ensemble statistics against the truth, reduced where the ensemble lives.
@@ -281,6 +310,39 @@ pub trait Backend: Send + Sync {
     /// The banded-gain guidance step described on [`GainStep`] (covariance guidance).
     fn gain_step(&self, state: &mut Self::Buffer, step: &GainStep<'_, Self>) -> Result<()>;
 
+    /// The local gains of one covariance-guidance stage described on [`LocalGains`], into
+    /// `gain` (`d × w`) and `hbar` (`1 × m`). The default computes them on the host with the
+    /// CPU twin ([`cpu::gain::local_gains`]) after reading the ensembles back; backends
+    /// override it to keep the ensembles where they are.
+    fn local_gains(
+        &self,
+        g: &LocalGains<'_, Self>,
+        gain: &mut Self::Buffer,
+        hbar: &mut Self::Buffer,
+    ) -> Result<()> {
+        let shape = check_local_gains(g, gain, hbar)?;
+        let (x, xh) = (self.read(g.forecast)?, self.read(g.endpoint)?);
+        let (index, taper) = (self.read(g.index)?, self.read(g.taper)?);
+        let mut k = vec![0.0f32; gain.len()];
+        let mut hb = vec![0.0f32; hbar.len()];
+        cpu::gain::local_gains(
+            &cpu::gain::GainInputs {
+                x: &x,
+                xh: &xh,
+                index: &index,
+                taper: &taper,
+                shape,
+                observe: g.observe,
+                noise_std: g.noise_std,
+                tau: g.tau,
+            },
+            &mut k,
+            &mut hb,
+        )?;
+        self.write(gain, &k)?;
+        self.write(hbar, &hb)
+    }
+
     // ---- ensemble transforms (Kalman-type filters, resampling) -------------------------------
 
     /// `out_i = Σ_j W_ij x_j`: a right-multiplication of the ensemble by an `n × n` matrix, the
@@ -392,7 +454,7 @@ pub(crate) fn check_gain_step<B: DeviceBuffer>(
     endpoint: &B,
     velocity: &B,
     mean_obs: Option<&B>,
-    clip: Option<(&B, &B, f32, f32)>,
+    clip: Option<(&B, f32)>,
 ) -> Result<(usize, usize)> {
     let (n, d) = (state.rows(), state.cols());
     let m = observe.obs_dim(d)?;
@@ -403,20 +465,19 @@ pub(crate) fn check_gain_step<B: DeviceBuffer>(
         ("gain observation index", index, d, w),
         ("guidance endpoint", endpoint, n, d),
         ("guidance velocity", velocity, n, d),
-        ("mean observed endpoint", mean_obs.unwrap_or(y), 1, m),
         (
-            "clip linearization point",
-            clip.map_or(state, |c| c.0),
-            1,
-            d,
+            "mean observed endpoint",
+            mean_obs.unwrap_or(y),
+            mean_obs.map_or(1, |b| b.rows().clamp(1, 2)),
+            m,
         ),
-        ("clip forecast variance", clip.map_or(state, |c| c.1), 1, d),
+        (
+            "innovation variances",
+            clip.map_or(y, |c| c.0),
+            if clip.is_some() { 2 } else { 1 },
+            m,
+        ),
     ] {
-        let (rows, cols) = if clip.is_none() && name.starts_with("clip") {
-            (n, d)
-        } else {
-            (rows, cols)
-        };
         if b.rows() != rows || b.cols() != cols {
             return Err(crate::Error::shape(
                 name,
@@ -425,7 +486,7 @@ pub(crate) fn check_gain_step<B: DeviceBuffer>(
             ));
         }
     }
-    if let Some((_, _, scale, noise_var)) = clip {
+    if let Some((_, scale)) = clip {
         if !(scale.is_finite() && scale > 0.0) {
             return Err(crate::Error::invalid(
                 "filter.innovation_clip",
@@ -433,11 +494,6 @@ pub(crate) fn check_gain_step<B: DeviceBuffer>(
                 "the innovation bound is a positive number of standard deviations (0 = off)",
             ));
         }
-        crate::error::check_positive(
-            "observe.noise_std",
-            noise_var as f64,
-            "the observation noise std must be positive",
-        )?;
     }
     if m > MAX_GAIN_OBS {
         return Err(crate::Error::TooLarge {
@@ -447,6 +503,74 @@ pub(crate) fn check_gain_step<B: DeviceBuffer>(
         });
     }
     Ok((m, w))
+}
+
+/// Sizes of a [`LocalGains`] call: members, components, observations, window entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GainShape {
+    /// Members `n ≥ 2`.
+    pub n: usize,
+    /// State components `d`.
+    pub d: usize,
+    /// Observations `m`.
+    pub m: usize,
+    /// Window entries per component `w`.
+    pub w: usize,
+}
+
+/// Checks the shapes and scalars of a [`LocalGains`] call against its outputs.
+pub(crate) fn check_local_gains<B: Backend + ?Sized>(
+    g: &LocalGains<'_, B>,
+    gain: &B::Buffer,
+    hbar: &B::Buffer,
+) -> Result<GainShape> {
+    let (n, d) = (g.forecast.rows(), g.forecast.cols());
+    if n < 2 {
+        return Err(crate::Error::invalid(
+            "ensemble.n",
+            n,
+            "a covariance needs at least 2 members",
+        ));
+    }
+    let m = g.observe.obs_dim(d)?;
+    let w = g.index.cols();
+    for (name, b, rows, cols) in [
+        ("guidance endpoint", g.endpoint, n, d),
+        ("gain observation index", g.index, d, w),
+        ("gain window taper", g.taper, d, w),
+        ("banded gain", gain, d, w),
+        ("mean observed endpoint", hbar, hbar.rows().clamp(1, 2), m),
+    ] {
+        if b.rows() != rows || b.cols() != cols {
+            return Err(crate::Error::shape(
+                name,
+                format!("{rows} x {cols}"),
+                format!("{} x {}", b.rows(), b.cols()),
+            ));
+        }
+    }
+    if m > MAX_GAIN_OBS {
+        return Err(crate::Error::TooLarge {
+            detail: format!(
+                "covariance guidance indexes at most {MAX_GAIN_OBS} observations, got m = {m}"
+            ),
+        });
+    }
+    if !(g.noise_std.is_finite() && g.noise_std > 0.0) {
+        return Err(crate::Error::invalid(
+            "observe.noise_std",
+            g.noise_std,
+            "the observation noise std σ_y must be positive",
+        ));
+    }
+    if !(g.tau.is_finite() && g.tau >= 0.0) {
+        return Err(crate::Error::invalid(
+            "tempering exponent τ",
+            g.tau,
+            "a guidance stage's exponent is finite and non-negative (λ·s/S)",
+        ));
+    }
+    Ok(GainShape { n, d, m, w })
 }
 
 /// Most observations a banded gain can index (f32 represents every integer below 2²⁴).

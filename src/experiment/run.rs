@@ -397,8 +397,9 @@ impl Experiment {
             parts.push(("Heun predictor and velocity".to_string(), 2 * nd));
         }
         if cfg.filter.kind.starts_with("enff") && cfg.filter.guidance == GuidanceKind::Covariance {
-            // Banded gains: an index and one table of d × w, w the observations inside the
-            // Gaspari–Cohn support (2 · 1.82 · radius) of a component.
+            // The static windows (observation index and taper) and the gain table of a stage,
+            // d × w each, w the observations inside the Gaspari–Cohn support (2 · 1.82 ·
+            // radius) of a component.
             let reach = 2.0 * 1.82 * cfg.filter.loc_radius.unwrap_or(4.0);
             let every = cfg.observe.every.max(1) as f64;
             let near = match cfg.model.system {
@@ -411,8 +412,15 @@ impl Experiment {
             };
             let w = (near / every).ceil().max(1.0) as u64;
             parts.push((
-                "covariance-guidance gains (index, table)".to_string(),
-                2 * 4 * d * w,
+                "covariance-guidance gains (index, taper, table)".to_string(),
+                3 * 4 * d * w,
+            ));
+            // The GPU's forecast and endpoint column means (2 d) and h̄ (m); the CPU twin's
+            // component-major anomalies (n × d) and observation-major innovations (m × n)
+            // instead. Both counted: the larger is the CPU's, about one ensemble.
+            parts.push((
+                "covariance-guidance scratch (means, h̄, anomalies, innovations)".to_string(),
+                4 * (2 * d + m + n * (d + m)),
             ));
         }
         let per_member = parts

@@ -2,7 +2,9 @@
 //! analysis along the Monte-Carlo marginal velocity of a probability path whose target is the
 //! forecast ensemble, steered by observation guidance.
 
-use crate::backend::{Backend, DeviceBuffer, FlowUpdate, GainStep, Guidance, InnovationClip};
+use crate::backend::{
+    Backend, DeviceBuffer, FlowUpdate, GainStep, Guidance, InnovationClip, LocalGains,
+};
 use crate::error::{check_positive, Error, Result};
 use crate::filter::covariance::{self, DeviceGains};
 use crate::filter::{Filter, Observation};
@@ -206,9 +208,7 @@ pub struct Enff<B: Backend> {
     fault: Option<super::InjectedFault>,
     geometry: Option<Geometry>,
     gains: Option<DeviceGains<B>>,
-    hbar: Option<B::Buffer>,
     moments: Option<B::Buffer>,
-    clip: Option<(B::Buffer, B::Buffer)>,
     last_inflation: f32,
     /// Sharded run: this rank's slab and the communicator that sums the partial logits.
     shard: Option<crate::distributed::Shard>,
@@ -227,9 +227,7 @@ impl<B: Backend> Enff<B> {
             fault: None,
             geometry: None,
             gains: None,
-            hbar: None,
             moments: None,
-            clip: None,
             last_inflation: 1.0,
             shard: None,
         })
@@ -410,8 +408,9 @@ impl<B: Backend> Enff<B> {
             },
             other => other,
         };
-        // Observed moments of the forecast: adaptive prior inflation, then the innovation bound
-        // of covariance guidance (from the inflated forecast).
+        // Adaptive prior inflation from the observed moments of the forecast; the innovation
+        // bound of covariance guidance is computed with each stage's gains (from the inflated
+        // forecast).
         let clip_on = cfg.guidance == GuidanceKind::Covariance && cfg.innovation_clip > 0.0;
         let mut moments_owned = self.moments.take();
         self.last_inflation = 1.0;
@@ -436,19 +435,8 @@ impl<B: Backend> Enff<B> {
             }
             self.last_inflation = gamma;
         }
-        // The innovation bound: forecast variances (once) and the linearization point (per
-        // stage), `1 × d` each.
-        let mut clip_owned = if clip_on {
-            match self.clip.take() {
-                Some(c) if c.0.cols() == d => Some(c),
-                _ => Some((backend.zeros(1, d)?, backend.zeros(1, d)?)),
-            }
-        } else {
-            None
-        };
         // Covariance guidance: the local gains of this forecast, and the stage of every step.
         let mut stage_at: Vec<Option<(f64, f32)>> = vec![None; cfg.flow_steps];
-        let mut cov: Option<(Vec<f32>, Geometry)> = None;
         let observe = if cfg.guidance == GuidanceKind::Covariance {
             let op = obs.operator.builtin().ok_or_else(|| Error::Unsupported {
                 backend: backend.name().into(),
@@ -473,19 +461,20 @@ impl<B: Backend> Enff<B> {
                 stage_at[covariance::stage_step(s, count, cfg.flow_steps)] =
                     Some((tau, weight as f32));
             }
-            let forecast = backend.read(ensemble)?;
-            if let Some((_, var)) = clip_owned.as_mut() {
-                backend.write(var, &column_variances(&forecast, n, d))?;
-            }
-            cov = Some((forecast, geometry));
+            // The static windows are built and uploaded once; the gains stay on the backend.
+            self.gains = Some(DeviceGains::prepare(
+                backend,
+                op,
+                d,
+                geometry,
+                cfg.loc_radius,
+                self.gains.take(),
+            )?);
             Some(op)
         } else {
             None
         };
         let mut gains_owned = self.gains.take();
-        let gains = &mut gains_owned;
-        let mut hbar_owned = self.hbar.take();
-        let hbar_buf = &mut hbar_owned;
         let w = self.workspace(backend, n, d)?;
         let target: &B::Buffer = ensemble;
         if let Some(bias) = w.bias.as_mut() {
@@ -578,7 +567,7 @@ impl<B: Backend> Enff<B> {
                     // Covariance stage: the unguided velocity and the predicted endpoint
                     // x̂₁ = x + (1 − t)·v̂, then x ← x + Δ·v̂ + weight·K(τ)(y − h(x̂₁)).
                     let (tau, weight) = stage_at[k].expect("checked");
-                    let (forecast, geometry) = cov.as_ref().expect("set with the stages");
+                    let g = gains_owned.as_mut().expect("prepared with the stages");
                     let op = observe.expect("checked");
                     backend.copy(&w.x, x_hat)?;
                     backend.flow_update(
@@ -597,59 +586,38 @@ impl<B: Backend> Enff<B> {
                         Some(v),
                     )?;
                     // The gain of this stage, linearized at the mean of the endpoints, and the
-                    // mean observed endpoint h̄ for the innovation split.
-                    let xh = backend.read(x_hat)?;
-                    let lin = column_means(&xh, n, d);
-                    let alpha = covariance::ANOMALY_WEIGHT;
-                    let m = obs.operator.obs_dim(d)?;
-                    let mut hbar = vec![0.0f64; m];
-                    for row in xh.chunks(d) {
-                        for (q, hb) in hbar.iter_mut().enumerate() {
-                            *hb += op.pointwise.value(row[op.component(q)]) as f64;
-                        }
-                    }
-                    let hbar: Vec<f32> = hbar.iter().map(|v| (v / n as f64) as f32).collect();
-                    match hbar_buf.as_mut() {
-                        Some(b) if b.cols() == m => backend.write(b, &hbar)?,
-                        _ => *hbar_buf = Some(backend.upload(1, m, &hbar)?),
-                    }
-                    let host = covariance::local_gains(
-                        forecast,
-                        n,
-                        d,
-                        &op,
-                        obs.noise_std as f64,
-                        *geometry,
-                        cfg.loc_radius,
-                        &[tau],
-                        Some(&lin),
+                    // mean observed endpoint h̄ for the innovation split, on the backend.
+                    backend.local_gains(
+                        &LocalGains {
+                            observe: op,
+                            forecast: target,
+                            endpoint: x_hat,
+                            index: &g.index,
+                            taper: &g.taper,
+                            noise_std: obs.noise_std,
+                            tau: tau as f32,
+                        },
+                        &mut g.gain,
+                        &mut g.hbar,
                     )?;
-                    let g = DeviceGains::upload(backend, &host, d, gains.take())?;
-                    if let Some((l, _)) = clip_owned.as_mut() {
-                        let lin32: Vec<f32> = lin.iter().map(|&v| v as f32).collect();
-                        backend.write(l, &lin32)?;
-                    }
                     backend.gain_step(
                         &mut w.x,
                         &GainStep {
                             observe: op,
                             y: obs.y,
-                            gain: &g.tables[0],
+                            gain: &g.gain,
                             index: &g.index,
                             endpoint: x_hat,
                             velocity: v,
                             h_velocity: dt,
                             h_gain: weight,
-                            mean_obs: Some((hbar_buf.as_ref().expect("uploaded"), alpha)),
-                            clip: clip_owned.as_ref().map(|(l, v)| InnovationClip {
-                                linearization: l,
-                                forecast_var: v,
+                            mean_obs: Some((&g.hbar, covariance::ANOMALY_WEIGHT)),
+                            clip: clip_on.then_some(InnovationClip {
+                                innovation_var: &g.hbar,
                                 scale: cfg.innovation_clip,
-                                noise_var: obs.noise_std * obs.noise_std,
                             }),
                         },
                     )?;
-                    *gains = Some(g);
                 }
                 _ => {
                     backend.flow_update(
@@ -683,9 +651,7 @@ impl<B: Backend> Enff<B> {
         // buffer (same shape), which the next analysis overwrites with its source sample.
         std::mem::swap(&mut w.x, ensemble);
         self.gains = gains_owned;
-        self.hbar = hbar_owned;
         self.moments = moments_owned;
-        self.clip = clip_owned;
         // The one host round trip of an analysis: deferred error flags (non-finite inputs or
         // weights) and device errors.
         backend.sync()
@@ -725,32 +691,6 @@ impl<B: Backend> Filter<B> for Enff<B> {
         self.draw_source(backend, n, d, previous, cycle)?;
         self.flow(backend, ensemble, previous, obs)
     }
-}
-
-/// Column means of a row-major `n × d` matrix, in f64.
-fn column_means(x: &[f32], n: usize, d: usize) -> Vec<f64> {
-    let mut m = vec![0.0f64; d];
-    for row in x.chunks(d) {
-        for (a, &v) in m.iter_mut().zip(row) {
-            *a += v as f64;
-        }
-    }
-    m.iter_mut().for_each(|a| *a /= n as f64);
-    m
-}
-
-/// Unbiased variance of every column of the `n × d` row-major `x`.
-fn column_variances(x: &[f32], n: usize, d: usize) -> Vec<f32> {
-    let mean = column_means(x, n, d);
-    let mut v = vec![0.0f64; d];
-    for row in x.chunks(d) {
-        for ((a, &x), mu) in v.iter_mut().zip(row).zip(&mean) {
-            *a += (x as f64 - mu).powi(2);
-        }
-    }
-    v.iter()
-        .map(|a| (a / (n.max(2) - 1) as f64) as f32)
-        .collect()
 }
 
 /// Checks what every flow or score analysis needs: at least 2 members, σ_y > 0, an observation

@@ -1,11 +1,14 @@
-//! CPU twin of `shaders/gain_guidance.wgsl`: the banded-gain step of covariance guidance
-//! ([`crate::backend::GainStep`]), parallel over members.
+//! CPU twins of the covariance-guidance kernels: the banded-gain step of
+//! `shaders/gain_guidance.wgsl` ([`crate::backend::GainStep`], parallel over members) and the
+//! local gains of `shaders/local_gains.wgsl` ([`crate::backend::LocalGains`], parallel over
+//! components).
 
 use rayon::prelude::*;
 
 use super::{Cpu, CpuBuffer};
-use crate::backend::{check_gain_step, DeviceBuffer, GainStep};
-use crate::error::Result;
+use crate::backend::{check_gain_step, DeviceBuffer, GainShape, GainStep};
+use crate::error::{Error, Result};
+use crate::observe::{Observe, Pointwise};
 
 pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>) -> Result<()> {
     let (m, w) = check_gain_step(
@@ -17,9 +20,7 @@ pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>)
         g.endpoint,
         g.velocity,
         g.mean_obs.map(|p| p.0),
-        g.clip
-            .as_ref()
-            .map(|c| (c.linearization, c.forecast_var, c.scale, c.noise_var)),
+        g.clip.as_ref().map(|c| (c.innovation_var, c.scale)),
     )?;
     let (n, d) = (state.rows(), state.cols());
     if n == 0 || d == 0 {
@@ -33,60 +34,507 @@ pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>)
     let (hv, hg) = (g.h_velocity, g.h_gain);
     let op = g.observe;
     let mean = g.mean_obs.map(|(b, a)| (b.as_slice(), a));
-    let clip = g.clip.as_ref().map(|c| {
-        (
-            c.linearization.as_slice(),
-            c.forecast_var.as_slice(),
-            c.scale,
-            c.noise_var,
-        )
-    });
-    let row = |(k, st): (usize, &mut [f32])| {
-        let xe = &endpoint[k * d..(k + 1) * d];
-        let v = &velocity[k * d..(k + 1) * d];
-        // The innovations of this member, once per observation (not once per gain entry).
-        let r: Vec<f32> = if hg != 0.0 {
-            (0..m)
-                .map(|q| {
-                    let hx = op.pointwise.value(xe[op.component(q)]);
-                    let r = match mean {
-                        Some((hb, a)) => (y[q] - hb[q]) - a * (hx - hb[q]),
-                        None => y[q] - hx,
-                    };
-                    match clip {
-                        Some((lin, var, scale, noise_var)) => {
-                            let c = op.component(q);
-                            let dh = op.pointwise.derivative(lin[c]);
-                            let bound = scale * (dh * dh * var[c].max(0.0) + noise_var).sqrt();
-                            r.clamp(-bound, bound)
-                        }
-                        None => r,
+    let clip = g
+        .clip
+        .as_ref()
+        .map(|c| (&c.innovation_var.as_slice()[m..2 * m], c.scale));
+    let parallel = cpu.parts_for(n * d * w.max(1)) > 1;
+    // The innovations of every member, observation-major (r[q·n + k]), once per observation.
+    let mut rbuf = cpu
+        .rows_scratch
+        .lock()
+        .map_err(|_| Error::Gpu("CPU scratch lock poisoned by an earlier panic".into()))?;
+    let r = super::grow(&mut rbuf, if hg != 0.0 { m * n } else { 0 });
+    // Blocks of QB observations: per member, h at the block's components (a contiguous,
+    // vectorizable run when every component is observed), then scattered into r.
+    const QB: usize = 64;
+    let innovations = |(blk, out): (usize, &mut [f32])| {
+        let q0 = blk * QB;
+        let nq = out.len() / n;
+        let mut hx = [0.0f32; QB];
+        for k in 0..n {
+            let row = &endpoint[k * d..(k + 1) * d];
+            if op.every == 1 {
+                let c0 = op.component(q0);
+                for (h, &x) in hx[..nq].iter_mut().zip(&row[c0..c0 + nq]) {
+                    *h = h_fast(op.pointwise, x);
+                }
+            } else {
+                for (j, h) in hx[..nq].iter_mut().enumerate() {
+                    *h = h_fast(op.pointwise, row[op.component(q0 + j)]);
+                }
+            }
+            for (j, &h) in hx[..nq].iter().enumerate() {
+                let q = q0 + j;
+                let r = match mean {
+                    Some((hb, a)) => (y[q] - hb[q]) - a * (h - hb[q]),
+                    None => y[q] - h,
+                };
+                out[j * n + k] = match clip {
+                    Some((var, scale)) => {
+                        let bound = scale * var[q].max(0.0).sqrt();
+                        r.clamp(-bound, bound)
                     }
-                })
-                .collect()
+                    None => r,
+                };
+            }
+        }
+    };
+    if hg != 0.0 {
+        if parallel {
+            r.par_chunks_mut(n * QB).enumerate().for_each(innovations);
         } else {
-            Vec::new()
-        };
-        for i in 0..d {
-            let mut acc = 0.0f32;
-            if hg != 0.0 {
-                for c in 0..w {
-                    let gk = gain[i * w + c];
+            r.chunks_mut(n * QB).enumerate().for_each(innovations);
+        }
+    }
+    let r: &[f32] = r;
+    // Per block of components: the gain times the innovations of every member (vectorized
+    // over members), then the update of those columns in every member.
+    let ptr = super::flow::SyncPtr(state.as_mut_slice().as_mut_ptr());
+    let block = |acc: &mut Vec<f32>, b: usize| {
+        let (i0, i1) = (b * STEP_BLOCK, ((b + 1) * STEP_BLOCK).min(d));
+        let acc = super::grow(acc, (i1 - i0) * n);
+        acc.iter_mut().for_each(|v| *v = 0.0);
+        if hg != 0.0 {
+            for (i, a) in (i0..i1).zip(acc.chunks_mut(n)) {
+                for (&gk, &qf) in gain[i * w..(i + 1) * w]
+                    .iter()
+                    .zip(&index[i * w..(i + 1) * w])
+                {
                     if gk != 0.0 {
                         // Indices were written by the host as exact integers below m.
-                        let q = (index[i * w + c] as usize).min(m - 1);
-                        acc += gk * r[q];
+                        let q = (qf as usize).min(m - 1);
+                        for (x, &v) in a.iter_mut().zip(&r[q * n..(q + 1) * n]) {
+                            *x += gk * v;
+                        }
                     }
                 }
             }
-            st[i] = st[i] + hv * v[i] + hg * acc;
+        }
+        for k in 0..n {
+            for i in i0..i1 {
+                let e = k * d + i;
+                // SAFETY: blocks own disjoint column ranges [i0, i1) of every row, and `e`
+                // is inside the n × d state.
+                unsafe {
+                    let p = ptr.get().add(e);
+                    *p = *p + hv * velocity[e] + hg * acc[(i - i0) * n + k];
+                }
+            }
         }
     };
-    let states = state.as_mut_slice();
-    if cpu.parts_for(n * d * w.max(1)) > 1 {
-        states.par_chunks_mut(d).enumerate().for_each(row);
+    let blocks = d.div_ceil(STEP_BLOCK);
+    if parallel {
+        (0..blocks).into_par_iter().for_each_init(Vec::new, block);
     } else {
-        states.chunks_mut(d).enumerate().for_each(row);
+        let mut acc = Vec::new();
+        (0..blocks).for_each(|b| block(&mut acc, b));
+    }
+    Ok(())
+}
+
+/// `h(x)`, with the branch-free f32 arctan of the flow kernels (within 2 ulp of libm's).
+#[inline(always)]
+fn h_fast(p: Pointwise, x: f32) -> f32 {
+    match p {
+        Pointwise::Arctan => super::simd::atan_fast(x),
+        _ => p.value(x),
+    }
+}
+
+/// Components per task of [`gain_step`].
+const STEP_BLOCK: usize = 256;
+
+/// The inputs of [`local_gains`], as host slices (row-major, see [`crate::backend::LocalGains`]).
+pub struct GainInputs<'a> {
+    /// Forecast ensemble (`n × d`).
+    pub x: &'a [f32],
+    /// Predicted endpoints `x̂₁` (`n × d`).
+    pub xh: &'a [f32],
+    /// Window observation indices (`d × w`).
+    pub index: &'a [f32],
+    /// Window tapers (`d × w`, 0 = padding).
+    pub taper: &'a [f32],
+    /// Sizes.
+    pub shape: GainShape,
+    /// Observation operator.
+    pub observe: Observe,
+    /// `σ_y`.
+    pub noise_std: f32,
+    /// `τ`.
+    pub tau: f32,
+}
+
+/// Components solved together, one per f32 lane (two AVX2 registers per operation).
+const LANES: usize = 16;
+
+/// The precision of the twin's algebra (the kernel's; the gain table is written without a
+/// conversion, so this stays f32).
+type F = f32;
+
+/// One value per lane.
+type V = [F; LANES];
+
+/// What every block of [`local_gains`] reads.
+struct Ctx<'a> {
+    /// Scaled forecast anomalies, component-major (`d × n`).
+    at: &'a [F],
+    /// `h'(x̄̂₁[comp(q)])/σ` per observation.
+    dh: &'a [F],
+    index: &'a [f32],
+    taper: &'a [f32],
+    op: Observe,
+    n: usize,
+    d: usize,
+    m: usize,
+    w: usize,
+    tau: F,
+    inv_sigma: F,
+    /// Solve in observation space (`w ≤ n`) rather than ensemble space.
+    obs_space: bool,
+}
+
+/// Per-thread scratch of [`local_gains`] (allocated once per thread, not per component).
+#[derive(Default)]
+struct Scratch {
+    /// Window component of every entry and lane.
+    comp: Vec<[usize; LANES]>,
+    /// `√ρ·h'/σ` of every entry and lane (0 for padding).
+    s: Vec<V>,
+    /// `√ρ` of every entry and lane.
+    sq: Vec<V>,
+    /// Gathered anomalies (observation space: `w × n`; ensemble space: `n`).
+    a: Vec<V>,
+    /// Anomalies of the block's own components (`n`).
+    ai: Vec<V>,
+    /// The system matrix (`w × w` or `n × n`, lower triangle).
+    mat: Vec<V>,
+    /// Right-hand side, then solution.
+    rhs: Vec<V>,
+    /// Ensemble space: `u_eᵀv` per entry.
+    dots: Vec<V>,
+}
+
+#[inline(always)]
+fn fmadd<const FMA: bool>(acc: &mut V, a: &V, b: &V) {
+    for l in 0..LANES {
+        acc[l] = if FMA {
+            a[l].mul_add(b[l], acc[l])
+        } else {
+            acc[l] + a[l] * b[l]
+        };
+    }
+}
+
+/// Lane-wise dot product `Σ_r x[r]·y[r]` (two accumulator chains).
+#[inline(always)]
+fn dot_lanes<const FMA: bool>(x: &[V], y: &[V]) -> V {
+    let mut a0 = [0.0 as F; LANES];
+    let mut a1 = [0.0 as F; LANES];
+    let mut xc = x.chunks_exact(2);
+    let mut yc = y.chunks_exact(2);
+    for (xp, yp) in (&mut xc).zip(&mut yc) {
+        fmadd::<FMA>(&mut a0, &xp[0], &yp[0]);
+        fmadd::<FMA>(&mut a1, &xp[1], &yp[1]);
+    }
+    for (xv, yv) in xc.remainder().iter().zip(yc.remainder()) {
+        fmadd::<FMA>(&mut a0, xv, yv);
+    }
+    for l in 0..LANES {
+        a0[l] += a1[l];
+    }
+    a0
+}
+
+/// In-place lane-wise Cholesky of the `k × k` lower triangle of `mat` (diagonal floored at
+/// 1e-12: the matrices are `I + τ·S`, `S ⪰ 0`, so only round-off can go below 1).
+#[inline(always)]
+fn cholesky_lanes<const FMA: bool>(mat: &mut [V], k: usize) {
+    for j in 0..k {
+        let mut s = mat[j * k + j];
+        let mut acc = [0.0 as F; LANES];
+        for t in 0..j {
+            let v = mat[j * k + t];
+            fmadd::<FMA>(&mut acc, &v, &v);
+        }
+        let mut dj = [0.0 as F; LANES];
+        for l in 0..LANES {
+            s[l] -= acc[l];
+            dj[l] = s[l].max(1e-12).sqrt();
+        }
+        mat[j * k + j] = dj;
+        for r in j + 1..k {
+            let mut acc = [0.0 as F; LANES];
+            for t in 0..j {
+                let (x, y) = (mat[r * k + t], mat[j * k + t]);
+                fmadd::<FMA>(&mut acc, &x, &y);
+            }
+            let v = &mut mat[r * k + j];
+            for l in 0..LANES {
+                v[l] = (v[l] - acc[l]) / dj[l];
+            }
+        }
+    }
+}
+
+/// Lane-wise `L Lᵀ v = rhs` in place.
+#[inline(always)]
+fn solve_lanes<const FMA: bool>(mat: &[V], k: usize, v: &mut [V]) {
+    for r in 0..k {
+        let mut acc = [0.0 as F; LANES];
+        for t in 0..r {
+            fmadd::<FMA>(&mut acc, &mat[r * k + t], &v[t]);
+        }
+        for l in 0..LANES {
+            v[r][l] = (v[r][l] - acc[l]) / mat[r * k + r][l];
+        }
+    }
+    for r in (0..k).rev() {
+        let mut acc = [0.0 as F; LANES];
+        for t in r + 1..k {
+            fmadd::<FMA>(&mut acc, &mat[t * k + r], &v[t]);
+        }
+        for l in 0..LANES {
+            v[r][l] = (v[r][l] - acc[l]) / mat[r * k + r][l];
+        }
+    }
+}
+
+/// The gains of components `i0 .. i0 + lanes` into `out` (`lanes × w`), one per lane.
+#[inline(always)]
+fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch, out: &mut [f32]) {
+    let (n, w, m) = (c.n, c.w, c.m);
+    sc.comp.resize(w, [0; LANES]);
+    sc.s.resize(w, [0.0; LANES]);
+    sc.sq.resize(w, [0.0; LANES]);
+    sc.ai.resize(n, [0.0; LANES]);
+    for l in 0..LANES {
+        let i = i0 + l.min(lanes - 1);
+        for e in 0..w {
+            let rho = if l < lanes { c.taper[i * w + e] } else { 0.0 };
+            if rho > 0.0 {
+                let q = (c.index[i * w + e] as usize).min(m - 1);
+                let sr = (rho as F).sqrt();
+                sc.comp[e][l] = c.op.component(q);
+                sc.sq[e][l] = sr;
+                sc.s[e][l] = sr * c.dh[q];
+            } else {
+                sc.comp[e][l] = i;
+                sc.sq[e][l] = 0.0;
+                sc.s[e][l] = 0.0;
+            }
+        }
+        for r in 0..n {
+            sc.ai[r][l] = c.at[i * n + r];
+        }
+    }
+    if c.obs_space {
+        // (I + τ S) z = r, S_ef = s_e s_f a_eᵀa_f, r_e = s_e a_eᵀa_i; gain = √ρ_e/σ · z_e.
+        sc.a.resize(w * n, [0.0; LANES]);
+        // Lanes innermost: every store fills one whole vector of lanes.
+        for e in 0..w {
+            let base = sc.comp[e].map(|cl| cl * n);
+            for r in 0..n {
+                let dst = &mut sc.a[e * n + r];
+                for l in 0..LANES {
+                    dst[l] = c.at[base[l] + r];
+                }
+            }
+        }
+        sc.mat.resize(w * w, [0.0; LANES]);
+        sc.rhs.resize(w, [0.0; LANES]);
+        for e in 0..w {
+            let ae = &sc.a[e * n..(e + 1) * n];
+            for f in 0..=e {
+                let acc = dot_lanes::<FMA>(ae, &sc.a[f * n..(f + 1) * n]);
+                let (se, sf) = (sc.s[e], sc.s[f]);
+                let cell = &mut sc.mat[e * w + f];
+                for l in 0..LANES {
+                    cell[l] = c.tau * se[l] * sf[l] * acc[l] + if e == f { 1.0 } else { 0.0 };
+                }
+            }
+            let acc = dot_lanes::<FMA>(ae, &sc.ai);
+            let se = sc.s[e];
+            for (rv, (sv, av)) in sc.rhs[e].iter_mut().zip(se.iter().zip(acc)) {
+                *rv = sv * av;
+            }
+        }
+        cholesky_lanes::<FMA>(&mut sc.mat, w);
+        solve_lanes::<FMA>(&sc.mat, w, &mut sc.rhs);
+        for l in 0..lanes {
+            for e in 0..w {
+                out[l * w + e] = sc.sq[e][l] * c.inv_sigma * sc.rhs[e][l];
+            }
+        }
+    } else {
+        // (I + τ G) v = a_i, G = Σ_e u_e u_eᵀ with u_e = s_e a_e (gathered row-major:
+        // ut[r·w + e]); gain = √ρ_e/σ · u_eᵀv.
+        sc.a.resize(n * w, [0.0; LANES]);
+        // Lanes innermost: every store fills one whole vector of lanes.
+        for e in 0..w {
+            let base = sc.comp[e].map(|cl| cl * n);
+            let f = sc.s[e];
+            for r in 0..n {
+                let dst = &mut sc.a[r * w + e];
+                for l in 0..LANES {
+                    dst[l] = f[l] * c.at[base[l] + r];
+                }
+            }
+        }
+        sc.mat.resize(n * n, [0.0; LANES]);
+        for r in 0..n {
+            let ur = &sc.a[r * w..(r + 1) * w];
+            for t in 0..=r {
+                let acc = dot_lanes::<FMA>(ur, &sc.a[t * w..(t + 1) * w]);
+                let cell = &mut sc.mat[r * n + t];
+                for l in 0..LANES {
+                    cell[l] = c.tau * acc[l] + if r == t { 1.0 } else { 0.0 };
+                }
+            }
+        }
+        cholesky_lanes::<FMA>(&mut sc.mat, n);
+        sc.rhs.clear();
+        sc.rhs.extend_from_slice(&sc.ai);
+        solve_lanes::<FMA>(&sc.mat, n, &mut sc.rhs);
+        sc.dots.clear();
+        sc.dots.resize(w, [0.0; LANES]);
+        for (r, v) in sc.rhs.iter().enumerate() {
+            for (a, u) in sc.dots.iter_mut().zip(&sc.a[r * w..(r + 1) * w]) {
+                fmadd::<FMA>(a, u, v);
+            }
+        }
+        for l in 0..lanes {
+            for (e, a) in sc.dots.iter().enumerate() {
+                out[l * w + e] = sc.sq[e][l] * c.inv_sigma * a[l];
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn block_avx2(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch, out: &mut [f32]) {
+    block::<true>(c, i0, lanes, sc, out)
+}
+
+fn run_block(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_fma() {
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time).
+        unsafe { block_avx2(c, i0, lanes, sc, out) };
+        return;
+    }
+    block::<false>(c, i0, lanes, sc, out)
+}
+
+/// CPU twin of the local-gain kernels (`shaders/local_gains.wgsl`): the gains of one
+/// covariance-guidance stage into `gain` (`d × w`) and the mean observed endpoint into `hbar`
+/// (`m`). Means are summed in f64, the algebra runs in f32 like the kernel's, sixteen
+/// components at a time, one per lane, in whichever space
+/// is smaller: with windows of `w ≤ n` observations in observation space (the Woodbury form
+/// `K_i = (1/σ) D^{1/2}(I + τ D^{1/2} BᵀB D^{1/2})⁻¹ D^{1/2} Bᵀ a_i`, a `w × w` Cholesky),
+/// otherwise in ensemble space (`(I + τ G_i)⁻¹ a_i`, `n × n`) like the f64 reference
+/// [`crate::filter::covariance::local_gains`]; both are the same matrix identity. Padding
+/// entries (`ρ = 0`) get `s = 0`: an identity row in observation space, no term in `G_i`.
+pub fn local_gains(g: &GainInputs<'_>, gain: &mut [f32], hbar: &mut [f32]) -> Result<()> {
+    let GainShape { n, d, m, w } = g.shape;
+    let op = g.observe;
+    let len_ok = g.x.len() == n * d
+        && g.xh.len() == n * d
+        && g.index.len() == d * w
+        && g.taper.len() == d * w
+        && gain.len() == d * w
+        && (hbar.len() == m || hbar.len() == 2 * m);
+    if !len_ok || n < 2 {
+        return Err(Error::shape(
+            "covariance-guidance gain inputs",
+            format!("n = {n} ≥ 2, d = {d}, w = {w}, m = {m}"),
+            "buffers of other lengths".to_string(),
+        ));
+    }
+    if d == 0 || w == 0 || m == 0 {
+        gain.iter_mut().for_each(|v| *v = 0.0);
+        return Ok(());
+    }
+    // Column means of the forecast and of the endpoints (the linearization point).
+    let mut fmean = vec![0.0f64; d];
+    let mut lin = vec![0.0f64; d];
+    for (row, rowh) in g.x.chunks(d).zip(g.xh.chunks(d)) {
+        for ((a, b), (&v, &vh)) in fmean
+            .iter_mut()
+            .zip(lin.iter_mut())
+            .zip(row.iter().zip(rowh))
+        {
+            *a += v as f64;
+            *b += vh as f64;
+        }
+    }
+    let inv_n = 1.0 / n as f64;
+    fmean.iter_mut().for_each(|v| *v *= inv_n);
+    lin.iter_mut().for_each(|v| *v *= inv_n);
+    // h̄ and h'(x̄̂₁)/σ of every observation, and (when asked for, row 1 of `hbar`) the
+    // linearized innovation variance h'(x̄̂₁)²·var(x_f) + σ² of the innovation bound.
+    let sigma = g.noise_std as f64;
+    let mut dh = vec![0.0 as F; m];
+    let (hbar, ivar) = hbar.split_at_mut(m);
+    for (q, (hb, dq)) in hbar.iter_mut().zip(dh.iter_mut()).enumerate() {
+        let c = op.component(q);
+        let s: f64 = (0..n)
+            .map(|k| h_fast(op.pointwise, g.xh[k * d + c]) as f64)
+            .sum();
+        *hb = (s * inv_n) as f32;
+        let dhc = op.pointwise.derivative(lin[c] as f32) as f64;
+        *dq = (dhc / sigma) as F;
+        if let Some(v) = ivar.get_mut(q) {
+            let var: f64 = (0..n)
+                .map(|k| (g.x[k * d + c] as f64 - fmean[c]).powi(2))
+                .sum::<f64>()
+                / (n - 1) as f64;
+            *v = (dhc * dhc * var + sigma * sigma) as f32;
+        }
+    }
+    // Scaled anomalies, component-major: at[c·n + k] = (x[k, c] − x̄_c)/√(n − 1).
+    let scale = 1.0 / ((n - 1) as f64).sqrt();
+    let mut at = vec![0.0 as F; n * d];
+    const COLS: usize = 256;
+    at.par_chunks_mut(n * COLS)
+        .enumerate()
+        .for_each(|(blk, out)| {
+            for (cc, col) in out.chunks_mut(n).enumerate() {
+                let c = blk * COLS + cc;
+                for (k, v) in col.iter_mut().enumerate() {
+                    *v = ((g.x[k * d + c] as f64 - fmean[c]) * scale) as F;
+                }
+            }
+        });
+    let ctx = Ctx {
+        at: &at,
+        dh: &dh,
+        index: g.index,
+        taper: g.taper,
+        op,
+        n,
+        d,
+        m,
+        w,
+        tau: g.tau as F,
+        inv_sigma: (1.0 / sigma) as F,
+        obs_space: w <= n,
+    };
+    gain.par_chunks_mut(w * LANES)
+        .enumerate()
+        .for_each_init(Scratch::default, |sc, (blk, out)| {
+            let i0 = blk * LANES;
+            let lanes = LANES.min(ctx.d - i0);
+            run_block(&ctx, i0, lanes, sc, out);
+        });
+    if let Some(e) = gain.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            name: "covariance guidance gain".into(),
+            location: format!("component {}, entry {}", e / w, e % w),
+            value: gain[e] as f64,
+            hint: "the forecast ensemble overflowed; check the model step".into(),
+        });
     }
     Ok(())
 }

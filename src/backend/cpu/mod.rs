@@ -24,7 +24,7 @@ use crate::rng::{self, NoiseKey};
 pub mod ensemble_space;
 pub mod fft;
 mod flow;
-mod gain;
+pub mod gain;
 pub mod simd;
 
 /// Column block size of the blocked flow kernels (values per member per block).
@@ -584,6 +584,29 @@ impl Backend for Cpu {
 
     fn gain_step(&self, state: &mut CpuBuffer, step: &super::GainStep<'_, Self>) -> Result<()> {
         gain::gain_step(self, state, step)
+    }
+
+    fn local_gains(
+        &self,
+        g: &super::LocalGains<'_, Self>,
+        gain: &mut CpuBuffer,
+        hbar: &mut CpuBuffer,
+    ) -> Result<()> {
+        let shape = super::check_local_gains(g, gain, hbar)?;
+        gain::local_gains(
+            &gain::GainInputs {
+                x: g.forecast.as_slice(),
+                xh: g.endpoint.as_slice(),
+                index: g.index.as_slice(),
+                taper: g.taper.as_slice(),
+                shape,
+                observe: g.observe,
+                noise_std: g.noise_std,
+                tau: g.tau,
+            },
+            gain.as_mut_slice(),
+            hbar.as_mut_slice(),
+        )
     }
 
     fn ensemble_transform(

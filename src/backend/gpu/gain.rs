@@ -1,11 +1,53 @@
-//! The banded-gain step of covariance guidance on the GPU (`shaders/gain_guidance.wgsl`; CPU
-//! twin `backend/cpu/gain.rs`). The pipeline is built on first use.
+//! Covariance guidance on the GPU: the banded-gain step (`shaders/gain_guidance.wgsl`) and the
+//! local gains of a stage (`shaders/local_gains.wgsl`); CPU twins in `backend/cpu/gain.rs`.
+//! The pipelines are built on first use.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use bytemuck::{Pod, Zeroable};
 
 use super::{groups_1d, make_kernel, pointwise_code, Access, Gpu, GpuBuffer, Kernel};
-use crate::backend::{check_gain_step, GainStep};
+use crate::backend::{check_gain_step, check_local_gains, Backend, GainStep, LocalGains};
 use crate::error::{Error, Result};
+
+/// Widest localization window the device kernel solves (`WMAX` in `shaders/local_gains.wgsl`):
+/// its `w × w` system and a member tile stay within 16 KiB of workgroup memory. Wider windows
+/// (a torus with a large radius) are solved on the host by the CPU twin.
+pub const GPU_MAX_WINDOW: usize = 48;
+
+/// The covariance-guidance pipelines and the scratch of the local gains.
+pub(super) struct GainKernels {
+    step: Kernel,
+    moments: Kernel,
+    gains: Kernel,
+    /// Forecast and endpoint column means (`2·d`).
+    moments_buf: Mutex<Option<wgpu::Buffer>>,
+    /// Whether the host fallback has been reported (once per backend).
+    fallback_logged: AtomicBool,
+}
+
+/// Mirror of `LocalGainParams` in `shaders/local_gains.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+struct LocalGainParams {
+    n: u32,
+    d: u32,
+    w: u32,
+    m: u32,
+    every: u32,
+    offset: u32,
+    pointwise: u32,
+    groups_x: u32,
+    inv_sigma: f32,
+    tau: f32,
+    inv_n: f32,
+    inv_n1: f32,
+    with_var: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
 
 /// Mirror of `GainParams` in `shaders/gain_guidance.wgsl`.
 #[repr(C)]
@@ -25,39 +67,182 @@ pub(super) struct GainParams {
     alpha: f32,
     has_clip: u32,
     clip_scale: f32,
-    noise_var: f32,
     _pad1: u32,
+    _pad2: u32,
 }
 
-fn kernel(gpu: &Gpu) -> &Kernel {
-    gpu.gain_kernel.get_or_init(|| {
-        let module = gpu
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some("gain_guidance"),
-                source: wgpu::ShaderSource::Wgsl(
-                    include_str!("../../../shaders/gain_guidance.wgsl").into(),
-                ),
-            });
+fn kernels(gpu: &Gpu) -> &GainKernels {
+    gpu.gain_kernels.get_or_init(|| {
+        let module = |label: &str, src: &str| {
+            gpu.device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(label),
+                    source: wgpu::ShaderSource::Wgsl(src.into()),
+                })
+        };
+        let step = module("gain_guidance", with_observe!("gain_guidance.wgsl"));
+        let local = module("local_gains", with_observe!("local_gains.wgsl"));
         use Access::*;
-        make_kernel(
-            &gpu.device,
-            "gain_guidance",
-            &module,
-            "main",
-            &[
-                (1, ReadWrite),
-                (2, Read),
-                (3, Read),
-                (4, Read),
-                (5, Read),
-                (6, Read),
-                (7, Read),
-                (8, Read),
-                (9, Read),
-            ],
-        )
+        const LOCAL_BINDINGS: &[(u32, Access)] = &[
+            (1, Read),
+            (2, Read),
+            (3, ReadWrite),
+            (4, ReadWrite),
+            (5, Read),
+            (6, Read),
+            (7, ReadWrite),
+        ];
+        GainKernels {
+            step: make_kernel(
+                &gpu.device,
+                "gain_guidance",
+                &step,
+                "main",
+                &[
+                    (1, ReadWrite),
+                    (2, Read),
+                    (3, Read),
+                    (4, Read),
+                    (5, Read),
+                    (6, Read),
+                    (7, Read),
+                    (8, Read),
+                ],
+            ),
+            moments: make_kernel(
+                &gpu.device,
+                "gain_moments",
+                &local,
+                "moments_main",
+                LOCAL_BINDINGS,
+            ),
+            gains: make_kernel(
+                &gpu.device,
+                "local_gains",
+                &local,
+                "gains_main",
+                LOCAL_BINDINGS,
+            ),
+            moments_buf: Mutex::new(None),
+            fallback_logged: AtomicBool::new(false),
+        }
     })
+}
+
+/// [`Backend::local_gains`] on the device: two dispatches, no read-back. Ensembles split into
+/// member blocks or windows wider than [`GPU_MAX_WINDOW`] fall back to the host twin (logged
+/// once).
+pub(super) fn local_gains(
+    gpu: &Gpu,
+    g: &LocalGains<'_, Gpu>,
+    gain: &mut GpuBuffer,
+    hbar: &mut GpuBuffer,
+) -> Result<()> {
+    let shape = check_local_gains(g, gain, hbar)?;
+    let split = [g.forecast, g.endpoint, g.index, g.taper, &*gain, &*hbar]
+        .iter()
+        .any(|b| b.chunks.len() != 1);
+    if split || shape.w > GPU_MAX_WINDOW {
+        let k = kernels(gpu);
+        if !k.fallback_logged.swap(true, Ordering::Relaxed) {
+            log::info!(
+                "covariance guidance: {} (window {} > {GPU_MAX_WINDOW} or ensemble split into \
+                 member blocks); its local gains are computed on the host, reading the \
+                 ensembles back every stage",
+                gpu.summary.name,
+                shape.w
+            );
+        }
+        return host_local_gains(gpu, g, gain, hbar);
+    }
+    let (n, d) = (shape.n, shape.d);
+    if d == 0 {
+        return Ok(());
+    }
+    let k = kernels(gpu);
+    let moments = {
+        let mut slot = k
+            .moments_buf
+            .lock()
+            .map_err(|_| Error::Gpu("scratch poisoned".into()))?;
+        gpu.scratch_buf(&mut slot, 2 * d, "gain moments")?.clone()
+    };
+    let (gx, gy) = groups_2d(d)?;
+    let p = LocalGainParams {
+        n: super::u32_of(n, "ensemble size")?,
+        d: d as u32,
+        w: shape.w as u32,
+        m: super::u32_of(shape.m, "observation dimension")?,
+        every: super::u32_of(g.observe.every, "observe.every")?,
+        offset: super::u32_of(g.observe.offset, "observe.offset")?,
+        pointwise: pointwise_code(g.observe.pointwise),
+        groups_x: gx,
+        inv_sigma: 1.0 / g.noise_std,
+        tau: g.tau,
+        inv_n: 1.0 / n as f32,
+        inv_n1: 1.0 / (n - 1) as f32,
+        with_var: (hbar.rows == 2) as u32,
+        ..Default::default()
+    };
+    super::u32_of(n * d, "members × state dimension")?;
+    super::u32_of(2 * d, "2 × state dimension")?;
+    super::u32_of(d * shape.w, "state dimension × window")?;
+    let buffers = [
+        &g.forecast.chunks[0],
+        &g.endpoint.chunks[0],
+        &moments,
+        &hbar.chunks[0],
+        &g.index.chunks[0],
+        &g.taper.chunks[0],
+        &gain.chunks[0],
+    ];
+    let g1 = groups_1d(d as u64)?;
+    gpu.dispatch(&k.moments, &p, &buffers, (g1.0, g1.1, 1))?;
+    gpu.dispatch(&k.gains, &p, &buffers, (gx, gy, 1))?;
+    // A non-finite gain (an overflowed forecast) is reported at the next sync.
+    gpu.check_finite(gain, "covariance guidance gain")
+}
+
+/// The host path: read the inputs back and run the CPU twin.
+fn host_local_gains(
+    gpu: &Gpu,
+    g: &LocalGains<'_, Gpu>,
+    gain: &mut GpuBuffer,
+    hbar: &mut GpuBuffer,
+) -> Result<()> {
+    let shape = check_local_gains(g, gain, hbar)?;
+    let (x, xh) = (gpu.read(g.forecast)?, gpu.read(g.endpoint)?);
+    let (index, taper) = (gpu.read(g.index)?, gpu.read(g.taper)?);
+    let mut kt = vec![0.0f32; shape.d * shape.w];
+    let mut hb = vec![0.0f32; shape.m];
+    crate::backend::cpu::gain::local_gains(
+        &crate::backend::cpu::gain::GainInputs {
+            x: &x,
+            xh: &xh,
+            index: &index,
+            taper: &taper,
+            shape,
+            observe: g.observe,
+            noise_std: g.noise_std,
+            tau: g.tau,
+        },
+        &mut kt,
+        &mut hb,
+    )?;
+    gpu.write(gain, &kt)?;
+    gpu.write(hbar, &hb)
+}
+
+/// Workgroups for `count` independent items: `(x, y)` with `x ≤ 65535`.
+fn groups_2d(count: usize) -> Result<(u32, u32)> {
+    let x = count.clamp(1, 65_535);
+    let y = count.div_ceil(x).max(1);
+    if y > 65_535 {
+        return Err(Error::TooLarge {
+            detail: format!("{count} workgroups exceed one dispatch"),
+        });
+    }
+    Ok((x as u32, y as u32))
 }
 
 pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>) -> Result<()> {
@@ -70,9 +255,7 @@ pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>)
         g.endpoint,
         g.velocity,
         g.mean_obs.map(|p| p.0),
-        g.clip
-            .as_ref()
-            .map(|c| (c.linearization, c.forecast_var, c.scale, c.noise_var)),
+        g.clip.as_ref().map(|c| (c.innovation_var, c.scale)),
     )?;
     let d = state.cols;
     if state.rows == 0 || d == 0 {
@@ -94,14 +277,11 @@ pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>)
         Some((b, _)) => b.single("the mean observed endpoint")?,
         None => y,
     };
-    let (lin, var) = match &g.clip {
-        Some(c) => (
-            c.linearization.single("the clip linearization point")?,
-            c.forecast_var.single("the clip forecast variance")?,
-        ),
-        None => (y, y),
+    let ivar = match &g.clip {
+        Some(c) => c.innovation_var.single("the innovation variances")?,
+        None => y,
     };
-    let k = kernel(gpu);
+    let k = &kernels(gpu).step;
     for c in 0..state.chunks.len() {
         let (r0, r1) = state.chunk_rows(c);
         let p = GainParams {
@@ -118,7 +298,6 @@ pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>)
             alpha: g.mean_obs.map_or(1.0, |p| p.1),
             has_clip: g.clip.is_some() as u32,
             clip_scale: g.clip.as_ref().map_or(0.0, |c| c.scale),
-            noise_var: g.clip.as_ref().map_or(0.0, |c| c.noise_var),
             ..Default::default()
         };
         super::u32_of((r1 - r0) * d, "members × state dimension")?;
@@ -134,8 +313,7 @@ pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>)
                 index,
                 y,
                 hbar,
-                lin,
-                var,
+                ivar,
             ],
             (groups.0, groups.1, 1),
         )?;

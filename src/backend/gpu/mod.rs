@@ -25,6 +25,18 @@ use crate::model::{Model, Scheme, System};
 use crate::observe::{ObservationOperator, Observe, Pointwise};
 use crate::rng::NoiseKey;
 
+/// The WGSL source of `shaders/<file>` with the shared observation maps of
+/// `shaders/observe.wgsl` prepended (WGSL has no includes).
+macro_rules! with_observe {
+    ($file:literal) => {
+        concat!(
+            include_str!("../../../shaders/observe.wgsl"),
+            "\n",
+            include_str!(concat!("../../../shaders/", $file))
+        )
+    };
+}
+
 pub mod context;
 mod ensemble_space;
 mod gain;
@@ -33,6 +45,7 @@ mod spectral;
 mod stencil;
 
 pub use context::{list_adapters, AdapterSummary};
+pub use gain::GPU_MAX_WINDOW;
 use params::*;
 
 /// Bytes reserved per dispatch in the parameter ring (≥ every params struct, aligned).
@@ -192,8 +205,8 @@ pub struct Gpu {
     /// Held for the whole of each backend call, so that the dispatches of one call (which
     /// share scratch buffers) are never interleaved with another thread's.
     call: parking_lot::ReentrantMutex<()>,
-    /// The covariance-guidance kernel, built on first use (`gain.rs`).
-    gain_kernel: std::sync::OnceLock<Kernel>,
+    /// The covariance-guidance kernels, built on first use (`gain.rs`).
+    gain_kernels: std::sync::OnceLock<gain::GainKernels>,
 }
 
 fn flag_reset() -> Vec<u32> {
@@ -347,7 +360,7 @@ impl Gpu {
             allocations: std::sync::atomic::AtomicU64::new(0),
             memory_limit: options.memory_limit,
             call: parking_lot::ReentrantMutex::new(()),
-            gain_kernel: std::sync::OnceLock::new(),
+            gain_kernels: std::sync::OnceLock::new(),
         })
     }
 
@@ -657,12 +670,9 @@ impl Kernels {
             include_str!("../../../shaders/flow_logits.wgsl"),
         );
         let softmax = module("softmax", include_str!("../../../shaders/softmax.wgsl"));
-        let update = module(
-            "flow_update",
-            include_str!("../../../shaders/flow_update.wgsl"),
-        );
+        let update = module("flow_update", with_observe!("flow_update.wgsl"));
         let noise = module("noise", include_str!("../../../shaders/noise.wgsl"));
-        let ens = module("ensemble", include_str!("../../../shaders/ensemble.wgsl"));
+        let ens = module("ensemble", with_observe!("ensemble.wgsl"));
         let models = module("models", include_str!("../../../shaders/models.wgsl"));
         use Access::*;
         // Both update entry points read and write the same buffers.
@@ -1648,6 +1658,16 @@ impl Backend for Gpu {
 
     fn gain_step(&self, state: &mut GpuBuffer, step: &super::GainStep<'_, Self>) -> Result<()> {
         gain::gain_step(self, state, step)
+    }
+
+    fn local_gains(
+        &self,
+        g: &super::LocalGains<'_, Self>,
+        gain: &mut GpuBuffer,
+        hbar: &mut GpuBuffer,
+    ) -> Result<()> {
+        let _one = self.exclusive();
+        gain::local_gains(self, g, gain, hbar)
     }
 
     fn ensemble_stats(&self, ensemble: &GpuBuffer, truth: &GpuBuffer) -> Result<EnsembleStats> {

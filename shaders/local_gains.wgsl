@@ -1,0 +1,211 @@
+// Local Kalman gains of one covariance-guidance stage (src/filter/covariance.rs), on the device.
+// CPU twin: src/backend/cpu/gain.rs::local_gains.
+//
+// `moments`: one thread per state component c: the forecast mean x̄_c, the endpoint mean
+//   x̄̂₁_c (the linearization point) and, on observed components, h̄_q = mean_k h(x̂₁[k, c])
+//   and (with_var) the linearized innovation variance h'(x̄̂₁_c)²·var_k(x_f[k, c]) + σ².
+// `gains`: one workgroup per component i, in observation space (the Woodbury form). With the
+//   window entries e < w (observation q_e at component c_e, taper ρ_e, 0 = padding) and
+//   s_e = √ρ_e·h'(x̄̂₁[c_e])/σ:
+//     M = I + τ·S,  S_ef = s_e s_f·P(c_e, c_f),  r_e = s_e·P(c_e, i),
+//     gain[i, e] = (√ρ_e/σ)·(M⁻¹ r)_e,
+//   P the forecast covariance (sums over members in tiles of TK, in workgroup memory), M
+//   factored by a workgroup Cholesky. Padding entries get s_e = 0: an identity row, gain 0.
+//   Windows wider than WMAX are refused on the host (the twin runs there instead).
+
+// Rust mirror: src/backend/gpu/gain.rs::LocalGainParams
+struct LocalGainParams {
+    n: u32,
+    d: u32,
+    w: u32,
+    m: u32,
+    every: u32,
+    offset: u32,
+    pointwise: u32,   // 0 identity, 1 arctan, 2 tanh
+    groups_x: u32,    // workgroups along x of the `gains` dispatch
+    inv_sigma: f32,
+    tau: f32,
+    inv_n: f32,       // 1 / n
+    inv_n1: f32,      // 1 / (n − 1)
+    with_var: u32,    // 1: hbar is 2 × m, row 1 receives h'(x̄̂₁)²·var(x_f) + σ²
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: LocalGainParams;
+@group(0) @binding(1) var<storage, read> fc: array<f32>;
+@group(0) @binding(2) var<storage, read> xh: array<f32>;
+@group(0) @binding(3) var<storage, read_write> moments: array<f32>;   // [x̄ (d), x̄̂₁ (d)]
+@group(0) @binding(4) var<storage, read_write> hbar: array<f32>;
+@group(0) @binding(5) var<storage, read> index: array<f32>;
+@group(0) @binding(6) var<storage, read> taper: array<f32>;
+@group(0) @binding(7) var<storage, read_write> gain: array<f32>;
+
+const WG: u32 = 256u;
+const GT: u32 = 64u;      // threads of a `gains` workgroup
+const WMAX: u32 = 48u;    // widest window (src/backend/gpu/gain.rs::GPU_MAX_WINDOW)
+const LD: u32 = 49u;      // row stride: WMAX + 1 (row w of `mat` holds r)
+const TK: u32 = 16u;      // members per tile
+
+var<workgroup> mat: array<f32, 2401>;   // LD × LD: lower triangle of M, then r in row w
+var<workgroup> tile: array<f32, 784>;   // TK × LD anomalies: window columns, then column i
+var<workgroup> scl: array<f32, 48>;     // s_e
+var<workgroup> col: array<u32, 49>;     // c_e, then i
+var<workgroup> zv: array<f32, 48>;      // M⁻¹ r
+
+@compute @workgroup_size(256, 1, 1)
+fn moments_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = gid.x + gid.y * nwg.x * WG;
+    if (c >= p.d) {
+        return;
+    }
+    var sf = 0.0;
+    var sh = 0.0;
+    var sy = 0.0;
+    for (var k = 0u; k < p.n; k = k + 1u) {
+        let v = xh[k * p.d + c];
+        sf = sf + fc[k * p.d + c];
+        sh = sh + v;
+        sy = sy + obs_value(p.pointwise, v);
+    }
+    moments[c] = sf * p.inv_n;
+    moments[p.d + c] = sh * p.inv_n;
+    if (c >= p.offset) {
+        let rel = c - p.offset;
+        if (rel % p.every == 0u && rel / p.every < p.m) {
+            let q = rel / p.every;
+            hbar[q] = sy * p.inv_n;
+            if (p.with_var == 1u) {
+                let mf = sf * p.inv_n;
+                var sv = 0.0;
+                for (var k = 0u; k < p.n; k = k + 1u) {
+                    let dv = fc[k * p.d + c] - mf;
+                    sv = fma(dv, dv, sv);
+                }
+                let dh = obs_derivative(p.pointwise, sh * p.inv_n);
+                hbar[p.m + q] = dh * dh * sv * p.inv_n1 + 1.0 / (p.inv_sigma * p.inv_sigma);
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn gains_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = wg.x + wg.y * p.groups_x;
+    if (i >= p.d) {
+        return;
+    }
+    let t = lid.x;
+    let w = p.w;
+    let ww = w + 1u;
+    let base = i * w;
+    for (var e = t; e < w; e = e + GT) {
+        let rho = taper[base + e];
+        let q = min(u32(index[base + e]), p.m - 1u);
+        let c = p.offset + q * p.every;
+        col[e] = c;
+        var s = 0.0;
+        if (rho > 0.0) {
+            s = sqrt(rho) * obs_derivative(p.pointwise, moments[p.d + c]) * p.inv_sigma;
+        }
+        scl[e] = s;
+    }
+    if (t == 0u) {
+        col[w] = i;
+    }
+    for (var e = t; e < LD * LD; e = e + GT) {
+        mat[e] = 0.0;
+    }
+    workgroupBarrier();
+
+    // Covariance sums over member tiles: mat[e, f] += Σ_k a_k,e a_k,f for f ≤ e, f < w
+    // (row e = w: against component i).
+    for (var k0 = 0u; k0 < p.n; k0 = k0 + TK) {
+        let kt = min(TK, p.n - k0);
+        for (var idx = t; idx < kt * ww; idx = idx + GT) {
+            let kk = idx / ww;
+            let e = idx - kk * ww;
+            let c = col[e];
+            tile[kk * LD + e] = fc[(k0 + kk) * p.d + c] - moments[c];
+        }
+        workgroupBarrier();
+        for (var idx = t; idx < ww * w; idx = idx + GT) {
+            let e = idx / w;
+            let f = idx - e * w;
+            if (f <= e) {
+                var acc = 0.0;
+                for (var kk = 0u; kk < kt; kk = kk + 1u) {
+                    acc = fma(tile[kk * LD + e], tile[kk * LD + f], acc);
+                }
+                mat[e * LD + f] = mat[e * LD + f] + acc;
+            }
+        }
+        workgroupBarrier();
+    }
+
+    // M = I + τ·S and r.
+    for (var idx = t; idx < ww * w; idx = idx + GT) {
+        let e = idx / w;
+        let f = idx - e * w;
+        if (f <= e) {
+            let cv = mat[e * LD + f] * p.inv_n1;
+            if (e < w) {
+                mat[e * LD + f] = p.tau * scl[e] * scl[f] * cv + select(0.0, 1.0, e == f);
+            } else {
+                mat[e * LD + f] = scl[f] * cv;
+            }
+        }
+    }
+    workgroupBarrier();
+
+    // Cholesky M = L Lᵀ in place (lower triangle), the diagonal floored like the twin.
+    for (var j = 0u; j < w; j = j + 1u) {
+        if (t == 0u) {
+            mat[j * LD + j] = sqrt(max(mat[j * LD + j], 1e-12));
+        }
+        workgroupBarrier();
+        let djj = mat[j * LD + j];
+        for (var r = j + 1u + t; r < w; r = r + GT) {
+            mat[r * LD + j] = mat[r * LD + j] / djj;
+        }
+        workgroupBarrier();
+        let rem = w - j - 1u;
+        for (var idx = t; idx < rem * rem; idx = idx + GT) {
+            let r = j + 1u + idx / rem;
+            let c = j + 1u + idx % rem;
+            if (c <= r) {
+                mat[r * LD + c] = mat[r * LD + c] - mat[r * LD + j] * mat[c * LD + j];
+            }
+        }
+        workgroupBarrier();
+    }
+
+    // z = L⁻ᵀ L⁻¹ r (one thread; w ≤ WMAX).
+    if (t == 0u) {
+        for (var r = 0u; r < w; r = r + 1u) {
+            var s = mat[w * LD + r];
+            for (var k = 0u; k < r; k = k + 1u) {
+                s = s - mat[r * LD + k] * zv[k];
+            }
+            zv[r] = s / mat[r * LD + r];
+        }
+        for (var rr = 0u; rr < w; rr = rr + 1u) {
+            let r = w - 1u - rr;
+            var s = zv[r];
+            for (var k = r + 1u; k < w; k = k + 1u) {
+                s = s - mat[k * LD + r] * zv[k];
+            }
+            zv[r] = s / mat[r * LD + r];
+        }
+    }
+    workgroupBarrier();
+    for (var e = t; e < w; e = e + GT) {
+        let rho = taper[base + e];
+        var g = 0.0;
+        if (rho > 0.0) {
+            g = sqrt(rho) * p.inv_sigma * zv[e];
+        }
+        gain[base + e] = g;
+    }
+}
