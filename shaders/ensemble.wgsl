@@ -202,7 +202,7 @@ fn obs_sum(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     let col = p.offset + q * p.every;
     var s = 0.0;
     for (var i = 0u; i < p.rows; i = i + 1u) {
-        s = s + h_of(a[i * p.cols + col]);
+        s = s + obs_value(p.pointwise, a[i * p.cols + col]);
     }
     if (p.first != 0u) {
         b[q] = s;
@@ -222,7 +222,7 @@ fn obs_sq(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     let mean = b[q] * p.inv_n;
     var s = 0.0;
     for (var i = 0u; i < p.rows; i = i + 1u) {
-        let dv = h_of(a[i * p.cols + col]) - mean;
+        let dv = obs_value(p.pointwise, a[i * p.cols + col]) - mean;
         s = fma(dv, dv, s);
     }
     if (p.first != 0u) {

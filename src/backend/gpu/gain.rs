@@ -214,7 +214,7 @@ fn host_local_gains(
     let (x, xh) = (gpu.read(g.forecast)?, gpu.read(g.endpoint)?);
     let (index, taper) = (gpu.read(g.index)?, gpu.read(g.taper)?);
     let mut kt = vec![0.0f32; shape.d * shape.w];
-    let mut hb = vec![0.0f32; shape.m];
+    let mut hb = vec![0.0f32; hbar.rows * shape.m];
     crate::backend::cpu::gain::local_gains(
         &crate::backend::cpu::gain::GainInputs {
             x: &x,
