@@ -116,9 +116,12 @@
 //! geometry, the operator and the radius: [`gain_windows`] builds them once on the host and
 //! the filter uploads them once and keeps them (with the gain table and `h̄`) from cycle to
 //! cycle. Everything else runs on the backend, [`Backend::local_gains`], once per stage: the
-//! column means of the forecast and of the endpoints (the linearization point), `h̄`, and the
-//! local gains, written into the device's gain table, which [`Backend::gain_step`] applies.
-//! Per analysis nothing of size `n × d` is read back; only the deferred error flags are.
+//! column means of the forecast and of the endpoints (the linearization point), `h̄` and the
+//! linearized innovation variances `h'(l_c)² v_c + σ_y²` of the innovation bound (the two rows
+//! of the stage's `2 × m` observation statistics), and the local gains, written into the
+//! device's gain table, which [`Backend::gain_step`] applies. Per analysis nothing of size
+//! `n × d` is read back; only the deferred error flags are, and, with adaptive inflation, the
+//! `2·m` observed moments of the forecast and `y` (an `m`-sized read, no ensemble).
 //!
 //! Each component's system is solved in whichever space is smaller. In observation space
 //! (the Woodbury form, with `D = diag(ρ_i)` and `B` the `n × w` matrix of the `b_q`),
