@@ -210,6 +210,53 @@ fn adaptive_inflation_is_one_factor_for_all_ranks() {
     }
 }
 
+/// Each rank on its own GPU backend (here every rank opens the same adapter): the sharded
+/// GPU run gives the single-process GPU run's metrics. Skips loudly without an adapter, fails
+/// instead under `ENFF_REQUIRE_GPU=1`.
+#[test]
+fn gpu_backend_per_rank_matches_the_single_process_gpu_run() {
+    let dir = tempfile::tempdir().unwrap();
+    // The common arguments with `--backend gpu` instead of `cpu`.
+    let on_gpu = |out: &Path| -> Vec<String> {
+        let args = run_args(out.to_str().unwrap(), "experiment.cycles=4", &[]);
+        let mut v: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let at = v
+            .iter()
+            .position(|a| a == "--backend")
+            .expect("SMALL names a backend");
+        v[at + 1] = "gpu".into();
+        v
+    };
+    let base = dir.path().join("one");
+    let args = on_gpu(&base);
+    let o = single(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    if !o.status.success() {
+        let msg = text(&o);
+        if std::env::var("ENFF_REQUIRE_GPU").as_deref() == Ok("1") {
+            panic!("ENFF_REQUIRE_GPU=1 but the GPU run failed: {msg}");
+        }
+        eprintln!("SKIPPED gpu_backend_per_rank…: no usable GPU adapter ({msg})");
+        return;
+    }
+    let want = metrics(&base);
+    let out = dir.path().join("r2");
+    let args = on_gpu(&out);
+    let o = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let got = metrics(&out);
+    assert_eq!(got.len(), want.len());
+    for (w, g) in want.iter().zip(&got) {
+        for key in ["rmse_forecast", "spread_forecast", "rmse", "spread"] {
+            let (x, y) = (w[key], g[key]);
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+                "cycle {}: {key} {y} vs single process {x}",
+                w["cycle"]
+            );
+        }
+    }
+}
+
 #[test]
 fn ten_cycles_over_2_and_4_ranks_give_the_single_process_metrics() {
     let dir = tempfile::tempdir().unwrap();
