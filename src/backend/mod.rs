@@ -443,19 +443,24 @@ pub trait Backend: Send + Sync {
     ) -> Result<EnsembleStats>;
 }
 
-/// Checks the shapes of a [`GainStep`] against an `n × d` state; returns `(m, w)`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn check_gain_step<B: DeviceBuffer>(
-    state: &B,
-    observe: &Observe,
-    y: &B,
-    gain: &B,
-    index: &B,
-    endpoint: &B,
-    velocity: &B,
-    mean_obs: Option<&B>,
-    clip: Option<(&B, f32)>,
+/// Checks the shapes of a [`GainStep`] against an `n × d` state; returns `(m, w)`. Both
+/// backends call it before dispatching.
+pub(crate) fn check_gain_step<B: Backend + ?Sized>(
+    state: &B::Buffer,
+    step: &GainStep<'_, B>,
 ) -> Result<(usize, usize)> {
+    let GainStep {
+        observe,
+        y,
+        gain,
+        index,
+        endpoint,
+        velocity,
+        ..
+    } = step;
+    let (y, gain, index, endpoint, velocity) = (*y, *gain, *index, *endpoint, *velocity);
+    let mean_obs = step.mean_obs.map(|p| p.0);
+    let clip = step.clip.as_ref().map(|c| (c.innovation_var, c.scale));
     let (n, d) = (state.rows(), state.cols());
     let m = observe.obs_dim(d)?;
     let w = gain.cols();

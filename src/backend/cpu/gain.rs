@@ -11,17 +11,7 @@ use crate::error::{Error, Result};
 use crate::observe::{Observe, Pointwise};
 
 pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>) -> Result<()> {
-    let (m, w) = check_gain_step(
-        state,
-        &g.observe,
-        g.y,
-        g.gain,
-        g.index,
-        g.endpoint,
-        g.velocity,
-        g.mean_obs.map(|p| p.0),
-        g.clip.as_ref().map(|c| (c.innovation_var, c.scale)),
-    )?;
+    let (m, w) = check_gain_step(state, g)?;
     let (n, d) = (state.rows(), state.cols());
     if n == 0 || d == 0 {
         return Ok(());

@@ -246,17 +246,7 @@ fn groups_2d(count: usize) -> Result<(u32, u32)> {
 }
 
 pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>) -> Result<()> {
-    let (m, w) = check_gain_step(
-        state,
-        &g.observe,
-        g.y,
-        g.gain,
-        g.index,
-        g.endpoint,
-        g.velocity,
-        g.mean_obs.map(|p| p.0),
-        g.clip.as_ref().map(|c| (c.innovation_var, c.scale)),
-    )?;
+    let (m, w) = check_gain_step(state, g)?;
     let d = state.cols;
     if state.rows == 0 || d == 0 {
         return Ok(());
