@@ -11,7 +11,13 @@
 //     gain[i, e] = (√ρ_e/σ)·(M⁻¹ r)_e,
 //   P the forecast covariance (sums over members in tiles of TK, in workgroup memory), M
 //   factored by a workgroup Cholesky. Padding entries get s_e = 0: an identity row, gain 0.
-//   Windows wider than WMAX are refused on the host (the twin runs there instead).
+// `gains_ens`: the same gains in ensemble space, for windows wider than the ensemble (n ≤ NMAX,
+//   any w), the twin's choice as well. With a_e the anomalies of component c_e:
+//     G = Σ_e s_e²·a_e a_eᵀ/(n − 1)  (n × n, summed over tiles of TE window entries),
+//     v = (I + τ·G)⁻¹ a_i/√(n − 1),   gain[i, e] = (√ρ_e/σ)·s_e·a_eᵀv/√(n − 1).
+//   Padding entries get s_e = 0: no term in G, gain 0.
+// The host picks the space (src/backend/gpu/gain.rs); a problem neither kernel takes (n and w
+// both above 48, or an ensemble split into member blocks) runs the twin on the host.
 
 // Rust mirror: src/backend/gpu/gain.rs::LocalGainParams
 struct LocalGainParams {
@@ -47,11 +53,15 @@ const GT: u32 = 64u;      // threads of a `gains` workgroup
 const WMAX: u32 = 48u;    // widest window (src/backend/gpu/gain.rs::GPU_MAX_WINDOW)
 const LD: u32 = 49u;      // row stride: WMAX + 1 (row w of `mat` holds r)
 const TK: u32 = 16u;      // members per tile
+const NMAX: u32 = 48u;    // largest ensemble of `gains_ens` (src/backend/gpu/gain.rs::GPU_MAX_ENS_MEMBERS)
+const TE: u32 = 16u;      // window entries per tile of `gains_ens`
 
-var<workgroup> mat: array<f32, 2401>;   // LD × LD: lower triangle of M, then r in row w
+// Shared by both gain kernels (`gains_ens` in brackets).
+var<workgroup> mat: array<f32, 2401>;   // LD × LD: lower triangle of M, then r in row w (n)
 var<workgroup> tile: array<f32, 784>;   // TK × LD anomalies: window columns, then column i
-var<workgroup> scl: array<f32, 48>;     // s_e
-var<workgroup> col: array<u32, 49>;     // c_e, then i
+                                        // (TE × LD scaled anomalies s_e·a_e of a tile)
+var<workgroup> scl: array<f32, 48>;     // s_e (of the tile's entries)
+var<workgroup> col: array<u32, 49>;     // c_e, then i (of the tile's entries)
 var<workgroup> zv: array<f32, 48>;      // M⁻¹ r
 
 @compute @workgroup_size(256, 1, 1)
@@ -159,18 +169,32 @@ fn gains_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     }
     workgroupBarrier();
 
-    // Cholesky M = L Lᵀ in place (lower triangle), the diagonal floored like the twin.
-    for (var j = 0u; j < w; j = j + 1u) {
+    factor_and_solve(w, t);
+    for (var e = t; e < w; e = e + GT) {
+        let rho = taper[base + e];
+        var g = 0.0;
+        if (rho > 0.0) {
+            g = sqrt(rho) * p.inv_sigma * zv[e];
+        }
+        gain[base + e] = g;
+    }
+}
+
+// M = L Lᵀ in place (the k × k lower triangle of `mat`, the diagonal floored like the twin's),
+// then zv = L⁻ᵀ L⁻¹ r with r in row k of `mat`. Called by the whole workgroup; zv is ready
+// for every thread on return.
+fn factor_and_solve(k: u32, t: u32) {
+    for (var j = 0u; j < k; j = j + 1u) {
         if (t == 0u) {
             mat[j * LD + j] = sqrt(max(mat[j * LD + j], 1e-12));
         }
         workgroupBarrier();
         let djj = mat[j * LD + j];
-        for (var r = j + 1u + t; r < w; r = r + GT) {
+        for (var r = j + 1u + t; r < k; r = r + GT) {
             mat[r * LD + j] = mat[r * LD + j] / djj;
         }
         workgroupBarrier();
-        let rem = w - j - 1u;
+        let rem = k - j - 1u;
         for (var idx = t; idx < rem * rem; idx = idx + GT) {
             let r = j + 1u + idx / rem;
             let c = j + 1u + idx % rem;
@@ -180,31 +204,107 @@ fn gains_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
         }
         workgroupBarrier();
     }
-
-    // z = L⁻ᵀ L⁻¹ r (one thread; w ≤ WMAX).
+    // The triangular solves on one thread (k ≤ 48).
     if (t == 0u) {
-        for (var r = 0u; r < w; r = r + 1u) {
-            var s = mat[w * LD + r];
-            for (var k = 0u; k < r; k = k + 1u) {
-                s = s - mat[r * LD + k] * zv[k];
+        for (var r = 0u; r < k; r = r + 1u) {
+            var s = mat[k * LD + r];
+            for (var c = 0u; c < r; c = c + 1u) {
+                s = s - mat[r * LD + c] * zv[c];
             }
             zv[r] = s / mat[r * LD + r];
         }
-        for (var rr = 0u; rr < w; rr = rr + 1u) {
-            let r = w - 1u - rr;
+        for (var rr = 0u; rr < k; rr = rr + 1u) {
+            let r = k - 1u - rr;
             var s = zv[r];
-            for (var k = r + 1u; k < w; k = k + 1u) {
-                s = s - mat[k * LD + r] * zv[k];
+            for (var c = r + 1u; c < k; c = c + 1u) {
+                s = s - mat[c * LD + r] * zv[c];
             }
             zv[r] = s / mat[r * LD + r];
         }
     }
     workgroupBarrier();
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn gains_ens_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = wg.x + wg.y * p.groups_x;
+    if (i >= p.d) {
+        return;
+    }
+    let t = lid.x;
+    let n = p.n;
+    let w = p.w;
+    let base = i * w;
+    let isq = sqrt(p.inv_n1);
+    for (var e = t; e < LD * LD; e = e + GT) {
+        mat[e] = 0.0;
+    }
+    // G over tiles of TE window entries: s_e and c_e, the scaled anomalies s_e·a_e (entries
+    // innermost, so neighbouring threads read neighbouring components), then the tile's terms.
+    for (var e0 = 0u; e0 < w; e0 = e0 + TE) {
+        let te = min(TE, w - e0);
+        if (t < te) {
+            let e = e0 + t;
+            let rho = taper[base + e];
+            let q = min(u32(index[base + e]), p.m - 1u);
+            let c = p.offset + q * p.every;
+            col[t] = c;
+            var s = 0.0;
+            if (rho > 0.0) {
+                s = sqrt(rho) * obs_derivative(p.pointwise, moments[p.d + c]) * p.inv_sigma;
+            }
+            scl[t] = s;
+        }
+        workgroupBarrier();
+        for (var idx = t; idx < te * n; idx = idx + GT) {
+            let k = idx / te;
+            let ee = idx - k * te;
+            let c = col[ee];
+            tile[ee * LD + k] = scl[ee] * (fc[k * p.d + c] - moments[c]);
+        }
+        workgroupBarrier();
+        for (var idx = t; idx < n * n; idx = idx + GT) {
+            let r = idx / n;
+            let c = idx - r * n;
+            if (c <= r) {
+                var acc = 0.0;
+                for (var ee = 0u; ee < te; ee = ee + 1u) {
+                    acc = fma(tile[ee * LD + r], tile[ee * LD + c], acc);
+                }
+                mat[r * LD + c] = mat[r * LD + c] + acc;
+            }
+        }
+        workgroupBarrier();
+    }
+
+    // M = I + τ·G and the right-hand side a_i/√(n − 1) in row n.
+    for (var idx = t; idx < n * n; idx = idx + GT) {
+        let r = idx / n;
+        let c = idx - r * n;
+        if (c <= r) {
+            mat[r * LD + c] = p.tau * mat[r * LD + c] * p.inv_n1 + select(0.0, 1.0, r == c);
+        }
+    }
+    for (var k = t; k < n; k = k + GT) {
+        mat[n * LD + k] = (fc[k * p.d + i] - moments[i]) * isq;
+    }
+    workgroupBarrier();
+    factor_and_solve(n, t);
+
+    // gain[i, e] = (√ρ_e/σ)·s_e·a_eᵀv/√(n − 1), one thread per entry.
     for (var e = t; e < w; e = e + GT) {
         let rho = taper[base + e];
         var g = 0.0;
         if (rho > 0.0) {
-            g = sqrt(rho) * p.inv_sigma * zv[e];
+            let q = min(u32(index[base + e]), p.m - 1u);
+            let c = p.offset + q * p.every;
+            let s = sqrt(rho) * obs_derivative(p.pointwise, moments[p.d + c]) * p.inv_sigma;
+            let mc = moments[c];
+            var acc = 0.0;
+            for (var k = 0u; k < n; k = k + 1u) {
+                acc = fma(fc[k * p.d + c] - mc, zv[k], acc);
+            }
+            g = sqrt(rho) * p.inv_sigma * s * acc * isq;
         }
         gain[base + e] = g;
     }

@@ -7,6 +7,7 @@ mod common;
 
 use common::{assert_close, gpu, gpu_split};
 use enff::backend::cpu::Cpu;
+use enff::backend::gpu::{gain_space, GainSpace, GPU_MAX_ENS_MEMBERS, GPU_MAX_WINDOW};
 use enff::backend::{Backend, GainStep, InnovationClip, LocalGains};
 use enff::filter::covariance::{gain_windows, local_gains};
 use enff::filter::{Enff, EnffConfig, Filter, Observation};
@@ -439,6 +440,27 @@ fn gain_cases() -> Vec<(&'static str, GainCase)> {
                 51,
             ),
         ),
+        // Windows wider than the observation-space kernel takes (ensemble space on the GPU):
+        // a ring with a long radius, and a torus (an odd 9 × 11 grid, one field) whose
+        // windows hold a disc of observations, with more members than one tile of entries.
+        (
+            "ring identity wide",
+            GainCase::new(6, Observe::identity(), Geometry::Ring { len: 71 }, 8.0, 61),
+        ),
+        (
+            "torus arctan wide",
+            GainCase::new(
+                21,
+                Observe::arctan(),
+                Geometry::Torus {
+                    nx: 9,
+                    ny: 11,
+                    fields: 1,
+                },
+                1.3,
+                71,
+            ),
+        ),
     ]
 }
 
@@ -451,14 +473,15 @@ fn peak(v: &[f32]) -> f64 {
 fn local_gains_agree_with_the_cpu_twin_and_the_f64_reference() {
     let Some((_guard, g)) = gpu() else { return };
     let cpu = Cpu::new();
+    let mut spaces = Vec::new();
     for (name, case) in gain_cases() {
         let (want, want_hbar) = case.reference();
         let (twin, twin_hbar, w) = case.on(&cpu);
         let (got, got_hbar, _) = case.on(g);
-        assert!(
-            w <= enff::backend::gpu::GPU_MAX_WINDOW,
-            "{name}: window {w}"
-        );
+        // Every case runs on the device (no host fallback), in the twin's space.
+        let space = gain_space(case.n, w);
+        assert!(space.is_some(), "{name}: n = {}, window {w}", case.n);
+        spaces.push(space);
         let atol = 1e-4 * peak(&want);
         assert!(peak(&want) > 0.1, "{name}: the gains must be non-trivial");
         assert_close(&got, &twin, atol, 1e-3, &format!("{name}: gpu vs twin"));
@@ -473,17 +496,34 @@ fn local_gains_agree_with_the_cpu_twin_and_the_f64_reference() {
             }
         }
     }
+    // Both kernels are exercised, the ensemble-space one past the observation-space limit.
+    assert!(spaces.contains(&Some(GainSpace::Observation)));
+    assert!(spaces.contains(&Some(GainSpace::Ensemble)));
+    let widest = gain_cases()
+        .iter()
+        .map(|(_, c)| gain_windows(&c.op, c.d, c.geometry, c.radius).unwrap().w)
+        .max()
+        .unwrap();
+    assert!(widest > GPU_MAX_WINDOW, "widest window {widest}");
 }
 
-/// Windows wider than the kernel's and ensembles split into member blocks take the host path
-/// (the CPU twin), with the same results.
+/// Problems neither kernel takes (windows and ensemble both above the kernels' limits) and
+/// ensembles split into member blocks take the host path (the CPU twin), with the same
+/// results.
 #[test]
 fn local_gains_fall_back_to_the_twin_for_wide_windows_and_split_ensembles() {
     let Some((_guard, g)) = gpu() else { return };
     let cpu = Cpu::new();
-    let wide = GainCase::new(6, Observe::identity(), Geometry::Ring { len: 71 }, 8.0, 61);
+    let wide = GainCase::new(
+        GPU_MAX_ENS_MEMBERS + 3,
+        Observe::identity(),
+        Geometry::Ring { len: 71 },
+        9.0,
+        61,
+    );
     let (twin, twin_hbar, w) = wide.on(&cpu);
-    assert!(w > enff::backend::gpu::GPU_MAX_WINDOW, "window {w}");
+    assert!(w > GPU_MAX_WINDOW, "window {w}");
+    assert_eq!(gain_space(wide.n, w), None);
     let (got, got_hbar, _) = wide.on(g);
     assert_close(&got, &twin, 1e-6, 1e-5, "wide window");
     assert_close(&got_hbar, &twin_hbar, 1e-6, 1e-5, "wide window h̄");

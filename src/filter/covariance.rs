@@ -132,11 +132,13 @@
 //!
 //! a `w × w` Cholesky whose entries are tapered forecast covariances `h'_q h'_r P(c_q, c_r)`;
 //! in ensemble space, the `n × n` system above. Both are the same matrix identity. The GPU
-//! kernel (`shaders/local_gains.wgsl`, one workgroup per component) uses the observation
-//! space for windows up to [`crate::backend::gpu::GPU_MAX_WINDOW`] entries, its matrix and
-//! a tile of members in workgroup memory; wider windows (a torus with a large radius) and
-//! ensembles split into member blocks fall back to the CPU twin on the host, with a logged
-//! line. The CPU twin (`backend/cpu/gain.rs`) solves sixteen components at a time in f32
+//! kernels (`shaders/local_gains.wgsl`, one workgroup per component, the matrix and a tile
+//! of anomalies in workgroup memory) make the twin's choice of space
+//! ([`crate::backend::gpu::gain_space`]): observation space for windows of at most
+//! `min(n, 48)` entries, ensemble space for wider windows (a torus, a long radius) with at
+//! most 48 members. Only ensembles split into member blocks, and problems with both `n` and
+//! `w` above 48, fall back to the CPU twin on the host, with a logged line.
+//! The CPU twin (`backend/cpu/gain.rs`) solves sixteen components at a time in f32
 //! lanes, in observation space when `w ≤ n` and in ensemble space otherwise; the f64 host
 //! function [`local_gains`] is the reference the tests compare both against. The cost per
 //! stage is `O(d·(n·w² + w³))` or `O(d·(n²·w + n³))`, against `O(n²·d)` per flow step of the

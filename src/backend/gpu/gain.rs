@@ -11,16 +11,43 @@ use super::{groups_1d, make_kernel, pointwise_code, Access, Gpu, GpuBuffer, Kern
 use crate::backend::{check_gain_step, check_local_gains, Backend, GainStep, LocalGains};
 use crate::error::{Error, Result};
 
-/// Widest localization window the device kernel solves (`WMAX` in `shaders/local_gains.wgsl`):
-/// its `w × w` system and a member tile stay within 16 KiB of workgroup memory. Wider windows
-/// (a torus with a large radius) are solved on the host by the CPU twin.
+/// Widest localization window the observation-space kernel solves (`WMAX` in
+/// `shaders/local_gains.wgsl`): its `w × w` system and a member tile stay within 16 KiB of
+/// workgroup memory. Wider windows go to the ensemble-space kernel.
 pub const GPU_MAX_WINDOW: usize = 48;
+
+/// Largest ensemble the ensemble-space kernel solves (`NMAX` in `shaders/local_gains.wgsl`,
+/// an `n × n` system in workgroup memory, any window width). Only a problem with both
+/// `n` and `w` above these limits computes its gains on the host.
+pub const GPU_MAX_ENS_MEMBERS: usize = 48;
+
+/// Which kernel computes the local gains of an `n`-member ensemble with windows of `w`
+/// entries: the CPU twin's choice (observation space when `w ≤ n`, else ensemble space)
+/// within the kernels' limits, `None` when neither takes it.
+pub fn gain_space(n: usize, w: usize) -> Option<GainSpace> {
+    if w <= n {
+        (w <= GPU_MAX_WINDOW).then_some(GainSpace::Observation)
+    } else {
+        // w > n > GPU_MAX_ENS_MEMBERS = GPU_MAX_WINDOW leaves no kernel.
+        (n <= GPU_MAX_ENS_MEMBERS).then_some(GainSpace::Ensemble)
+    }
+}
+
+/// The space a local-gain kernel solves in ([`gain_space`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GainSpace {
+    /// `w × w` Woodbury system (`gains_main`).
+    Observation,
+    /// `n × n` system (`gains_ens_main`).
+    Ensemble,
+}
 
 /// The covariance-guidance pipelines and the scratch of the local gains.
 pub(super) struct GainKernels {
     step: Kernel,
     moments: Kernel,
     gains: Kernel,
+    gains_ens: Kernel,
     /// Forecast and endpoint column means (`2·d`).
     moments_buf: Mutex<Option<wgpu::Buffer>>,
     /// Whether the host fallback has been reported (once per backend).
@@ -123,15 +150,23 @@ fn kernels(gpu: &Gpu) -> &GainKernels {
                 "gains_main",
                 LOCAL_BINDINGS,
             ),
+            gains_ens: make_kernel(
+                &gpu.device,
+                "local_gains_ens",
+                &local,
+                "gains_ens_main",
+                LOCAL_BINDINGS,
+            ),
             moments_buf: Mutex::new(None),
             fallback_logged: AtomicBool::new(false),
         }
     })
 }
 
-/// [`Backend::local_gains`] on the device: two dispatches, no read-back. Ensembles split into
-/// member blocks or windows wider than [`GPU_MAX_WINDOW`] fall back to the host twin (logged
-/// once).
+/// [`Backend::local_gains`] on the device: two dispatches, no read-back, in the space
+/// [`gain_space`] picks. Ensembles split into member blocks, and windows wider than
+/// [`GPU_MAX_WINDOW`] with more than [`GPU_MAX_ENS_MEMBERS`] members, fall back to the host
+/// twin (logged once).
 pub(super) fn local_gains(
     gpu: &Gpu,
     g: &LocalGains<'_, Gpu>,
@@ -142,19 +177,27 @@ pub(super) fn local_gains(
     let split = [g.forecast, g.endpoint, g.index, g.taper, &*gain, &*hbar]
         .iter()
         .any(|b| b.chunks.len() != 1);
-    if split || shape.w > GPU_MAX_WINDOW {
+    let space = gain_space(shape.n, shape.w);
+    let Some(space) = space.filter(|_| !split) else {
         let k = kernels(gpu);
         if !k.fallback_logged.swap(true, Ordering::Relaxed) {
+            let why = if split {
+                "an ensemble split into member blocks".to_string()
+            } else {
+                format!(
+                    "windows of {} observations and {} members, above both kernels' limits \
+                     ({GPU_MAX_WINDOW} and {GPU_MAX_ENS_MEMBERS})",
+                    shape.w, shape.n
+                )
+            };
             log::info!(
-                "covariance guidance: {} (window {} > {GPU_MAX_WINDOW} or ensemble split into \
-                 member blocks); its local gains are computed on the host, reading the \
-                 ensembles back every stage",
+                "covariance guidance on {}: {why}; its local gains are computed on the host, \
+                 reading the ensembles back every stage",
                 gpu.summary.name,
-                shape.w
             );
         }
         return host_local_gains(gpu, g, gain, hbar);
-    }
+    };
     let (n, d) = (shape.n, shape.d);
     if d == 0 {
         return Ok(());
@@ -198,7 +241,11 @@ pub(super) fn local_gains(
     ];
     let g1 = groups_1d(d as u64)?;
     gpu.dispatch(&k.moments, &p, &buffers, (g1.0, g1.1, 1))?;
-    gpu.dispatch(&k.gains, &p, &buffers, (gx, gy, 1))?;
+    let solve = match space {
+        GainSpace::Observation => &k.gains,
+        GainSpace::Ensemble => &k.gains_ens,
+    };
+    gpu.dispatch(solve, &p, &buffers, (gx, gy, 1))?;
     // A non-finite gain (an overflowed forecast) is reported at the next sync.
     gpu.check_finite(gain, "covariance guidance gain")
 }

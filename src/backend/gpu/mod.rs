@@ -45,7 +45,7 @@ mod spectral;
 mod stencil;
 
 pub use context::{list_adapters, AdapterSummary};
-pub use gain::GPU_MAX_WINDOW;
+pub use gain::{gain_space, GainSpace, GPU_MAX_ENS_MEMBERS, GPU_MAX_WINDOW};
 use params::*;
 
 /// Bytes reserved per dispatch in the parameter ring (≥ every params struct, aligned).
