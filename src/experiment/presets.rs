@@ -207,10 +207,9 @@ pub fn preset(name: &str) -> Result<Preset> {
             f.innovation_clip = 2.0;
             f.adaptive_inflation = 1.3;
             p.expected_rmse = (0.04, 0.065);
-            p.expected_source =
-                "measured with enff (CPU): 0.048 ± 0.001 over 3 seeds at d=1000, 0.047 at d=1e6, \
-                                 0.049 at d=400 (plain EnFF-F2P: 0.16-0.17); every 2nd component \
-                                 observed: 0.17 ± 0.05 at d=2000";
+            p.expected_source = "measured with enff (CPU): 0.048 ± 0.001 over 3 seeds at d=1000, \
+                                 0.047 at d=1e6, 0.049 at d=400 (plain EnFF-F2P: 0.16-0.17); \
+                                 every 2nd component observed: 0.17 ± 0.05 at d=2000";
             p
         }
         // ENFF_SPEC §8.2: Lorenz-63, identity observations every 0.1 time units with σ_y = 2.
