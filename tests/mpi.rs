@@ -302,6 +302,84 @@ fn ten_cycles_over_2_and_4_ranks_give_the_single_process_metrics() {
     }
 }
 
+/// Covariance guidance over ranks: each slab extended by halo components. The preset's
+/// stages, innovation bound and adaptive inflation, radius 2 (8 halo components), on uneven
+/// slabs (d = 41 over 3 ranks) with every component observed and on d = 40 over 2 ranks with
+/// every 2nd component observed: the analysis ensembles equal the single-process run's up to
+/// rounding. A radius whose halo does not fit the slabs is refused on every rank.
+#[test]
+fn covariance_guidance_over_ranks_matches_the_single_process_run() {
+    let dir = tempfile::tempdir().unwrap();
+    for (ranks, extra) in [
+        (3, ["--set", "model.d=41", "--set", "observe.every=1"]),
+        (2, ["--set", "model.d=40", "--set", "observe.every=2"]),
+    ] {
+        let (a, b) = (
+            dir.path().join(format!("one-{ranks}")),
+            dir.path().join(format!("many-{ranks}")),
+        );
+        let args = |out: &Path| {
+            let mut v: Vec<String> = [
+                "run",
+                "lorenz96_bao2024_covariance",
+                "--out",
+                out.to_str().unwrap(),
+                "--no-plots",
+                "--save-ensembles",
+                "1",
+                "--set",
+                "experiment.cycles=3",
+                "--set",
+                "filter.loc_radius=2",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            v.extend(SMALL.iter().map(|s| s.to_string()));
+            v.extend(extra.iter().map(|s| s.to_string()));
+            v
+        };
+        let a_args = args(&a);
+        let o = single(&a_args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{}", text(&o));
+        let b_args = args(&b);
+        let o = mpirun(
+            ranks,
+            &b_args.iter().map(String::as_str).collect::<Vec<_>>(),
+            &[],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        for cycle in ["cycle_0001.npy", "cycle_0002.npy", "cycle_0003.npy"] {
+            let x = npy(&a.join("ensembles").join(cycle));
+            let y = npy(&b.join("ensembles").join(cycle));
+            assert_eq!(x.len(), y.len());
+            let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let worst = x
+                .iter()
+                .zip(&y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst <= 1e-4 * scale,
+                "{ranks} ranks, {cycle}: max |Δ| {worst} vs 1e-4 × {scale}"
+            );
+        }
+        // The guidance moved the ensemble: the runs are not both the unguided flow.
+        let m = metrics(&b);
+        assert!(m.iter().all(|r| r["rmse"] < r["rmse_forecast"]), "{m:?}");
+    }
+    let out = dir.path().join("refused");
+    let mut args = run_args(out.to_str().unwrap(), "experiment.cycles=2", &[]);
+    args.extend([
+        "--set",
+        "filter.guidance=covariance",
+        "--set",
+        "filter.loc_radius=4",
+    ]);
+    let o = mpirun(3, &args, &[]);
+    assert_fails_on_every_rank(&o, 3, "halo components");
+}
+
 /// Every rank of a job that must fail says so and the job exits non-zero, well before the
 /// timeout.
 fn assert_fails_on_every_rank(o: &Output, ranks: usize, needle: &str) {

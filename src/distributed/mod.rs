@@ -16,6 +16,10 @@
 //! - the Lorenz-96 forecast exchanges two halo cells on the left and one on the right with the
 //!   neighbouring ranks at every Runge–Kutta stage ([`l96`]); the other models cannot be
 //!   sharded and say so ([`check_shardable`]);
+//! - covariance guidance: its local gains read the forecast and endpoints within the
+//!   localization window, so each rank extends its slab by halo components taken from its
+//!   neighbours, once per analysis for the forecast and once per guidance stage for the
+//!   endpoints ([`halo`]);
 //! - random numbers: every draw is keyed by the global component index ([`fill_normal_slab`]),
 //!   so the numbers do not depend on the number of ranks;
 //! - metrics: partial sums over the slabs, summed over ranks ([`run`]).
@@ -39,6 +43,7 @@ use crate::observe::{ObservationOperator, Observe};
 use crate::rng::{self, NoiseKey};
 
 pub mod bench;
+pub mod halo;
 pub mod l96;
 #[cfg(feature = "mpi")]
 pub mod mpi;
@@ -302,9 +307,9 @@ pub fn local_operator(
     }
 }
 
-/// Checks that `config` can run over `ranks` ranks: an EnFF filter with local, Monte-Carlo or
-/// no guidance, on Lorenz-96, with every rank owning at least two components and one
-/// observation.
+/// Checks that `config` can run over `ranks` ranks: an EnFF filter on Lorenz-96, with every
+/// rank owning at least two components and one observation, and, with covariance guidance,
+/// slabs wide enough for the halo of its windows ([`halo::check`]).
 pub fn check_shardable(config: &Config, ranks: usize) -> Result<()> {
     let kind = config.filter.kind.as_str();
     if !matches!(kind, "enff-f2p" | "enff-ot") {
@@ -315,13 +320,6 @@ pub fn check_shardable(config: &Config, ranks: usize) -> Result<()> {
         ));
     }
     let enff = config.enff_config()?;
-    if enff.guidance == GuidanceKind::Covariance {
-        return Err(refuse(
-            ranks,
-            "covariance guidance computes its gains from the whole forecast",
-            "use filter.guidance=local, monte_carlo or none, or run in one process",
-        ));
-    }
     let model = config.model_with_theta(0.0)?;
     let System::Lorenz96(_) = &model.system else {
         return Err(refuse(
@@ -352,6 +350,9 @@ pub fn check_shardable(config: &Config, ranks: usize) -> Result<()> {
     let op = config.observation_operator()?;
     for rank in 0..ranks {
         local_observe(&op, &Slab::of(d, rank, ranks), ranks)?;
+    }
+    if enff.guidance == GuidanceKind::Covariance && ranks > 1 {
+        halo::check(d, ranks, &op, enff.loc_radius)?;
     }
     Ok(())
 }
@@ -530,7 +531,15 @@ mod tests {
             assert!(e.to_string().contains(needle), "{sets:?}: {e}");
         };
         refused(&["filter.kind=letkf"], 2, "has no sharded analysis");
-        refused(&["filter.guidance=covariance"], 2, "covariance guidance");
+        refused(
+            &[
+                "filter.guidance=covariance",
+                "filter.loc_radius=4",
+                "model.d=41",
+            ],
+            3,
+            "halo components",
+        );
         refused(&["model.d=7"], 4, "at least 2 components per rank");
         refused(&["model.d=7"], 8, "more ranks than state components");
         refused(

@@ -5,11 +5,13 @@
 use crate::backend::{
     Backend, DeviceBuffer, FlowUpdate, GainStep, Guidance, InnovationClip, LocalGains,
 };
+use crate::distributed::halo::{HaloBuffers, HaloPlan};
 use crate::error::{check_positive, Error, Result};
 use crate::filter::covariance::{self, DeviceGains};
 use crate::filter::{Filter, Observation};
 use crate::flow::{time_grid, GainSchedule, GuidanceKind, Integrator, Path, PathKind};
 use crate::model::Geometry;
+use crate::observe::Observe;
 use crate::rng::{NoiseKey, Stream};
 
 /// Configuration of [`Enff`].
@@ -209,6 +211,8 @@ pub struct Enff<B: Backend> {
     geometry: Option<Geometry>,
     gains: Option<DeviceGains<B>>,
     moments: Option<B::Buffer>,
+    /// Sharded covariance guidance: the slab extended by halo components.
+    halo: Option<HaloBuffers<B>>,
     last_inflation: f32,
     /// Sharded run: this rank's slab and the communicator that sums the partial logits.
     shard: Option<crate::distributed::Shard>,
@@ -228,6 +232,7 @@ impl<B: Backend> Enff<B> {
             geometry: None,
             gains: None,
             moments: None,
+            halo: None,
             last_inflation: 1.0,
             shard: None,
         })
@@ -236,7 +241,8 @@ impl<B: Backend> Enff<B> {
     /// Runs this filter on one slab of a sharded state ([`crate::distributed`]): the ensemble
     /// passed to the analysis holds the slab's components, the observation those of the slab,
     /// the source noise is keyed by global component, and the partial logits are summed over
-    /// ranks before every softmax. Covariance guidance cannot be sharded (refused at analysis).
+    /// ranks before every softmax. Covariance guidance extends the slab by halo components
+    /// ([`crate::distributed::halo`]).
     pub fn with_shard(mut self, shard: crate::distributed::Shard) -> Self {
         self.shard = Some(shard);
         self
@@ -392,13 +398,6 @@ impl<B: Backend> Enff<B> {
             Some(s) => s.sum_partial(backend, buf),
             None => Ok(()),
         };
-        if shard.is_some() && cfg.guidance == GuidanceKind::Covariance {
-            return Err(crate::distributed::refuse(
-                shard.as_ref().map_or(1, |s| s.comm.size()),
-                "covariance guidance computes its gains from the whole forecast",
-                "use filter.guidance=local, monte_carlo or none",
-            ));
-        }
         // A non-finite value met at flow step k (0-based), named for the user.
         let at_step = |k: usize, what: &str, e: Error| match e {
             Error::NonFinite { .. } => Error::Diverged {
@@ -461,20 +460,57 @@ impl<B: Backend> Enff<B> {
                 stage_at[covariance::stage_step(s, count, cfg.flow_steps)] =
                     Some((tau, weight as f32));
             }
-            // The static windows are built and uploaded once; the gains stay on the backend.
-            self.gains = Some(DeviceGains::prepare(
-                backend,
-                op,
-                d,
-                geometry,
-                cfg.loc_radius,
-                self.gains.take(),
-            )?);
+            match shard.as_ref().filter(|s| s.comm.size() > 1) {
+                // Sharded: the gains and the gain step run on the slab extended by halo
+                // components (crate::distributed::halo); the forecast and the observations
+                // are extended here, once per analysis.
+                Some(s) => {
+                    if geometry != (Geometry::Ring { len: s.slab.d }) {
+                        return Err(crate::distributed::refuse(
+                            s.comm.size(),
+                            format!("covariance guidance on the geometry {geometry:?}"),
+                            "sharded covariance guidance localizes on a ring (Lorenz-96)",
+                        ));
+                    }
+                    let plan = HaloPlan::new(&s.slab, s.comm.size(), &op, cfg.loc_radius)?;
+                    let mut h = HaloBuffers::prepare(backend, plan, n, self.halo.take())?;
+                    let fc = plan.extend(s, &backend.read(ensemble)?, n)?;
+                    backend.write(&mut h.forecast, &fc)?;
+                    let y = plan.extend_observations(s, &op, &backend.read(obs.y)?)?;
+                    backend.write(&mut h.y, &y)?;
+                    self.gains = Some(DeviceGains::prepare(
+                        backend,
+                        plan.op,
+                        plan.ext_len,
+                        Geometry::Ring { len: plan.ext_len },
+                        cfg.loc_radius,
+                        self.gains.take(),
+                    )?);
+                    self.halo = Some(h);
+                }
+                // The static windows are built and uploaded once; the gains stay on the
+                // backend.
+                None => {
+                    self.gains = Some(DeviceGains::prepare(
+                        backend,
+                        op,
+                        d,
+                        geometry,
+                        cfg.loc_radius,
+                        self.gains.take(),
+                    )?);
+                }
+            }
             Some(op)
         } else {
             None
         };
         let mut gains_owned = self.gains.take();
+        let mut halo_owned = if observe.is_some() {
+            self.halo.take()
+        } else {
+            None
+        };
         let w = self.workspace(backend, n, d)?;
         let target: &B::Buffer = ensemble;
         if let Some(bias) = w.bias.as_mut() {
@@ -585,39 +621,58 @@ impl<B: Backend> Enff<B> {
                         },
                         Some(v),
                     )?;
-                    // The gain of this stage, linearized at the mean of the endpoints, and the
-                    // mean observed endpoint h̄ for the innovation split, on the backend.
-                    backend.local_gains(
-                        &LocalGains {
-                            observe: op,
-                            forecast: target,
-                            endpoint: x_hat,
-                            index: &g.index,
-                            taper: &g.taper,
-                            noise_std: obs.noise_std,
-                            tau: tau as f32,
-                        },
-                        &mut g.gain,
-                        &mut g.hbar,
-                    )?;
-                    backend.gain_step(
-                        &mut w.x,
-                        &GainStep {
-                            observe: op,
-                            y: obs.y,
-                            gain: &g.gain,
-                            index: &g.index,
-                            endpoint: x_hat,
-                            velocity: v,
-                            h_velocity: dt,
-                            h_gain: weight,
-                            mean_obs: Some((&g.hbar, covariance::ANOMALY_WEIGHT)),
-                            clip: clip_on.then_some(InnovationClip {
-                                innovation_var: &g.hbar,
-                                scale: cfg.innovation_clip,
-                            }),
-                        },
-                    )?;
+                    // Sharded: the endpoints extended by the neighbours' halo, and the state and
+                    // velocity padded to the extended segment.
+                    if let (Some(h), Some(s)) = (halo_owned.as_mut(), shard.as_ref()) {
+                        let plan = h.plan;
+                        let xh = plan.extend(s, &backend.read(x_hat)?, n)?;
+                        backend.write(&mut h.endpoint, &xh)?;
+                        backend.write(&mut h.state, &plan.pad(&backend.read(&w.x)?, n))?;
+                        backend.write(&mut h.velocity, &plan.pad(&backend.read(v)?, n))?;
+                    }
+                    let clip = clip_on.then_some(cfg.innovation_clip);
+                    let (tau, noise_std) = (tau as f32, obs.noise_std);
+                    match halo_owned.as_mut() {
+                        Some(h) => {
+                            let HaloBuffers {
+                                plan,
+                                forecast,
+                                y,
+                                endpoint,
+                                state,
+                                velocity,
+                            } = h;
+                            let at = StageAt {
+                                observe: plan.op,
+                                forecast,
+                                endpoint,
+                                y,
+                                velocity,
+                                noise_std,
+                                tau,
+                                dt,
+                                weight,
+                                clip,
+                            };
+                            covariance_stage(backend, state, &at, g)?;
+                            backend.write(&mut w.x, &plan.interior(&backend.read(state)?, n))?;
+                        }
+                        None => {
+                            let at = StageAt {
+                                observe: op,
+                                forecast: target,
+                                endpoint: x_hat,
+                                y: obs.y,
+                                velocity: v,
+                                noise_std,
+                                tau,
+                                dt,
+                                weight,
+                                clip,
+                            };
+                            covariance_stage(backend, &mut w.x, &at, g)?;
+                        }
+                    }
                 }
                 _ => {
                     backend.flow_update(
@@ -652,10 +707,70 @@ impl<B: Backend> Enff<B> {
         std::mem::swap(&mut w.x, ensemble);
         self.gains = gains_owned;
         self.moments = moments_owned;
+        if halo_owned.is_some() {
+            self.halo = halo_owned;
+        }
         // The one host round trip of an analysis: deferred error flags (non-finite inputs or
         // weights) and device errors.
         backend.sync()
     }
+}
+
+/// What one covariance-guidance stage reads (see [`covariance_stage`]).
+struct StageAt<'a, B: Backend> {
+    observe: Observe,
+    forecast: &'a B::Buffer,
+    endpoint: &'a B::Buffer,
+    y: &'a B::Buffer,
+    velocity: &'a B::Buffer,
+    noise_std: f32,
+    tau: f32,
+    dt: f32,
+    weight: f32,
+    /// The innovation bound's scale, when on.
+    clip: Option<f32>,
+}
+
+/// One covariance-guidance stage on `state`: the stage's gains, linearized at the mean of
+/// the endpoints, with the mean observed endpoint h̄ for the innovation split (on the
+/// backend), then `x ← x + Δ·v̂ + weight·K(τ)(y − h(x̂₁))`.
+fn covariance_stage<B: Backend>(
+    backend: &B,
+    state: &mut B::Buffer,
+    at: &StageAt<'_, B>,
+    g: &mut DeviceGains<B>,
+) -> Result<()> {
+    backend.local_gains(
+        &LocalGains {
+            observe: at.observe,
+            forecast: at.forecast,
+            endpoint: at.endpoint,
+            index: &g.index,
+            taper: &g.taper,
+            noise_std: at.noise_std,
+            tau: at.tau,
+        },
+        &mut g.gain,
+        &mut g.hbar,
+    )?;
+    backend.gain_step(
+        state,
+        &GainStep {
+            observe: at.observe,
+            y: at.y,
+            gain: &g.gain,
+            index: &g.index,
+            endpoint: at.endpoint,
+            velocity: at.velocity,
+            h_velocity: at.dt,
+            h_gain: at.weight,
+            mean_obs: Some((&g.hbar, covariance::ANOMALY_WEIGHT)),
+            clip: at.clip.map(|scale| InnovationClip {
+                innovation_var: &g.hbar,
+                scale,
+            }),
+        },
+    )
 }
 
 impl<B: Backend> Filter<B> for Enff<B> {
