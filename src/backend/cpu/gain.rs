@@ -16,18 +16,7 @@ pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>)
     if n == 0 || d == 0 {
         return Ok(());
     }
-    let y = g.y.as_slice();
-    let gain = g.gain.as_slice();
-    let index = g.index.as_slice();
-    let endpoint = g.endpoint.as_slice();
-    let velocity = g.velocity.as_slice();
-    let (hv, hg) = (g.h_velocity, g.h_gain);
-    let op = g.observe;
-    let mean = g.mean_obs.map(|(b, a)| (b.as_slice(), a));
-    let clip = g
-        .clip
-        .as_ref()
-        .map(|c| (&c.innovation_var.as_slice()[m..2 * m], c.scale));
+    let hg = g.h_gain;
     let parallel = cpu.parts_for(n * d * w.max(1)) > 1;
     // The innovations of every member, observation-major (r[q·n + k]), once per observation.
     let mut rbuf = cpu
@@ -35,92 +24,191 @@ pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>)
         .lock()
         .map_err(|_| Error::Gpu("CPU scratch lock poisoned by an earlier panic".into()))?;
     let r = super::grow(&mut rbuf, if hg != 0.0 { m * n } else { 0 });
-    // Blocks of QB observations: per member, h at the block's components (a contiguous,
-    // vectorizable run when every component is observed), then scattered into r.
-    const QB: usize = 64;
-    let innovations = |(blk, out): (usize, &mut [f32])| {
-        let q0 = blk * QB;
-        let nq = out.len() / n;
-        let mut hx = [0.0f32; QB];
-        for k in 0..n {
-            let row = &endpoint[k * d..(k + 1) * d];
-            if op.every == 1 {
-                let c0 = op.component(q0);
-                for (h, &x) in hx[..nq].iter_mut().zip(&row[c0..c0 + nq]) {
-                    *h = h_fast(op.pointwise, x);
-                }
-            } else {
-                for (j, h) in hx[..nq].iter_mut().enumerate() {
-                    *h = h_fast(op.pointwise, row[op.component(q0 + j)]);
-                }
-            }
-            for (j, &h) in hx[..nq].iter().enumerate() {
-                let q = q0 + j;
-                let r = match mean {
-                    Some((hb, a)) => (y[q] - hb[q]) - a * (h - hb[q]),
-                    None => y[q] - h,
-                };
-                out[j * n + k] = match clip {
-                    Some((var, scale)) => {
-                        let bound = scale * var[q].max(0.0).sqrt();
-                        r.clamp(-bound, bound)
-                    }
-                    None => r,
-                };
-            }
-        }
+    let inn = Innovations {
+        n,
+        d,
+        y: g.y.as_slice(),
+        endpoint: g.endpoint.as_slice(),
+        op: g.observe,
+        mean: g.mean_obs.map(|(b, a)| (b.as_slice(), a)),
+        clip: g
+            .clip
+            .as_ref()
+            .map(|c| (&c.innovation_var.as_slice()[m..2 * m], c.scale)),
     };
     if hg != 0.0 {
+        let one = |(blk, out): (usize, &mut [f32])| run_innovations(&inn, blk, out);
         if parallel {
-            r.par_chunks_mut(n * QB).enumerate().for_each(innovations);
+            r.par_chunks_mut(n * QB).enumerate().for_each(one);
         } else {
-            r.chunks_mut(n * QB).enumerate().for_each(innovations);
+            r.chunks_mut(n * QB).enumerate().for_each(one);
         }
     }
-    let r: &[f32] = r;
-    // Per block of components: the gain times the innovations of every member (vectorized
-    // over members), then the update of those columns in every member.
-    let ptr = super::flow::SyncPtr(state.as_mut_slice().as_mut_ptr());
-    let block = |acc: &mut Vec<f32>, b: usize| {
-        let (i0, i1) = (b * STEP_BLOCK, ((b + 1) * STEP_BLOCK).min(d));
-        let acc = super::grow(acc, (i1 - i0) * n);
-        acc.iter_mut().for_each(|v| *v = 0.0);
-        if hg != 0.0 {
-            for (i, a) in (i0..i1).zip(acc.chunks_mut(n)) {
-                for (&gk, &qf) in gain[i * w..(i + 1) * w]
-                    .iter()
-                    .zip(&index[i * w..(i + 1) * w])
-                {
-                    if gk != 0.0 {
-                        // Indices were written by the host as exact integers below m.
-                        let q = (qf as usize).min(m - 1);
-                        for (x, &v) in a.iter_mut().zip(&r[q * n..(q + 1) * n]) {
-                            *x += gk * v;
-                        }
-                    }
-                }
-            }
-        }
-        for k in 0..n {
-            for i in i0..i1 {
-                let e = k * d + i;
-                // SAFETY: blocks own disjoint column ranges [i0, i1) of every row, and `e`
-                // is inside the n × d state.
-                unsafe {
-                    let p = ptr.get().add(e);
-                    *p = *p + hv * velocity[e] + hg * acc[(i - i0) * n + k];
-                }
-            }
-        }
+    let apply = Apply {
+        n,
+        d,
+        m,
+        w,
+        r,
+        gain: g.gain.as_slice(),
+        index: g.index.as_slice(),
+        velocity: g.velocity.as_slice(),
+        hv: g.h_velocity,
+        hg,
+        state: super::flow::SyncPtr(state.as_mut_slice().as_mut_ptr()),
     };
     let blocks = d.div_ceil(STEP_BLOCK);
     if parallel {
-        (0..blocks).into_par_iter().for_each_init(Vec::new, block);
+        (0..blocks)
+            .into_par_iter()
+            .for_each_init(Vec::new, |acc, b| run_apply(&apply, acc, b));
     } else {
         let mut acc = Vec::new();
-        (0..blocks).for_each(|b| block(&mut acc, b));
+        (0..blocks).for_each(|b| run_apply(&apply, &mut acc, b));
     }
     Ok(())
+}
+
+/// Observations per block of the innovations of [`gain_step`].
+const QB: usize = 64;
+
+/// What the innovations of [`gain_step`] read.
+struct Innovations<'a> {
+    n: usize,
+    d: usize,
+    y: &'a [f32],
+    endpoint: &'a [f32],
+    op: Observe,
+    /// `(h̄, anomaly weight)` of the innovation split.
+    mean: Option<(&'a [f32], f32)>,
+    /// `(innovation variances, scale)` of the innovation bound.
+    clip: Option<(&'a [f32], f32)>,
+}
+
+/// The innovations of observations `blk·QB ..` into `out` (`r[j·n + k]`): per member, h at the
+/// block's components (a contiguous, vectorizable run when every component is observed), then
+/// scattered into `out`.
+#[inline(always)]
+fn innovations_block(c: &Innovations<'_>, blk: usize, out: &mut [f32]) {
+    let (n, d, op) = (c.n, c.d, c.op);
+    let q0 = blk * QB;
+    let nq = out.len() / n;
+    let mut hx = [0.0f32; QB];
+    for k in 0..n {
+        let row = &c.endpoint[k * d..(k + 1) * d];
+        if op.every == 1 {
+            let c0 = op.component(q0);
+            for (h, &x) in hx[..nq].iter_mut().zip(&row[c0..c0 + nq]) {
+                *h = h_fast(op.pointwise, x);
+            }
+        } else {
+            for (j, h) in hx[..nq].iter_mut().enumerate() {
+                *h = h_fast(op.pointwise, row[op.component(q0 + j)]);
+            }
+        }
+        for (j, &h) in hx[..nq].iter().enumerate() {
+            let q = q0 + j;
+            let r = match c.mean {
+                Some((hb, a)) => (c.y[q] - hb[q]) - a * (h - hb[q]),
+                None => c.y[q] - h,
+            };
+            out[j * n + k] = match c.clip {
+                Some((var, scale)) => {
+                    let bound = scale * var[q].max(0.0).sqrt();
+                    r.clamp(-bound, bound)
+                }
+                None => r,
+            };
+        }
+    }
+}
+
+/// What the update of [`gain_step`] reads and writes.
+struct Apply<'a> {
+    n: usize,
+    d: usize,
+    m: usize,
+    w: usize,
+    /// Innovations, observation-major (`m × n`).
+    r: &'a [f32],
+    gain: &'a [f32],
+    index: &'a [f32],
+    velocity: &'a [f32],
+    hv: f32,
+    hg: f32,
+    state: super::flow::SyncPtr,
+}
+
+/// Components `b·STEP_BLOCK ..` of every member: the gain times the innovations (vectorized
+/// over members, in `acc`), then `x ← x + hv·v + hg·(K r)`.
+#[inline(always)]
+fn apply_block(c: &Apply<'_>, acc: &mut Vec<f32>, b: usize) {
+    let (n, d, w) = (c.n, c.d, c.w);
+    let (i0, i1) = (b * STEP_BLOCK, ((b + 1) * STEP_BLOCK).min(d));
+    let acc = super::grow(acc, (i1 - i0) * n);
+    acc.iter_mut().for_each(|v| *v = 0.0);
+    if c.hg != 0.0 {
+        for (i, a) in (i0..i1).zip(acc.chunks_mut(n)) {
+            for (&gk, &qf) in c.gain[i * w..(i + 1) * w]
+                .iter()
+                .zip(&c.index[i * w..(i + 1) * w])
+            {
+                if gk != 0.0 {
+                    // Indices were written by the host as exact integers below m.
+                    let q = (qf as usize).min(c.m - 1);
+                    for (x, &v) in a.iter_mut().zip(&c.r[q * n..(q + 1) * n]) {
+                        *x += gk * v;
+                    }
+                }
+            }
+        }
+    }
+    for k in 0..n {
+        for i in i0..i1 {
+            let e = k * d + i;
+            // SAFETY: blocks own disjoint column ranges [i0, i1) of every row, and `e` is
+            // inside the n × d state.
+            unsafe {
+                let p = c.state.get().add(e);
+                *p = *p + c.hv * c.velocity[e] + c.hg * acc[(i - i0) * n + k];
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn innovations_avx2(c: &Innovations<'_>, blk: usize, out: &mut [f32]) {
+    innovations_block(c, blk, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn apply_avx2(c: &Apply<'_>, acc: &mut Vec<f32>, b: usize) {
+    apply_block(c, acc, b)
+}
+
+/// [`innovations_block`] compiled for AVX2 when the processor has it (the same arithmetic, no
+/// fused multiply-adds: only the vector width differs).
+fn run_innovations(c: &Innovations<'_>, blk: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_fma() {
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time).
+        unsafe { innovations_avx2(c, blk, out) };
+        return;
+    }
+    innovations_block(c, blk, out)
+}
+
+/// [`apply_block`] compiled for AVX2 when the processor has it (same arithmetic).
+fn run_apply(c: &Apply<'_>, acc: &mut Vec<f32>, b: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_fma() {
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time).
+        unsafe { apply_avx2(c, acc, b) };
+        return;
+    }
+    apply_block(c, acc, b)
 }
 
 /// `h(x)`, with the branch-free f32 arctan of the flow kernels (within 2 ulp of libm's).
@@ -167,8 +255,8 @@ type V = [F; LANES];
 
 /// What every block of [`local_gains`] reads.
 struct Ctx<'a> {
-    /// Scaled forecast anomalies, component-major (`d × n`).
-    at: &'a [F],
+    /// Scaled forecast anomalies, row-major like the ensemble (`n × d`).
+    ar: &'a [F],
     /// `h'(x̄̂₁[comp(q)])/σ` per observation.
     dh: &'a [F],
     index: &'a [f32],
@@ -290,6 +378,20 @@ fn solve_lanes<const FMA: bool>(mat: &[V], k: usize, v: &mut [V]) {
     }
 }
 
+/// `dst[l] = ar[row + comp[l]]`: one contiguous load when the lanes' components are
+/// consecutive (a ring observed everywhere, away from its seam), else one load per lane.
+#[inline(always)]
+fn gather(ar: &[F], row: usize, comp: &[usize; LANES], dst: &mut V) {
+    let c0 = comp[0];
+    if comp[LANES - 1] == c0 + LANES - 1 && (1..LANES).all(|l| comp[l] == c0 + l) {
+        dst.copy_from_slice(&ar[row + c0..row + c0 + LANES]);
+    } else {
+        for l in 0..LANES {
+            dst[l] = ar[row + comp[l]];
+        }
+    }
+}
+
 /// The gains of components `i0 .. i0 + lanes` into `out` (`lanes × w`), one per lane.
 #[inline(always)]
 fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch, out: &mut [f32]) {
@@ -298,37 +400,40 @@ fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch
     sc.s.resize(w, [0.0; LANES]);
     sc.sq.resize(w, [0.0; LANES]);
     sc.ai.resize(n, [0.0; LANES]);
+    // Window entries: ρ and h'/σ per lane (the square roots below, one vector at a time).
     for l in 0..LANES {
         let i = i0 + l.min(lanes - 1);
         for e in 0..w {
             let rho = if l < lanes { c.taper[i * w + e] } else { 0.0 };
             if rho > 0.0 {
                 let q = (c.index[i * w + e] as usize).min(m - 1);
-                let sr = (rho as F).sqrt();
                 sc.comp[e][l] = c.op.component(q);
-                sc.sq[e][l] = sr;
-                sc.s[e][l] = sr * c.dh[q];
+                sc.sq[e][l] = rho as F;
+                sc.s[e][l] = c.dh[q];
             } else {
                 sc.comp[e][l] = i;
                 sc.sq[e][l] = 0.0;
                 sc.s[e][l] = 0.0;
             }
         }
-        for r in 0..n {
-            sc.ai[r][l] = c.at[i * n + r];
+    }
+    for (sq, s) in sc.sq.iter_mut().zip(sc.s.iter_mut()) {
+        for l in 0..LANES {
+            sq[l] = sq[l].sqrt();
+            s[l] *= sq[l];
         }
+    }
+    // The block's own anomalies (lanes are consecutive components unless the block is short).
+    let own: [usize; LANES] = std::array::from_fn(|l| i0 + l.min(lanes - 1));
+    for r in 0..n {
+        gather(c.ar, r * c.d, &own, &mut sc.ai[r]);
     }
     if c.obs_space {
         // (I + τ S) z = r, S_ef = s_e s_f a_eᵀa_f, r_e = s_e a_eᵀa_i; gain = √ρ_e/σ · z_e.
         sc.a.resize(w * n, [0.0; LANES]);
-        // Lanes innermost: every store fills one whole vector of lanes.
         for e in 0..w {
-            let base = sc.comp[e].map(|cl| cl * n);
             for r in 0..n {
-                let dst = &mut sc.a[e * n + r];
-                for l in 0..LANES {
-                    dst[l] = c.at[base[l] + r];
-                }
+                gather(c.ar, r * c.d, &sc.comp[e], &mut sc.a[e * n + r]);
             }
         }
         sc.mat.resize(w * w, [0.0; LANES]);
@@ -360,14 +465,13 @@ fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch
         // (I + τ G) v = a_i, G = Σ_e u_e u_eᵀ with u_e = s_e a_e (gathered row-major:
         // ut[r·w + e]); gain = √ρ_e/σ · u_eᵀv.
         sc.a.resize(n * w, [0.0; LANES]);
-        // Lanes innermost: every store fills one whole vector of lanes.
         for e in 0..w {
-            let base = sc.comp[e].map(|cl| cl * n);
             let f = sc.s[e];
             for r in 0..n {
                 let dst = &mut sc.a[r * w + e];
+                gather(c.ar, r * c.d, &sc.comp[e], dst);
                 for l in 0..LANES {
-                    dst[l] = f[l] * c.at[base[l] + r];
+                    dst[l] *= f[l];
                 }
             }
         }
@@ -446,22 +550,43 @@ pub fn local_gains(g: &GainInputs<'_>, gain: &mut [f32], hbar: &mut [f32]) -> Re
         gain.iter_mut().for_each(|v| *v = 0.0);
         return Ok(());
     }
-    // Column means of the forecast and of the endpoints (the linearization point).
+    // Per component, in f64 and in member order, in parallel over blocks of columns read row
+    // by row: the forecast mean, the endpoint mean (the linearization point), the sum of
+    // h(x̂₁) and the forecast's sum of squared deviations.
+    const COLS: usize = 256;
+    let inv_n = 1.0 / n as f64;
     let mut fmean = vec![0.0f64; d];
     let mut lin = vec![0.0f64; d];
-    for (row, rowh) in g.x.chunks(d).zip(g.xh.chunks(d)) {
-        for ((a, b), (&v, &vh)) in fmean
-            .iter_mut()
-            .zip(lin.iter_mut())
-            .zip(row.iter().zip(rowh))
-        {
-            *a += v as f64;
-            *b += vh as f64;
-        }
-    }
-    let inv_n = 1.0 / n as f64;
-    fmean.iter_mut().for_each(|v| *v *= inv_n);
-    lin.iter_mut().for_each(|v| *v *= inv_n);
+    let mut hsum = vec![0.0f64; d];
+    let mut sq = vec![0.0f64; d];
+    fmean
+        .par_chunks_mut(COLS)
+        .zip(lin.par_chunks_mut(COLS))
+        .zip(hsum.par_chunks_mut(COLS).zip(sq.par_chunks_mut(COLS)))
+        .enumerate()
+        .for_each(|(blk, ((fm, ln), (hs, sqv)))| {
+            let c0 = blk * COLS;
+            let cols = fm.len();
+            for k in 0..n {
+                let xr = &g.x[k * d + c0..k * d + c0 + cols];
+                let hr = &g.xh[k * d + c0..k * d + c0 + cols];
+                for j in 0..cols {
+                    fm[j] += xr[j] as f64;
+                    ln[j] += hr[j] as f64;
+                    hs[j] += h_fast(op.pointwise, hr[j]) as f64;
+                }
+            }
+            fm.iter_mut().for_each(|v| *v *= inv_n);
+            ln.iter_mut().for_each(|v| *v *= inv_n);
+            if hbar.len() == 2 * m {
+                for k in 0..n {
+                    let xr = &g.x[k * d + c0..k * d + c0 + cols];
+                    for j in 0..cols {
+                        sqv[j] += (xr[j] as f64 - fm[j]).powi(2);
+                    }
+                }
+            }
+        });
     // h̄ and h'(x̄̂₁)/σ of every observation, and (when asked for, row 1 of `hbar`) the
     // linearized innovation variance h'(x̄̂₁)²·var(x_f) + σ² of the innovation bound.
     let sigma = g.noise_std as f64;
@@ -469,36 +594,24 @@ pub fn local_gains(g: &GainInputs<'_>, gain: &mut [f32], hbar: &mut [f32]) -> Re
     let (hbar, ivar) = hbar.split_at_mut(m);
     for (q, (hb, dq)) in hbar.iter_mut().zip(dh.iter_mut()).enumerate() {
         let c = op.component(q);
-        let s: f64 = (0..n)
-            .map(|k| h_fast(op.pointwise, g.xh[k * d + c]) as f64)
-            .sum();
-        *hb = (s * inv_n) as f32;
+        *hb = (hsum[c] * inv_n) as f32;
         let dhc = op.pointwise.derivative(lin[c] as f32) as f64;
         *dq = (dhc / sigma) as F;
         if let Some(v) = ivar.get_mut(q) {
-            let var: f64 = (0..n)
-                .map(|k| (g.x[k * d + c] as f64 - fmean[c]).powi(2))
-                .sum::<f64>()
-                / (n - 1) as f64;
+            let var = sq[c] / (n - 1) as f64;
             *v = (dhc * dhc * var + sigma * sigma) as f32;
         }
     }
-    // Scaled anomalies, component-major: at[c·n + k] = (x[k, c] − x̄_c)/√(n − 1).
+    // Scaled anomalies, row-major like the ensemble: ar[k·d + c] = (x[k, c] − x̄_c)/√(n − 1).
     let scale = 1.0 / ((n - 1) as f64).sqrt();
-    let mut at = vec![0.0 as F; n * d];
-    const COLS: usize = 256;
-    at.par_chunks_mut(n * COLS)
-        .enumerate()
-        .for_each(|(blk, out)| {
-            for (cc, col) in out.chunks_mut(n).enumerate() {
-                let c = blk * COLS + cc;
-                for (k, v) in col.iter_mut().enumerate() {
-                    *v = ((g.x[k * d + c] as f64 - fmean[c]) * scale) as F;
-                }
-            }
-        });
+    let mut ar = vec![0.0 as F; n * d];
+    ar.par_chunks_mut(d).enumerate().for_each(|(k, row)| {
+        for ((v, &x), &mc) in row.iter_mut().zip(&g.x[k * d..(k + 1) * d]).zip(&fmean) {
+            *v = ((x as f64 - mc) * scale) as F;
+        }
+    });
     let ctx = Ctx {
-        at: &at,
+        ar: &ar,
         dh: &dh,
         index: g.index,
         taper: g.taper,
