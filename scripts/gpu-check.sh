@@ -1,31 +1,44 @@
 #!/usr/bin/env bash
 # The GPU check: adapter, GPU parity tests with ENFF_REQUIRE_GPU=1, then benchmarks, ending
-# with a short table. Expects the binaries from scripts/prepare-device.sh in .device/.
-# Usage: scripts/gpu-check.sh [LOG]   (LOG defaults to gpu-check.log)
+# with a short table. Expects .device/bundle.tgz from scripts/prepare-device.sh.
+# Usage: [SECTIONS="tests bench …"] scripts/gpu-check.sh [LOG]   (LOG defaults to gpu-check.log)
+# SECTIONS picks some of: tests bench cov cycles models full n1000 covfull (default: all; the
+# whole check may take several minutes on a large card, so split it over two runs if needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=${1:-gpu-check.log}
 export ENFF_REQUIRE_GPU=1 NODEVICE_SELECT=1 RUST_LOG=${RUST_LOG:-info}
+bin=$(mktemp -d)
+tar -C "$bin" -xzf .device/bundle.tgz || { echo "no .device/bundle.tgz: run scripts/prepare-device.sh"; exit 2; }
+want() { [[ -z "${SECTIONS:-}" || " $SECTIONS " == *" $1 "* ]]; }
 status=0
 {
     echo "== adapter"
-    .device/enff info
-    echo "== GPU parity tests"
-    for t in gpu_kernels gpu_enff gpu_models memory presets; do
+    "$bin/enff" info
+    want tests && echo "== GPU parity tests" && while read -r t; do
         echo "-- $t"
-        ".device/test_$t" --test-threads=1 || status=1
-    done
-    echo "== analysis benchmark (CPU baseline and GPU in the same run)"
-    .device/enff bench --reps 5 \
-        --size 20x1e4 --size 20x1e6 --size 100x1e5 --size 1000x1e5 --cpu-budget 20 || status=1
-    echo "== cycle benchmark (Lorenz-96, forecast + analysis)"
-    .device/enff bench --cycles --cpu-budget 10 || status=1
-    echo "== grid-model benchmark (KS, NS forecasts and cycles; CPU and GPU in the same run)"
-    .device/enff bench --models || status=1
-    echo "== full-size preset on the GPU"
-    .device/enff run lorenz96_bao2024 --set model.d=1000000 --out /tmp/enff-l96-1e6 --force || status=1
+        "$bin/test_$t" --test-threads=1 || status=1
+    done < "$bin/tests.txt"
+    want bench && echo "== analysis benchmark (CPU baseline and GPU in the same run)" &&
+    { "$bin/enff" bench --reps 5 \
+        --size 20x1e4 --size 20x1e6 --size 100x1e5 --size 1000x1e5 --cpu-budget 20 || status=1; }
+    want cov && echo "== covariance guidance: local gains and gain steps (CPU baseline and GPU)" &&
+    { "$bin/enff" bench --filters enff,enff-cov1,enff-cov4 --size 20x100000 --size 20x1000000 \
+        --reps 3 --cpu-budget 20 || status=1; }
+    want cycles && echo "== cycle benchmark (Lorenz-96, forecast + analysis)" &&
+    { "$bin/enff" bench --cycles --cpu-budget 10 || status=1; }
+    want models && echo "== grid-model benchmark (KS, NS forecasts and cycles; CPU and GPU in the same run)" &&
+    { "$bin/enff" bench --models || status=1; }
+    want full && echo "== full-size preset on the GPU" &&
+    { "$bin/enff" run lorenz96_bao2024 --set model.d=1000000 --out /tmp/enff-l96-1e6 --force --no-plots || status=1; }
+    want n1000 && echo "== n = 1000 at d = 1e6 (member blocks where the card needs them), 3 cycles" &&
+    { "$bin/enff" run lorenz96_bao2024 --set model.d=1000000 --set ensemble.n=1000 \
+        --set experiment.cycles=3 --set experiment.burn_in=0 --out /tmp/enff-l96-n1000 --force --no-plots || status=1; }
+    want covfull && echo "== full-size covariance-guided preset on the GPU" &&
+    { "$bin/enff" run lorenz96_bao2024_covariance --set model.d=1000000 --out /tmp/enff-cov-1e6 --force --no-plots || status=1; }
     echo "== summary"
     grep -E "test result|GPU/CPU|speed" "$log" 2>/dev/null | tail -n 20
     echo "gpu-check status: $status"
+    exit $status
 } 2>&1 | tee "$log"
-exit $status
+exit "${PIPESTATUS[0]}"

@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# Builds the release binaries a GPU check needs and copies them, stripped, into .device/:
-# the enff command and the GPU test executables. Run from the repository root.
+# Builds the release binaries a GPU check needs and packs them, stripped and gzipped, into
+# .device/bundle.tgz: the enff command and the GPU test executables (about 80 MB stripped,
+# under the 64 MiB a device run carries once compressed). Run from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p .device
+tests=(gpu_kernels gpu_enff gpu_models gpu_guidance gpu_baselines gpu_ensemble_space
+    gpu_assimilate memory presets)
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
 cargo build --release
-cp target/release/enff .device/enff
-for t in gpu_kernels gpu_enff gpu_models memory presets; do
+cp target/release/enff "$stage/enff"
+for t in "${tests[@]}"; do
     exe=$(cargo test --release --no-run --message-format=json --test "$t" 2>/dev/null \
         | grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4)
-    cp "$exe" ".device/test_$t"
+    cp "$exe" "$stage/test_$t"
 done
-strip .device/*
-du -sh .device
+strip "$stage"/*
+rm -rf .device
+mkdir -p .device
+printf '%s\n' "${tests[@]}" > "$stage/tests.txt"
+tar -C "$stage" -czf .device/bundle.tgz .
+du -sh .device/bundle.tgz
