@@ -9,7 +9,7 @@ use super::{check_shardable, fill_normal_slab, local_observe, Shard};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::experiment::config::InitialMean;
-use crate::experiment::{CycleMetrics, Experiment, Report, Summary};
+use crate::experiment::{CycleMetrics, Experiment, Report, RunIdentity, RunTimes, Summary};
 use crate::filter::{Enff, Filter, Observation};
 use crate::observe::ObservationOperator;
 use crate::rng::{self, NoiseKey, Stream};
@@ -191,45 +191,37 @@ pub fn run_sharded<B: Backend + 'static>(
             on_ensemble(cycle, &whole)?;
         }
     }
-    let seconds_total = started.elapsed().as_secs_f64();
-    let kept = &metrics[cfg.experiment.burn_in.min(metrics.len())..];
-    let mean =
-        |f: fn(&CycleMetrics) -> f64| kept.iter().map(f).sum::<f64>() / kept.len().max(1) as f64;
-    let summary = Summary {
-        preset: experiment.name().to_string(),
-        filter: filter.name(),
-        backend: backend.name().to_string(),
-        device: format!(
-            "{} ranks; rank 0 on {} (slab {}..{} of {})",
-            ranks,
-            backend.describe(),
-            start,
-            start + len,
-            d
-        ),
-        model: model.name(),
-        observation: op.name(),
-        n,
-        d,
-        m,
-        cycles: cfg.experiment.cycles,
-        burn_in: cfg.experiment.burn_in,
-        flow_steps: cfg.filter.flow_steps,
-        sigma_min: cfg.filter.sigma_min,
-        guidance_scale: cfg.filter.guidance_scale,
-        seed,
-        rmse_mean: mean(|r| r.rmse),
-        spread_mean: mean(|r| r.spread),
-        rmse_forecast_mean: mean(|r| r.rmse_forecast),
-        rmse_last: metrics.last().map_or(f64::NAN, |r| r.rmse),
-        expected_rmse: experiment.expected_rmse(),
-        seconds_total,
-        seconds_per_cycle: seconds_total / cfg.experiment.cycles.max(1) as f64,
-        seconds_forecast: total_forecast,
-        seconds_analysis: total_analysis,
-        divergences: Vec::new(),
-        resumed_from: None,
-    };
+    let summary = Summary::of_run(
+        RunIdentity {
+            preset: experiment.name().to_string(),
+            filter: filter.name(),
+            backend: backend.name().to_string(),
+            device: format!(
+                "{} ranks; rank 0 on {} (slab {}..{} of {})",
+                ranks,
+                backend.describe(),
+                start,
+                start + len,
+                d
+            ),
+            model: model.name(),
+            observation: op.name(),
+            n,
+            d,
+            m,
+            seed,
+            expected_rmse: experiment.expected_rmse(),
+        },
+        cfg,
+        &metrics,
+        RunTimes {
+            total: started.elapsed().as_secs_f64(),
+            forecast: total_forecast,
+            analysis: total_analysis,
+        },
+        Vec::new(),
+        None,
+    );
     Ok(ShardedReport {
         report: Report { summary, metrics },
         ranks,

@@ -23,3 +23,4 @@ pub use run::{
     build_filter, CycleMetrics, CycleState, Experiment, Fault, FaultStage, MemoryEstimate,
     OnDivergence, Report, RunOptions, Summary,
 };
+pub(crate) use run::{RunIdentity, RunTimes};

@@ -39,6 +39,79 @@ pub struct CycleMetrics {
     pub ess: Option<f64>,
 }
 
+/// What identifies a run in its [`Summary`], besides its configuration and metrics.
+pub(crate) struct RunIdentity {
+    pub preset: String,
+    pub filter: String,
+    pub backend: String,
+    pub device: String,
+    pub model: String,
+    pub observation: String,
+    pub n: usize,
+    pub d: usize,
+    pub m: usize,
+    pub seed: u64,
+    pub expected_rmse: Option<(f64, f64)>,
+}
+
+/// Seconds a run spent: in all, in forecasts and in analyses.
+pub(crate) struct RunTimes {
+    pub total: f64,
+    pub forecast: f64,
+    pub analysis: f64,
+}
+
+impl Summary {
+    /// The summary of a finished run (single-process or sharded): the time means over the
+    /// cycles after the burn-in, leaving out the cycles named in `divergences` (NaN when no
+    /// cycle is left).
+    pub(crate) fn of_run(
+        id: RunIdentity,
+        cfg: &Config,
+        metrics: &[CycleMetrics],
+        times: RunTimes,
+        divergences: Vec<DivergenceEvent>,
+        resumed_from: Option<usize>,
+    ) -> Summary {
+        let bad: std::collections::HashSet<usize> = divergences.iter().map(|e| e.cycle).collect();
+        let kept: Vec<&CycleMetrics> = metrics[cfg.experiment.burn_in.min(metrics.len())..]
+            .iter()
+            .filter(|r| !bad.contains(&r.cycle))
+            .collect();
+        let mean = |f: fn(&CycleMetrics) -> f64| {
+            kept.iter().map(|r| f(r)).sum::<f64>() / kept.len() as f64
+        };
+        Summary {
+            preset: id.preset,
+            filter: id.filter,
+            backend: id.backend,
+            device: id.device,
+            model: id.model,
+            observation: id.observation,
+            n: id.n,
+            d: id.d,
+            m: id.m,
+            cycles: cfg.experiment.cycles,
+            burn_in: cfg.experiment.burn_in,
+            flow_steps: cfg.filter.flow_steps,
+            sigma_min: cfg.filter.sigma_min,
+            guidance_scale: cfg.filter.guidance_scale,
+            seed: id.seed,
+            rmse_mean: mean(|r| r.rmse),
+            spread_mean: mean(|r| r.spread),
+            rmse_forecast_mean: mean(|r| r.rmse_forecast),
+            rmse_last: metrics.last().map_or(f64::NAN, |r| r.rmse),
+            expected_rmse: id.expected_rmse,
+            seconds_total: times.total,
+            seconds_per_cycle: times.total / cfg.experiment.cycles.max(1) as f64,
+            seconds_forecast: times.forecast,
+            seconds_analysis: times.analysis,
+            divergences,
+            resumed_from,
+        }
+    }
+}
+
 /// The run summary written to `summary.json`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Summary {
@@ -961,43 +1034,30 @@ impl Experiment {
                 });
             }
         }
-        let seconds_total = before + started.elapsed().as_secs_f64();
-        let bad: std::collections::HashSet<usize> = divergences.iter().map(|e| e.cycle).collect();
-        let kept: Vec<&CycleMetrics> = metrics[cfg.experiment.burn_in..]
-            .iter()
-            .filter(|r| !bad.contains(&r.cycle))
-            .collect();
-        let mean = |f: fn(&CycleMetrics) -> f64| {
-            kept.iter().map(|r| f(r)).sum::<f64>() / kept.len() as f64
-        };
-        let summary = Summary {
-            preset: self.name.clone(),
-            filter: filter.name(),
-            backend: backend.name().to_string(),
-            device: backend.describe(),
-            model: model.name(),
-            observation: op.name(),
-            n,
-            d,
-            m,
-            cycles: cfg.experiment.cycles,
-            burn_in: cfg.experiment.burn_in,
-            flow_steps: cfg.filter.flow_steps,
-            sigma_min: cfg.filter.sigma_min,
-            guidance_scale: cfg.filter.guidance_scale,
-            seed,
-            rmse_mean: mean(|r| r.rmse),
-            spread_mean: mean(|r| r.spread),
-            rmse_forecast_mean: mean(|r| r.rmse_forecast),
-            rmse_last: metrics.last().map_or(f64::NAN, |r| r.rmse),
-            expected_rmse: self.expected_rmse,
-            seconds_total,
-            seconds_per_cycle: seconds_total / cfg.experiment.cycles as f64,
-            seconds_forecast: total_forecast,
-            seconds_analysis: total_analysis,
+        let summary = Summary::of_run(
+            RunIdentity {
+                preset: self.name.clone(),
+                filter: filter.name(),
+                backend: backend.name().to_string(),
+                device: backend.describe(),
+                model: model.name(),
+                observation: op.name(),
+                n,
+                d,
+                m,
+                seed,
+                expected_rmse: self.expected_rmse,
+            },
+            cfg,
+            &metrics,
+            RunTimes {
+                total: before + started.elapsed().as_secs_f64(),
+                forecast: total_forecast,
+                analysis: total_analysis,
+            },
             divergences,
-            resumed_from: resume.map(|ck| ck.header.cycle),
-        };
+            resume.map(|ck| ck.header.cycle),
+        );
         Ok(Report { summary, metrics })
     }
 }
