@@ -122,21 +122,28 @@ fn one_analysis_over_3_ranks_matches_the_single_process_run() {
     let o = mpirun(3, &run_args(b_s, "experiment.cycles=2", &extra), &[]);
     assert!(o.status.success(), "{}", text(&o));
     for cycle in ["cycle_0001.npy", "cycle_0002.npy"] {
-        let x = npy(&a.join("ensembles").join(cycle));
-        let y = npy(&b.join("ensembles").join(cycle));
+        let x = snapshots_agree(&a, &b, cycle, 1e-5, "3 ranks");
         assert_eq!(x.len(), 8 * 41);
-        assert_eq!(x.len(), y.len());
-        let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let worst = x
-            .iter()
-            .zip(&y)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0f32, f32::max);
-        assert!(
-            worst <= 1e-5 * scale,
-            "{cycle}: max |Δ| {worst} vs 1e-5 × {scale}"
-        );
     }
+}
+
+/// The `--save-ensembles` snapshot `cycle` of runs `a` and `b` agree to `rtol` times the
+/// largest value; returns `a`'s.
+fn snapshots_agree(a: &Path, b: &Path, cycle: &str, rtol: f32, what: &str) -> Vec<f32> {
+    let x = npy(&a.join("ensembles").join(cycle));
+    let y = npy(&b.join("ensembles").join(cycle));
+    assert_eq!(x.len(), y.len(), "{what}, {cycle}");
+    let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let worst = x
+        .iter()
+        .zip(&y)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= rtol * scale,
+        "{what}, {cycle}: max |Δ| {worst} vs {rtol} × {scale}"
+    );
+    x
 }
 
 #[test]
@@ -167,12 +174,7 @@ fn monte_carlo_guidance_with_heun_over_2_ranks_matches_the_single_process_run() 
         &[],
     );
     assert!(o.status.success(), "{}", text(&o));
-    let x = npy(&a.join("ensembles").join("cycle_0001.npy"));
-    let y = npy(&b.join("ensembles").join("cycle_0001.npy"));
-    let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    for (p, q) in x.iter().zip(&y) {
-        assert!((p - q).abs() <= 1e-5 * scale, "{p} vs {q} (scale {scale})");
-    }
+    snapshots_agree(&a, &b, "cycle_0001.npy", 1e-5, "2 ranks, Heun");
 }
 
 #[test]
@@ -350,19 +352,7 @@ fn covariance_guidance_over_ranks_matches_the_single_process_run() {
         );
         assert!(o.status.success(), "{}", text(&o));
         for cycle in ["cycle_0001.npy", "cycle_0002.npy", "cycle_0003.npy"] {
-            let x = npy(&a.join("ensembles").join(cycle));
-            let y = npy(&b.join("ensembles").join(cycle));
-            assert_eq!(x.len(), y.len());
-            let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let worst = x
-                .iter()
-                .zip(&y)
-                .map(|(p, q)| (p - q).abs())
-                .fold(0.0f32, f32::max);
-            assert!(
-                worst <= 1e-4 * scale,
-                "{ranks} ranks, {cycle}: max |Δ| {worst} vs 1e-4 × {scale}"
-            );
+            snapshots_agree(&a, &b, cycle, 1e-4, &format!("{ranks} ranks"));
         }
         // The guidance moved the ensemble: the runs are not both the unguided flow.
         let m = metrics(&b);
