@@ -62,6 +62,20 @@ impl HaloPlan {
         };
         check(slab.d, ranks, &global, radius)?;
         let halo = halo_width(radius);
+        if slab.len < halo || slab.len + 2 * halo > slab.d {
+            // Only a hand-made slab gets here: the even split passed `check`.
+            return Err(refuse(
+                ranks,
+                format!(
+                    "the slab {}..{} is too narrow for covariance guidance's {halo} halo \
+                     components (or too wide for a ring of {})",
+                    slab.start,
+                    slab.end(),
+                    slab.d
+                ),
+                "use slabs of at least that many components (Slab::of splits evenly)",
+            ));
+        }
         let ext_len = slab.len + 2 * halo;
         let op = Observe {
             offset: (local.offset + halo) % local.every,
@@ -245,6 +259,14 @@ mod tests {
         let e = check(41, 2, &odd, 1.0).unwrap_err().to_string();
         assert!(e.contains("observe.every"), "{e}");
         assert!(check(40, 2, &odd, 1.0).is_ok());
+        // A hand-made slab narrower than the halo.
+        let narrow = Slab {
+            start: 0,
+            len: 3,
+            d: 60,
+        };
+        let e = HaloPlan::new(&narrow, 3, &op, 1.5).unwrap_err().to_string();
+        assert!(e.contains("too narrow"), "{e}");
     }
 
     #[test]

@@ -122,6 +122,8 @@
 //! device's gain table, which [`Backend::gain_step`] applies. Per analysis nothing of size
 //! `n × d` is read back; only the deferred error flags are, and, with adaptive inflation, the
 //! `2·m` observed moments of the forecast and `y` (an `m`-sized read, no ensemble).
+//! A sharded run ([`crate::distributed::halo`]) extends each rank's slab by halo components
+//! through the host: the forecast once per analysis and the endpoints once per stage.
 //!
 //! Each component's system is solved in whichever space is smaller. In observation space
 //! (the Woodbury form, with `D = diag(ρ_i)` and `B` the `n × w` matrix of the `b_q`),
