@@ -506,11 +506,7 @@ impl<B: Backend> Enff<B> {
             None
         };
         let mut gains_owned = self.gains.take();
-        let mut halo_owned = if observe.is_some() {
-            self.halo.take()
-        } else {
-            None
-        };
+        let mut halo_owned = self.halo.take();
         let w = self.workspace(backend, n, d)?;
         let target: &B::Buffer = ensemble;
         if let Some(bias) = w.bias.as_mut() {
@@ -707,9 +703,7 @@ impl<B: Backend> Enff<B> {
         std::mem::swap(&mut w.x, ensemble);
         self.gains = gains_owned;
         self.moments = moments_owned;
-        if halo_owned.is_some() {
-            self.halo = halo_owned;
-        }
+        self.halo = halo_owned;
         // The one host round trip of an analysis: deferred error flags (non-finite inputs or
         // weights) and device errors.
         backend.sync()
