@@ -198,18 +198,12 @@ fn adaptive_inflation_is_one_factor_for_all_ranks() {
         &[],
     );
     assert!(o.status.success(), "{}", text(&o));
-    let got = metrics(&out);
-    assert_eq!(got.len(), want.len());
-    for (w, g) in want.iter().zip(&got) {
-        for key in ["spread_forecast", "rmse", "spread"] {
-            let (x, y) = (w[key], g[key]);
-            assert!(
-                (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
-                "cycle {}: {key} {y} vs single process {x}",
-                w["cycle"]
-            );
-        }
-    }
+    metrics_agree(
+        &want,
+        &metrics(&out),
+        &["spread_forecast", "rmse", "spread"],
+        "3 ranks",
+    );
 }
 
 /// Each rank on its own GPU backend (here every rank opens the same adapter): the sharded
@@ -245,14 +239,26 @@ fn gpu_backend_per_rank_matches_the_single_process_gpu_run() {
     let args = on_gpu(&out);
     let o = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
     assert!(o.status.success(), "{}", text(&o));
-    let got = metrics(&out);
-    assert_eq!(got.len(), want.len());
-    for (w, g) in want.iter().zip(&got) {
-        for key in ["rmse_forecast", "spread_forecast", "rmse", "spread"] {
+    metrics_agree(&want, &metrics(&out), &ALL_METRICS, "2 GPU ranks");
+}
+
+/// Every cycle's RMSE and spread, forecast and analysis.
+const ALL_METRICS: [&str; 4] = ["rmse_forecast", "spread_forecast", "rmse", "spread"];
+
+/// The documented tolerance of a sharded run: 1e-4 relative on every cycle's `keys`.
+fn metrics_agree(
+    want: &[std::collections::HashMap<String, f64>],
+    got: &[std::collections::HashMap<String, f64>],
+    keys: &[&str],
+    what: &str,
+) {
+    assert_eq!(got.len(), want.len(), "{what}: cycles");
+    for (w, g) in want.iter().zip(got) {
+        for &key in keys {
             let (x, y) = (w[key], g[key]);
             assert!(
                 (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
-                "cycle {}: {key} {y} vs single process {x}",
+                "{what}, cycle {}: {key} {y} vs single process {x}",
                 w["cycle"]
             );
         }
@@ -279,19 +285,12 @@ fn ten_cycles_over_2_and_4_ranks_give_the_single_process_metrics() {
             &[],
         );
         assert!(o.status.success(), "{ranks} ranks: {}", text(&o));
-        let got = metrics(&out);
-        assert_eq!(got.len(), 10);
-        // The documented tolerance: 1e-4 relative on every cycle's RMSE and spread.
-        for (w, g) in want.iter().zip(&got) {
-            for key in ["rmse_forecast", "spread_forecast", "rmse", "spread"] {
-                let (x, y) = (w[key], g[key]);
-                assert!(
-                    (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
-                    "{ranks} ranks, cycle {}: {key} {y} vs single process {x}",
-                    w["cycle"]
-                );
-            }
-        }
+        metrics_agree(
+            &want,
+            &metrics(&out),
+            &ALL_METRICS,
+            &format!("{ranks} ranks"),
+        );
         let summary: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(out.join("summary.json")).expect("summary.json"),
         )
