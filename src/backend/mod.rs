@@ -320,27 +320,7 @@ pub trait Backend: Send + Sync {
         gain: &mut Self::Buffer,
         hbar: &mut Self::Buffer,
     ) -> Result<()> {
-        let shape = check_local_gains(g, gain, hbar)?;
-        let (x, xh) = (self.read(g.forecast)?, self.read(g.endpoint)?);
-        let (index, taper) = (self.read(g.index)?, self.read(g.taper)?);
-        let mut k = vec![0.0f32; gain.len()];
-        let mut hb = vec![0.0f32; hbar.len()];
-        cpu::gain::local_gains(
-            &cpu::gain::GainInputs {
-                x: &x,
-                xh: &xh,
-                index: &index,
-                taper: &taper,
-                shape,
-                observe: g.observe,
-                noise_std: g.noise_std,
-                tau: g.tau,
-            },
-            &mut k,
-            &mut hb,
-        )?;
-        self.write(gain, &k)?;
-        self.write(hbar, &hb)
+        local_gains_on_host(self, g, gain, hbar)
     }
 
     // ---- ensemble transforms (Kalman-type filters, resampling) -------------------------------
@@ -521,6 +501,38 @@ pub struct GainShape {
     pub m: usize,
     /// Window entries per component `w`.
     pub w: usize,
+}
+
+/// [`Backend::local_gains`] through the host: reads the inputs back, runs the CPU twin
+/// ([`cpu::gain::local_gains`]) and writes the gains and `hbar` (the trait's default, and the
+/// GPU backend's path for problems its kernels do not take).
+pub(crate) fn local_gains_on_host<B: Backend + ?Sized>(
+    b: &B,
+    g: &LocalGains<'_, B>,
+    gain: &mut B::Buffer,
+    hbar: &mut B::Buffer,
+) -> Result<()> {
+    let shape = check_local_gains(g, gain, hbar)?;
+    let (x, xh) = (b.read(g.forecast)?, b.read(g.endpoint)?);
+    let (index, taper) = (b.read(g.index)?, b.read(g.taper)?);
+    let mut k = vec![0.0f32; gain.len()];
+    let mut hb = vec![0.0f32; hbar.len()];
+    cpu::gain::local_gains(
+        &cpu::gain::GainInputs {
+            x: &x,
+            xh: &xh,
+            index: &index,
+            taper: &taper,
+            shape,
+            observe: g.observe,
+            noise_std: g.noise_std,
+            tau: g.tau,
+        },
+        &mut k,
+        &mut hb,
+    )?;
+    b.write(gain, &k)?;
+    b.write(hbar, &hb)
 }
 
 /// Checks the shapes and scalars of a [`LocalGains`] call against its outputs.

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{make_kernel, shape_err, Access, Gpu, GpuBuffer, Kernel};
+use super::{groups_2d, make_kernel, shape_err, Access, Gpu, GpuBuffer, Kernel};
 use crate::backend::cpu::ensemble_space as twin;
 use crate::backend::{Backend, LocalAnalysis};
 use crate::error::{Error, Result};
@@ -99,18 +99,6 @@ impl EnsembleSpaceKernels {
             ybar: Mutex::new(None),
         }
     }
-}
-
-/// Workgroups for `count` independent items: `(x, y)` with `x ≤ 65535`.
-fn groups_2d(count: usize) -> Result<(u32, u32)> {
-    let x = count.clamp(1, 65_535);
-    let y = count.div_ceil(x).max(1);
-    if y > 65_535 {
-        return Err(Error::TooLarge {
-            detail: format!("{count} workgroups exceed one dispatch"),
-        });
-    }
-    Ok((x as u32, y as u32))
 }
 
 impl Gpu {

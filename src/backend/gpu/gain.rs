@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{groups_1d, make_kernel, pointwise_code, Access, Gpu, GpuBuffer, Kernel};
+use super::{groups_1d, groups_2d, make_kernel, pointwise_code, Access, Gpu, GpuBuffer, Kernel};
 use crate::backend::{check_gain_step, check_local_gains, Backend, GainStep, LocalGains};
 use crate::error::{Error, Result};
 
@@ -196,7 +196,7 @@ pub(super) fn local_gains(
                 gpu.summary.name,
             );
         }
-        return host_local_gains(gpu, g, gain, hbar);
+        return crate::backend::local_gains_on_host(gpu, g, gain, hbar);
     };
     let (n, d) = (shape.n, shape.d);
     if d == 0 {
@@ -248,48 +248,6 @@ pub(super) fn local_gains(
     gpu.dispatch(solve, &p, &buffers, (gx, gy, 1))?;
     // A non-finite gain (an overflowed forecast) is reported at the next sync.
     gpu.check_finite(gain, "covariance guidance gain")
-}
-
-/// The host path: read the inputs back and run the CPU twin.
-fn host_local_gains(
-    gpu: &Gpu,
-    g: &LocalGains<'_, Gpu>,
-    gain: &mut GpuBuffer,
-    hbar: &mut GpuBuffer,
-) -> Result<()> {
-    let shape = check_local_gains(g, gain, hbar)?;
-    let (x, xh) = (gpu.read(g.forecast)?, gpu.read(g.endpoint)?);
-    let (index, taper) = (gpu.read(g.index)?, gpu.read(g.taper)?);
-    let mut kt = vec![0.0f32; shape.d * shape.w];
-    let mut hb = vec![0.0f32; hbar.rows * shape.m];
-    crate::backend::cpu::gain::local_gains(
-        &crate::backend::cpu::gain::GainInputs {
-            x: &x,
-            xh: &xh,
-            index: &index,
-            taper: &taper,
-            shape,
-            observe: g.observe,
-            noise_std: g.noise_std,
-            tau: g.tau,
-        },
-        &mut kt,
-        &mut hb,
-    )?;
-    gpu.write(gain, &kt)?;
-    gpu.write(hbar, &hb)
-}
-
-/// Workgroups for `count` independent items: `(x, y)` with `x ≤ 65535`.
-fn groups_2d(count: usize) -> Result<(u32, u32)> {
-    let x = count.clamp(1, 65_535);
-    let y = count.div_ceil(x).max(1);
-    if y > 65_535 {
-        return Err(Error::TooLarge {
-            detail: format!("{count} workgroups exceed one dispatch"),
-        });
-    }
-    Ok((x as u32, y as u32))
 }
 
 pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>) -> Result<()> {

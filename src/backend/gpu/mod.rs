@@ -225,6 +225,18 @@ fn groups_1d(threads: u64) -> Result<(u32, u32)> {
     Ok((x as u32, y as u32))
 }
 
+/// Workgroups for `count` independent items: `(x, y)` with `x ≤ 65535`.
+fn groups_2d(count: usize) -> Result<(u32, u32)> {
+    let x = count.clamp(1, 65_535);
+    let y = count.div_ceil(x).max(1);
+    if y > 65_535 {
+        return Err(Error::TooLarge {
+            detail: format!("{count} workgroups exceed one dispatch"),
+        });
+    }
+    Ok((x as u32, y as u32))
+}
+
 fn pointwise_code(p: Pointwise) -> u32 {
     match p {
         Pointwise::Identity => 0,
