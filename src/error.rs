@@ -182,7 +182,7 @@ pub enum Error {
         /// The file involved.
         path: String,
         /// What is wrong with it.
-        problem: crate::io::NpyProblem,
+        problem: NpyProblem,
     },
 
     /// Reading or writing a result file failed.
@@ -280,4 +280,109 @@ pub fn check_finite(name: &str, data: &[f32], cols: usize, hint: &str) -> Result
         });
     }
     Ok(())
+}
+
+/// The shape as NumPy prints it.
+pub fn shape_text(shape: &[usize]) -> String {
+    match shape {
+        [k] => format!("({k},)"),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Why a `.npy` file could not be read.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NpyProblem {
+    /// The file does not start with the `.npy` magic string.
+    NotNpy,
+    /// A format version other than 1.0, 2.0 or 3.0.
+    UnsupportedVersion {
+        /// Major version byte.
+        major: u8,
+        /// Minor version byte.
+        minor: u8,
+    },
+    /// The header is not a dict with `descr`, `fortran_order` and `shape`.
+    BadHeader(String),
+    /// An element type other than little-endian float32 / float64.
+    Dtype(String),
+    /// A big-endian float array.
+    BigEndian(String),
+    /// The array is stored in Fortran (column-major) order.
+    FortranOrder,
+    /// The array has neither one nor two dimensions.
+    Rank(Vec<usize>),
+    /// The file ends before all values.
+    Truncated {
+        /// Data bytes the header announces.
+        expected: u64,
+        /// Data bytes present.
+        got: u64,
+    },
+    /// Bytes follow the last value.
+    TrailingBytes {
+        /// Data bytes the header announces.
+        expected: u64,
+        /// Data bytes present.
+        got: u64,
+    },
+}
+
+impl std::fmt::Display for NpyProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NpyProblem::NotNpy => write!(
+                f,
+                "not a .npy file (no \\x93NUMPY magic): write the array with numpy.save"
+            ),
+            NpyProblem::UnsupportedVersion { major, minor } => write!(
+                f,
+                "format version {major}.{minor} is not supported: use version 1.0, 2.0 or 3.0 \
+                 (numpy.save writes these)"
+            ),
+            NpyProblem::BadHeader(why) => write!(
+                f,
+                "malformed header ({why}): write the array with numpy.save"
+            ),
+            NpyProblem::Dtype(d) => write!(
+                f,
+                "dtype `{d}` is not supported: save float32 or float64, e.g. \
+                 np.save(path, a.astype(np.float32))"
+            ),
+            NpyProblem::BigEndian(d) => write!(
+                f,
+                "big-endian dtype `{d}`: save little-endian floats, e.g. \
+                 np.save(path, a.astype('<f4'))"
+            ),
+            NpyProblem::FortranOrder => write!(
+                f,
+                "fortran_order is True: save a C-ordered array, e.g. \
+                 np.save(path, np.ascontiguousarray(a))"
+            ),
+            NpyProblem::Rank(shape) => write!(
+                f,
+                "shape {} has {} dimensions: enff reads 1-D and 2-D arrays (members × \
+                 components; reshape to 2-D first)",
+                shape_text(shape),
+                shape.len()
+            ),
+            NpyProblem::Truncated { expected, got } => write!(
+                f,
+                "truncated: the header announces {expected} data bytes but the file holds \
+                 {got}: the file was cut short, save it again"
+            ),
+            NpyProblem::TrailingBytes { expected, got } => write!(
+                f,
+                "{got} data bytes where the header announces {expected}: the file is not one \
+                 array written by numpy.save"
+            ),
+        }
+    }
 }

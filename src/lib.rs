@@ -55,6 +55,7 @@
 pub mod assimilator;
 pub mod backend;
 pub mod bench;
+pub mod cycle;
 pub mod distributed;
 pub mod ensemble;
 pub mod error;
@@ -62,8 +63,10 @@ pub mod experiment;
 pub mod filter;
 pub mod flow;
 pub mod io;
+pub mod localization;
 pub mod model;
 pub mod observe;
+pub mod partition;
 pub mod rng;
 
 pub use assimilator::{Assimilator, AssimilatorBuilder};

@@ -1063,8 +1063,8 @@ fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
             "seconds_per_cycle": per_cycle,
         }));
     }
-    output::write_atomic(&out.join("compare.csv"), csv.as_bytes())?;
-    output::write_atomic(&out.join("compare.md"), md.as_bytes())?;
+    enff::io::write_atomic(&out.join("compare.csv"), csv.as_bytes())?;
+    enff::io::write_atomic(&out.join("compare.md"), md.as_bytes())?;
     if !args.plots.no_plots && !curves.is_empty() {
         enff::experiment::plots::write_compare_plot(
             &out,
@@ -1258,11 +1258,11 @@ fn run_seeds(
         "runs": summaries,
     });
     let text = serde_json::to_string_pretty(&aggregate)?;
-    output::write_atomic(
+    enff::io::write_atomic(
         &out.join("seeds.csv"),
         sweep::seeds_csv(&summaries).as_bytes(),
     )?;
-    output::write_atomic(&out.join("summary.json"), text.as_bytes())?;
+    enff::io::write_atomic(&out.join("summary.json"), text.as_bytes())?;
     if ui.json {
         println!("{text}");
         return Ok(());

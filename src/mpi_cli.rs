@@ -133,29 +133,33 @@ fn run(world: &MpiWorld, args: RunArgs, ui: Ui) -> Result<()> {
     let n = experiment.config().ensemble.n;
     let d = shard.slab.d;
     let snapshots = out.as_ref().map(|o| o.join("ensembles"));
+    let every = args.save_ensembles.filter(|&e| e > 0);
     let outcome = on_backend!(&backend, b => distributed::run_sharded(
         &experiment,
         b,
         &shard,
-        args.save_ensembles,
+        &enff::experiment::RunOptions::default(),
         |m| {
             bar.set_message(format!("{:.4}", m.rmse));
             bar.inc(1);
         },
-        |cycle, x| match &snapshots {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| enff::Error::Io {
-                    path: dir.display().to_string(),
-                    source: e,
-                })?;
-                enff::io::npy::write_npy(
-                    &dir.join(format!("cycle_{cycle:04}.npy")),
-                    &[n, d],
-                    x,
-                    enff::io::npy::NpyDtype::F4,
-                )
+        |state| {
+            if every.is_none_or(|e| state.cycle % e != 0) {
+                return Ok(());
+            };
+            let x = state.gather_ensemble()?;
+            match &snapshots {
+                Some(dir) => {
+                    std::fs::create_dir_all(dir).map_err(|e| enff::io::io_err(dir, e))?;
+                    enff::io::npy::write_npy(
+                        &dir.join(format!("cycle_{:04}.npy", state.cycle)),
+                        &[n, d],
+                        &x,
+                        enff::io::npy::NpyDtype::F4,
+                    )
+                }
+                None => Ok(()),
             }
-            None => Ok(()),
         },
     ));
     bar.finish_and_clear();

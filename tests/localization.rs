@@ -4,8 +4,8 @@
 use enff::backend::cpu::Cpu;
 use enff::backend::{Backend, LocalAnalysis};
 use enff::experiment::{preset, Experiment};
-use enff::filter::localization::Localization;
 use enff::filter::{EnkfPo, Filter, Letkf, Observation, ParticleFilter, Resampling};
+use enff::localization::Localization;
 use enff::model::{DistanceKind, Geometry};
 use enff::observe::{ObservationOperator, Observe, Pointwise};
 use enff::rng::{self, NoiseKey, Stream};

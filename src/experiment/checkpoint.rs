@@ -18,24 +18,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::config::Config;
-use super::run::CycleMetrics;
+use crate::cycle::{CycleMetrics, DivergenceEvent};
 use crate::error::{Error, Result};
 
 /// File name of the checkpoint inside a run's output folder.
 pub const CHECKPOINT_FILE: &str = "checkpoint.enff";
 const MAGIC: &[u8; 8] = b"ENFFCKPT";
 const FORMAT: u32 = 1;
-
-/// A non-finite value met during a run kept going with `--on-divergence record`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DivergenceEvent {
-    /// Cycle (1-based).
-    pub cycle: usize,
-    /// Stage (`forecast`, `analysis, flow step k of K`, `metrics` …).
-    pub stage: String,
-    /// What was seen, and what the run did about it.
-    pub detail: String,
-}
 
 /// The JSON part of a checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -204,7 +193,7 @@ impl Checkpoint {
             path: dir.display().to_string(),
             source: e,
         })?;
-        super::output::write_atomic(&Checkpoint::path_in(dir), &self.to_bytes()?)
+        crate::io::write_atomic(&Checkpoint::path_in(dir), &self.to_bytes()?)
     }
 
     /// Reads `DIR/checkpoint.enff` (or the file itself when `path` is a file).

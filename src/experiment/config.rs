@@ -359,7 +359,7 @@ impl Config {
             self.ensf_config().validate()?;
         }
         if let Some(r) = self.filter.loc_radius {
-            crate::filter::localization::check_radius(r)?;
+            crate::localization::check_radius(r)?;
         }
         Ok(())
     }

@@ -12,15 +12,14 @@ pub mod file;
 pub mod output;
 pub mod plots;
 pub mod presets;
+mod report;
 mod run;
 pub mod sweep;
 pub mod trace;
 
-pub use checkpoint::{Checkpoint, DivergenceEvent};
+pub use crate::cycle::{CycleMetrics, DivergenceEvent, Fault, FaultStage, OnDivergence};
+pub use checkpoint::Checkpoint;
 pub use config::Config;
 pub use presets::{preset, Preset, DEFAULT_PRESET, PRESETS};
-pub use run::{
-    build_filter, CycleMetrics, CycleState, Experiment, Fault, FaultStage, MemoryEstimate,
-    OnDivergence, Report, RunOptions, Summary,
-};
-pub(crate) use run::{RunIdentity, RunTimes};
+pub use report::{Report, Summary};
+pub use run::{build_filter, CycleState, Experiment, MemoryEstimate, RunOptions};

@@ -4,42 +4,14 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::config::Config;
-use super::run::{CycleMetrics, Report};
+use super::report::Report;
+use crate::cycle::CycleMetrics;
 use crate::error::{Error, Result};
 
-pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
-    Error::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
-/// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp: PathBuf = {
-        let mut name = path
-            .file_name()
-            .map(|n| n.to_os_string())
-            .unwrap_or_else(|| "out".into());
-        name.push(format!(".{}.tmp", std::process::id()));
-        path.with_file_name(name)
-    };
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err(path, e));
-    }
-    Ok(())
-}
+use crate::io::{io_err, write_atomic};
 
 /// The per-cycle metrics as CSV text (header + one row per cycle).
 pub fn metrics_csv(report: &Report) -> String {

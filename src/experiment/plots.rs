@@ -44,10 +44,11 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::FontTransform;
 
-use super::output::write_atomic;
-use super::run::{CycleMetrics, Report};
+use super::report::Report;
 use super::trace::{FieldSnapshot, Hovmoller, Trace};
+use crate::cycle::CycleMetrics;
 use crate::error::{Error, Result};
+use crate::io::write_atomic;
 
 /// Pixel size of the RMSE/spread chart.
 pub const METRICS_SIZE: (u32, u32) = (1000, 600);

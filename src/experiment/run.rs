@@ -1,236 +1,26 @@
-//! The one time loop of enff: truth, observations, forecast → analysis → metrics.
-
-use std::time::Instant;
+//! The twin-experiment driver: a validated [`Experiment`], its memory check, and the one loop
+//! over cycles around the stepper ([`crate::cycle::Cycle`]), with checkpoints and the
+//! observers a caller attaches.
 
 use std::path::PathBuf;
+use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::checkpoint::{config_hash, Checkpoint, CheckpointHeader, DivergenceEvent};
+use super::checkpoint::{config_hash, Checkpoint, CheckpointHeader};
 use super::config::{Config, InitialMean};
-use crate::backend::{Backend, EnsembleStats};
+use super::report::{Report, RunIdentity, RunTimes, Summary};
+use crate::backend::Backend;
+use crate::cycle::{
+    Cycle, CycleMetrics, CycleSetup, DivergenceEvent, Fault, InitialDraw, OnDivergence, OneProcess,
+    Placement,
+};
 use crate::error::{Error, Result};
-use crate::filter::{Enff, Filter, Observation};
+use crate::filter::{Enff, Filter};
 use crate::flow::GuidanceKind;
 use crate::model::System;
 use crate::observe::ObservationOperator;
 use crate::rng::{self, NoiseKey, Stream};
-
-/// Metrics of one assimilation cycle (after the analysis unless marked forecast).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CycleMetrics {
-    /// Cycle number, 1-based.
-    pub cycle: usize,
-    /// Model time of the observation.
-    pub time: f64,
-    /// RMSE of the forecast mean against the truth.
-    pub rmse_forecast: f64,
-    /// Spread of the forecast.
-    pub spread_forecast: f64,
-    /// RMSE of the analysis mean against the truth.
-    pub rmse: f64,
-    /// Spread of the analysis.
-    pub spread: f64,
-    /// Wall time of the ensemble forecast, seconds.
-    pub seconds_forecast: f64,
-    /// Wall time of the analysis, seconds.
-    pub seconds_analysis: f64,
-    /// Effective sample size of a weighting filter (particle filter), else `None`.
-    pub ess: Option<f64>,
-}
-
-/// What identifies a run in its [`Summary`], besides its configuration and metrics.
-pub(crate) struct RunIdentity {
-    pub preset: String,
-    pub filter: String,
-    pub backend: String,
-    pub device: String,
-    pub model: String,
-    pub observation: String,
-    pub n: usize,
-    pub d: usize,
-    pub m: usize,
-    pub seed: u64,
-    pub expected_rmse: Option<(f64, f64)>,
-}
-
-/// Seconds a run spent: in all, in forecasts and in analyses.
-pub(crate) struct RunTimes {
-    pub total: f64,
-    pub forecast: f64,
-    pub analysis: f64,
-}
-
-impl Summary {
-    /// The summary of a finished run (single-process or sharded): the time means over the
-    /// cycles after the burn-in, leaving out the cycles named in `divergences` (NaN when no
-    /// cycle is left).
-    pub(crate) fn of_run(
-        id: RunIdentity,
-        cfg: &Config,
-        metrics: &[CycleMetrics],
-        times: RunTimes,
-        divergences: Vec<DivergenceEvent>,
-        resumed_from: Option<usize>,
-    ) -> Summary {
-        let bad: std::collections::HashSet<usize> = divergences.iter().map(|e| e.cycle).collect();
-        let kept: Vec<&CycleMetrics> = metrics[cfg.experiment.burn_in.min(metrics.len())..]
-            .iter()
-            .filter(|r| !bad.contains(&r.cycle))
-            .collect();
-        let mean = |f: fn(&CycleMetrics) -> f64| {
-            kept.iter().map(|r| f(r)).sum::<f64>() / kept.len() as f64
-        };
-        Summary {
-            preset: id.preset,
-            filter: id.filter,
-            backend: id.backend,
-            device: id.device,
-            model: id.model,
-            observation: id.observation,
-            n: id.n,
-            d: id.d,
-            m: id.m,
-            cycles: cfg.experiment.cycles,
-            burn_in: cfg.experiment.burn_in,
-            flow_steps: cfg.filter.flow_steps,
-            sigma_min: cfg.filter.sigma_min,
-            guidance_scale: cfg.filter.guidance_scale,
-            seed: id.seed,
-            rmse_mean: mean(|r| r.rmse),
-            spread_mean: mean(|r| r.spread),
-            rmse_forecast_mean: mean(|r| r.rmse_forecast),
-            rmse_last: metrics.last().map_or(f64::NAN, |r| r.rmse),
-            expected_rmse: id.expected_rmse,
-            seconds_total: times.total,
-            seconds_per_cycle: times.total / cfg.experiment.cycles.max(1) as f64,
-            seconds_forecast: times.forecast,
-            seconds_analysis: times.analysis,
-            divergences,
-            resumed_from,
-        }
-    }
-}
-
-/// The run summary written to `summary.json`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Summary {
-    /// Preset name (or `custom`).
-    pub preset: String,
-    /// Filter name.
-    pub filter: String,
-    /// Backend name.
-    pub backend: String,
-    /// Backend description (threads, adapter).
-    pub device: String,
-    /// Model description.
-    pub model: String,
-    /// Observation operator.
-    pub observation: String,
-    /// Ensemble size.
-    pub n: usize,
-    /// State dimension.
-    pub d: usize,
-    /// Observation dimension.
-    pub m: usize,
-    /// Assimilation cycles run.
-    pub cycles: usize,
-    /// Cycles excluded from the means.
-    pub burn_in: usize,
-    /// EnFF flow steps.
-    pub flow_steps: usize,
-    /// EnFF σ_min.
-    pub sigma_min: f32,
-    /// EnFF λ.
-    pub guidance_scale: f32,
-    /// Seed of every stream.
-    pub seed: u64,
-    /// Mean analysis RMSE over the cycles after burn-in.
-    pub rmse_mean: f64,
-    /// Mean analysis spread over the cycles after burn-in.
-    pub spread_mean: f64,
-    /// Mean forecast RMSE over the cycles after burn-in.
-    pub rmse_forecast_mean: f64,
-    /// Analysis RMSE of the last cycle.
-    pub rmse_last: f64,
-    /// The preset's expected band for `rmse_mean`, if any.
-    pub expected_rmse: Option<(f64, f64)>,
-    /// Total wall time of the cycle loop (including truth and observations), seconds.
-    pub seconds_total: f64,
-    /// `seconds_total / cycles`.
-    pub seconds_per_cycle: f64,
-    /// Total ensemble-forecast time, seconds.
-    pub seconds_forecast: f64,
-    /// Total analysis time, seconds.
-    pub seconds_analysis: f64,
-    /// Cycles where a non-finite value was met and the run went on
-    /// (`--on-divergence record`); their metrics are left out of the means.
-    pub divergences: Vec<DivergenceEvent>,
-    /// The cycle this run was resumed after, if it continued a checkpoint.
-    pub resumed_from: Option<usize>,
-}
-
-/// What a run does when the ensemble, the weights or the metrics become non-finite.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnDivergence {
-    /// Stop with [`Error::Diverged`] naming the cycle and stage (the default).
-    #[default]
-    Stop,
-    /// Log the event and keep cycling: a failed analysis is replaced by the forecast, a failed
-    /// forecast by a fresh draw of the initial ensemble; the cycle's metrics are kept (NaN
-    /// where they were non-finite) and left out of the summary's means.
-    Record,
-}
-
-impl OnDivergence {
-    /// Parses `stop` or `record`.
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "stop" => Ok(OnDivergence::Stop),
-            "record" => Ok(OnDivergence::Record),
-            other => Err(Error::invalid(
-                "--on-divergence",
-                other,
-                "use `stop` (end the run with an error) or `record` (log and keep cycling)",
-            )),
-        }
-    }
-}
-
-/// Where a test-injected fault strikes ([`Fault`]).
-#[doc(hidden)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FaultStage {
-    /// A NaN in the forecast ensemble.
-    Forecast,
-    /// A NaN in the flow state at flow step `k` (1-based) of the analysis.
-    FlowStep(usize),
-    /// A NaN in the observation operator's output during guidance.
-    Guidance,
-    /// A NaN in the truth, so that only the metrics are non-finite.
-    Metrics,
-}
-
-/// Faults a test injects into a run through [`RunOptions::fault`].
-#[doc(hidden)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    /// Stop with [`Error::Interrupted`] once this cycle is complete (and checkpointed if due),
-    /// as a killed process would.
-    AbortAfter(usize),
-    /// A NaN at this cycle and stage.
-    NonFinite {
-        /// Cycle (1-based).
-        cycle: usize,
-        /// Stage.
-        stage: FaultStage,
-    },
-    /// The device reports itself lost at the start of this cycle.
-    DeviceLost(usize),
-    /// An allocation fails for lack of device memory at the start of this cycle.
-    OutOfMemory(usize),
-}
 
 /// How to run: checkpoints, resumption, divergence policy.
 #[derive(Clone, Debug, Default)]
@@ -250,15 +40,6 @@ pub struct RunOptions {
     pub fault: Option<Fault>,
 }
 
-/// Everything a run produced.
-#[derive(Clone, Debug)]
-pub struct Report {
-    /// The summary.
-    pub summary: Summary,
-    /// One row per cycle.
-    pub metrics: Vec<CycleMetrics>,
-}
-
 /// The state after one cycle's analysis, as it lives on the backend.
 pub struct CycleState<'a, B: Backend> {
     /// The backend holding the buffers.
@@ -269,8 +50,19 @@ pub struct CycleState<'a, B: Backend> {
     pub time: f64,
     /// The truth (`1 × d`).
     pub truth: &'a B::Buffer,
-    /// The analysis ensemble (`n × d`).
+    /// This process's part of the analysis ensemble (`n × d` in one process, `n × len` of
+    /// its slab over MPI ranks).
     pub ensemble: &'a B::Buffer,
+    /// Where the state lives.
+    pub placement: &'a dyn Placement<B>,
+}
+
+impl<B: Backend> CycleState<'_, B> {
+    /// The whole analysis ensemble (`n × d`) on the host: gathered from every process in a
+    /// sharded run (a collective: every process calls it), read back in one.
+    pub fn gather_ensemble(&self) -> Result<Vec<f32>> {
+        self.placement.gather(self.backend, self.ensemble)
+    }
 }
 
 /// Device memory a run needs (see [`Experiment::memory_estimate`]).
@@ -300,7 +92,7 @@ pub fn build_filter<B: Backend + 'static>(
         "letkf" => Box::new(
             crate::filter::Letkf::<B>::new(
                 f.loc_radius
-                    .unwrap_or(crate::filter::localization::DEFAULT_LETKF_RADIUS),
+                    .unwrap_or(crate::filter::letkf::DEFAULT_LETKF_RADIUS),
                 f.inflation,
             )?
             .with_geometry(model.geometry(), f.loc_distance),
@@ -309,7 +101,7 @@ pub fn build_filter<B: Backend + 'static>(
             let localization = f
                 .loc_radius
                 .map(|r| {
-                    crate::filter::localization::Localization::new(
+                    crate::localization::Localization::new(
                         r,
                         model.geometry(),
                         f.loc_distance,
@@ -339,31 +131,6 @@ pub fn build_filter<B: Backend + 'static>(
             })
         }
     })
-}
-
-/// What to try when the forecast of `model` blew up (appended to the divergence report).
-fn forecast_hint(model: &crate::model::Model, cfg: &Config) -> String {
-    use crate::model::System;
-    let every = cfg.observe.obs_every;
-    match &model.system {
-        // Forward Euler with central advection amplifies grid-scale modes by about
-        // 1 + (|u|·dt/h)²/2 per step, which viscosity no longer damps once a member's local
-        // velocity grows: the step must shrink (ns_64's seed 715319214 blows up at dt = 1e-3
-        // and runs with dt = 5e-4).
-        System::NavierStokes2d(ns) => format!(
-            "the explicit Navier–Stokes step is stable only while max|u|·dt/h stays well below \
-             1 (h = {:.4}): halve model.dt and double observe.obs_every (now {} and {every}) to \
-             keep the observation interval",
-            ns.spacing(),
-            model.dt
-        ),
-        System::KuramotoSivashinsky(_) => format!(
-            "reduce model.dt (now {}) and raise observe.obs_every (now {every}) to keep the \
-             observation interval (the paper uses dt = 0.25)",
-            model.dt
-        ),
-        _ => "reduce model.dt or check the filter settings".to_string(),
-    }
 }
 
 /// A validated twin experiment.
@@ -640,28 +407,6 @@ impl Experiment {
             })
     }
 
-    /// The initial ensemble around the truth or around zero; `draw` 0 at the start, the cycle
-    /// number when a diverged ensemble is drawn afresh.
-    fn initial_ensemble<B: Backend>(
-        &self,
-        backend: &B,
-        truth: &B::Buffer,
-        ensemble: &mut B::Buffer,
-        draw: usize,
-    ) -> Result<()> {
-        let cfg = &self.config;
-        let centre = match cfg.ensemble.init_mean {
-            InitialMean::Truth => Some(truth),
-            InitialMean::Zero => None,
-        };
-        backend.fill_normal(
-            ensemble,
-            NoiseKey::new(cfg.experiment.seed, Stream::InitialEnsemble, draw as u32),
-            centre,
-            cfg.ensemble.init_std,
-        )
-    }
-
     /// Runs the experiment on `backend`, calling `on_cycle` after every cycle. A run that
     /// cannot fit in the backend's memory (where it reports its size) is refused first.
     pub fn run<B: Backend + 'static>(
@@ -696,10 +441,25 @@ impl Experiment {
         self.run_full(backend, options, on_cycle, |_| Ok(()))
     }
 
-    /// [`Experiment::run_with`] and [`Experiment::run_observed`] together.
+    /// [`Experiment::run_with`] and [`Experiment::run_observed`] together, in one process.
     pub fn run_full<B: Backend + 'static>(
         &self,
         backend: &B,
+        options: &RunOptions,
+        on_cycle: impl FnMut(&CycleMetrics),
+        on_state: impl FnMut(&CycleState<'_, B>) -> Result<()>,
+    ) -> Result<Report> {
+        let placement = OneProcess::new(self.config.state_dim());
+        self.run_placed(backend, Box::new(placement), options, on_cycle, on_state)
+    }
+
+    /// [`Experiment::run_full`] with the state placed by `placement` (one process, or slabs
+    /// over MPI ranks: see `crate::distributed`). Every process calls it; checkpoints are
+    /// written by the root process.
+    pub fn run_placed<'b, B: Backend + 'static>(
+        &self,
+        backend: &'b B,
+        placement: Box<dyn Placement<B> + 'b>,
         options: &RunOptions,
         on_cycle: impl FnMut(&CycleMetrics),
         on_state: impl FnMut(&CycleState<'_, B>) -> Result<()>,
@@ -718,112 +478,117 @@ impl Experiment {
             ));
         }
         let mut last_checkpoint = None;
-        self.run_inner(backend, options, on_cycle, on_state, &mut last_checkpoint)
-            .map_err(|e| match e {
-                Error::TooLarge { detail } => {
-                    let est = self.memory_estimate();
-                    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-                    Error::TooLarge {
-                        detail: format!(
-                            "{detail}. This run (n = {}, d = {}) needs about {:.2} GiB on the {} \
-                             backend ({:.3} GiB per member): reduce ensemble.n or model.d",
-                            self.config.ensemble.n,
-                            self.config.state_dim(),
-                            gib(est.total),
-                            backend.name(),
-                            gib(est.per_member)
-                        ),
-                    }
+        self.drive(
+            backend,
+            placement,
+            options,
+            on_cycle,
+            on_state,
+            &mut last_checkpoint,
+        )
+        .map_err(|e| match e {
+            Error::TooLarge { detail } => {
+                let est = self.memory_estimate();
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                Error::TooLarge {
+                    detail: format!(
+                        "{detail}. This run (n = {}, d = {}) needs about {:.2} GiB on the {} \
+                         backend ({:.3} GiB per member): reduce ensemble.n or model.d",
+                        self.config.ensemble.n,
+                        self.config.state_dim(),
+                        gib(est.total),
+                        backend.name(),
+                        gib(est.per_member)
+                    ),
                 }
-                other => other,
-            })
-            .map_err(|e| match (e, &last_checkpoint, &options.checkpoint_dir) {
-                (e @ Error::Interrupted { .. }, _, _) => e,
-                (e, Some(cycle), Some(dir)) => Error::Resumable {
-                    hint: if backend.name() == "gpu" {
-                        " (add --backend cpu to continue without the GPU)".into()
-                    } else {
-                        String::new()
-                    },
-                    source: Box::new(e),
-                    cycle: *cycle,
-                    dir: dir.display().to_string(),
+            }
+            other => other,
+        })
+        .map_err(|e| match (e, &last_checkpoint, &options.checkpoint_dir) {
+            (e @ Error::Interrupted { .. }, _, _) => e,
+            (e, Some(cycle), Some(dir)) => Error::Resumable {
+                hint: if backend.name() == "gpu" {
+                    " (add --backend cpu to continue without the GPU)".into()
+                } else {
+                    String::new()
                 },
-                (e, _, _) => e,
-            })
+                source: Box::new(e),
+                cycle: *cycle,
+                dir: dir.display().to_string(),
+            },
+            (e, _, _) => e,
+        })
     }
 
-    fn run_inner<B: Backend + 'static>(
+    /// The stepper of this experiment on `backend`, placed by `placement`, before its first
+    /// cycle (or after the checkpoint's last one).
+    pub fn stepper<'b, B: Backend + 'static>(
         &self,
-        backend: &B,
+        backend: &'b B,
+        placement: Box<dyn Placement<B> + 'b>,
         options: &RunOptions,
-        mut on_cycle: impl FnMut(&CycleMetrics),
-        mut on_state: impl FnMut(&CycleState<'_, B>) -> Result<()>,
-        last_checkpoint: &mut Option<usize>,
-    ) -> Result<Report> {
+    ) -> Result<Cycle<'b, B>> {
         let cfg = &self.config;
         let seed = cfg.experiment.seed;
         let theta = rng::uniform(&NoiseKey::new(seed, Stream::Truth, 0).with_step(1), 0, 0)
             * std::f64::consts::TAU;
         let model = cfg.model_with_theta(theta)?;
         let op = cfg.observation_operator()?;
-        let (n, d) = (cfg.ensemble.n, model.dim());
-        let m = op.obs_dim(d)?;
-        let obs_every = cfg.observe.obs_every;
         let mut filter = build_filter::<B>(cfg, &model)?;
         filter.set_step_checks(options.step_checks || options.fault.is_some());
-        let started = Instant::now();
-        let resume = options.resume.as_ref();
-        let fault = options.fault;
-        let nan_at =
-            |cycle: usize, stage: FaultStage| fault == Some(Fault::NonFinite { cycle, stage });
-
-        // Truth and initial ensemble: from the checkpoint, or drawn and spun up.
-        let mut truth = backend.zeros(1, d)?;
-        let mut ensemble = backend.zeros(n, d)?;
-        if let Some(ck) = resume {
-            if (ck.header.n, ck.header.d) != (n, d) {
-                return Err(Error::shape(
-                    "checkpoint ensemble",
-                    format!("{n} × {d}"),
-                    format!("{} × {}", ck.header.n, ck.header.d),
-                ));
-            }
-            backend.write(&mut truth, &ck.truth)?;
-            backend.write(&mut ensemble, &ck.ensemble)?;
-            filter.restore_state(&ck.filter_state)?;
-        } else {
-            self.initial_truth(backend, &model, &mut truth)?;
-            self.initial_ensemble(backend, &truth, &mut ensemble, 0)?;
+        if let Some(shard) = placement.shard() {
+            filter.place(shard)?;
         }
-        let mut previous = if filter.needs_previous_analysis() {
-            Some(backend.zeros(n, d)?)
-        } else {
-            None
+        let mut truth = backend.zeros(1, model.dim())?;
+        if options.resume.is_none() {
+            self.initial_truth(backend, &model, &mut truth)?;
+        }
+        let setup = CycleSetup {
+            n: cfg.ensemble.n,
+            operator: op,
+            noise_std: cfg.observe.noise_std,
+            obs_every: cfg.observe.obs_every,
+            seed,
+            spinup: cfg.experiment.spinup,
+            initial: InitialDraw {
+                on_truth: cfg.ensemble.init_mean == InitialMean::Truth,
+                std: cfg.ensemble.init_std,
+            },
+            on_divergence: options.on_divergence,
+            fault: options.fault,
+            model,
         };
-        // The forecast kept aside, to fall back on when an analysis fails (record mode).
-        let mut fallback = if options.on_divergence == OnDivergence::Record {
-            Some(backend.zeros(n, d)?)
-        } else {
-            None
-        };
-        let mut hx = backend.zeros(1, m)?;
-        let mut y = backend.zeros(1, m)?;
+        let mut stepper = Cycle::new(backend, placement, filter, setup, truth)?;
+        if let Some(ck) = &options.resume {
+            stepper.resume(ck.header.cycle, &ck.truth, &ck.ensemble, &ck.filter_state)?;
+        }
+        Ok(stepper)
+    }
 
+    /// The driver: the one loop over cycles, with the observers around the stepper.
+    fn drive<'b, B: Backend + 'static>(
+        &self,
+        backend: &'b B,
+        placement: Box<dyn Placement<B> + 'b>,
+        options: &RunOptions,
+        mut on_cycle: impl FnMut(&CycleMetrics),
+        mut on_state: impl FnMut(&CycleState<'_, B>) -> Result<()>,
+        last_checkpoint: &mut Option<usize>,
+    ) -> Result<Report> {
+        let cfg = &self.config;
+        let started = Instant::now();
+        let mut stepper = self.stepper(backend, placement, options)?;
+        let fault = options.fault;
         let mut metrics = Vec::with_capacity(cfg.experiment.cycles);
         let mut divergences = Vec::new();
         let (mut total_forecast, mut total_analysis, mut before) = (0.0f64, 0.0f64, 0.0f64);
-        let first = match resume {
-            Some(ck) => {
-                metrics.extend(ck.header.metrics.iter().cloned());
-                divergences.extend(ck.header.divergences.iter().cloned());
-                [before, total_forecast, total_analysis] = ck.header.seconds;
-                ck.header.cycle
-            }
-            None => 0,
-        };
-        for k in first..cfg.experiment.cycles {
-            let cycle = k + 1;
+        if let Some(ck) = &options.resume {
+            metrics.extend(ck.header.metrics.iter().cloned());
+            divergences.extend(ck.header.divergences.iter().cloned());
+            [before, total_forecast, total_analysis] = ck.header.seconds;
+        }
+        while stepper.completed() < cfg.experiment.cycles {
+            let cycle = stepper.completed() + 1;
             match fault {
                 Some(Fault::DeviceLost(c)) if c == cycle => {
                     return Err(Error::Gpu(format!(
@@ -838,185 +603,32 @@ impl Experiment {
                 }
                 _ => {}
             }
-            let mut diverged: Option<DivergenceEvent> = None;
-            // Forecast (none on the first cycle: the ensemble starts at the first obs time).
-            let t_forecast = Instant::now();
-            if let Some(p) = previous.as_mut() {
-                backend.copy(&ensemble, p)?;
-            }
-            if k > 0 {
-                backend.advance(&model, &mut ensemble, obs_every)?;
-                // Wait for queued device work so the forecast time is the real one.
-                backend.sync()?;
-            }
-            let seconds_forecast = t_forecast.elapsed().as_secs_f64();
-            if k > 0 {
-                backend.advance(&model, &mut truth, obs_every)?;
-            }
-            if nan_at(cycle, FaultStage::Forecast) {
-                poison(backend, &mut ensemble)?;
-            }
-            if nan_at(cycle, FaultStage::Metrics) {
-                poison(backend, &mut truth)?;
-            }
-            let mut fc = backend.ensemble_stats(&ensemble, &truth)?;
-            if !(fc.rmse.is_finite() && fc.spread.is_finite()) {
-                let mut event = locate(backend, &ensemble, &truth, cycle, "forecast")?;
-                if event.stage == "forecast" {
-                    event.detail = format!("{}; {}", event.detail, forecast_hint(&model, cfg));
-                }
-                if options.on_divergence == OnDivergence::Stop || event.stage == "metrics" {
-                    return Err(event.into_error());
-                }
-                // Record: start again from a fresh draw of the initial ensemble.
-                self.initial_ensemble(backend, &truth, &mut ensemble, cycle)?;
-                fc = backend.ensemble_stats(&ensemble, &truth)?;
-                log::warn!("{} ; the ensemble was drawn afresh", event.message());
-                diverged = Some(DivergenceEvent {
-                    detail: format!("{}; the ensemble was drawn afresh", event.detail),
-                    ..event
-                });
-            }
-
-            // Observation y = h(x_true) + σ_y η.
-            backend.observe(&op, &truth, &mut hx)?;
-            backend.fill_normal(
-                &mut y,
-                NoiseKey::new(seed, Stream::Observation, cycle as u32),
-                Some(&hx),
-                cfg.observe.noise_std,
-            )?;
-
-            // Analysis.
-            if let Some(f) = fallback.as_mut() {
-                backend.copy(&ensemble, f)?;
-            }
-            filter.inject_fault(match fault {
-                Some(Fault::NonFinite {
-                    cycle: c,
-                    stage: FaultStage::FlowStep(s),
-                }) if c == cycle => Some(crate::filter::InjectedFault::FlowStep(s)),
-                Some(Fault::NonFinite {
-                    cycle: c,
-                    stage: FaultStage::Guidance,
-                }) if c == cycle => Some(crate::filter::InjectedFault::Guidance),
-                _ => None,
-            });
-            let t_analysis = Instant::now();
-            let obs = Observation {
-                y: &y,
-                operator: &op,
-                noise_std: cfg.observe.noise_std,
-            };
-            let outcome = filter.analyse(
-                backend,
-                &mut ensemble,
-                previous.as_ref(),
-                &obs,
-                cycle as u32,
-            );
-            let nan = EnsembleStats {
-                rmse: f64::NAN,
-                spread: f64::NAN,
-            };
-            let mut failure: Option<(String, String)> = None;
-            let mut an = match outcome {
-                Ok(()) => backend.ensemble_stats(&ensemble, &truth)?,
-                // A filter that locates the failure itself (EnFF: flow step k).
-                Err(Error::Diverged { stage, detail, .. }) => {
-                    failure = Some((stage, detail));
-                    nan
-                }
-                Err(e @ Error::NonFinite { .. }) => {
-                    failure = Some(("analysis".to_string(), e.to_string()));
-                    nan
-                }
-                Err(other) => return Err(other),
-            };
-            let seconds_analysis = t_analysis.elapsed().as_secs_f64();
-            if !(an.rmse.is_finite() && an.spread.is_finite()) {
-                let event = match failure.take() {
-                    Some((stage, detail)) => DivergenceEvent {
-                        cycle,
-                        stage,
-                        detail,
-                    },
-                    None => locate(backend, &ensemble, &truth, cycle, "analysis")?,
-                };
-                match (&mut fallback, options.on_divergence) {
-                    (Some(f), OnDivergence::Record) if event.stage != "metrics" => {
-                        backend.copy(f, &mut ensemble)?;
-                        log::warn!("{}; the forecast was kept as the analysis", event.message());
-                        an = backend.ensemble_stats(&ensemble, &truth)?;
-                        diverged = Some(DivergenceEvent {
-                            detail: format!("{}; the forecast was kept", event.detail),
-                            ..event
-                        });
-                    }
-                    _ => return Err(event.into_error()),
-                }
-            }
-            total_forecast += seconds_forecast;
-            total_analysis += seconds_analysis;
-            let row = CycleMetrics {
-                cycle,
-                time: (cfg.experiment.spinup + k * obs_every) as f64 * model.dt as f64,
-                rmse_forecast: fc.rmse,
-                spread_forecast: fc.spread,
-                rmse: an.rmse,
-                spread: an.spread,
-                seconds_forecast,
-                seconds_analysis,
-                ess: filter.effective_sample_size(),
-            };
+            let outcome = stepper.step()?;
+            let row = outcome.metrics;
+            total_forecast += row.seconds_forecast;
+            total_analysis += row.seconds_analysis;
             on_cycle(&row);
             on_state(&CycleState {
                 backend,
                 cycle,
                 time: row.time,
-                truth: &truth,
-                ensemble: &ensemble,
+                truth: stepper.truth(),
+                ensemble: stepper.ensemble(),
+                placement: stepper.placement(),
             })?;
             metrics.push(row);
-            if let Some(event) = diverged {
+            if let Some(event) = outcome.divergence {
                 divergences.push(event);
             }
             let due = options.checkpoint_every > 0
                 && (cycle % options.checkpoint_every == 0 || cycle == cfg.experiment.cycles);
             if let (true, Some(dir)) = (due, &options.checkpoint_dir) {
-                let ck = Checkpoint {
-                    header: CheckpointHeader {
-                        format: 1,
-                        enff_version: env!("CARGO_PKG_VERSION").to_string(),
-                        config_hash: config_hash(cfg),
-                        config: cfg.clone(),
-                        preset: self.name.clone(),
-                        expected_rmse: self.expected_rmse,
-                        backend: backend.name().to_string(),
-                        cycle,
-                        n,
-                        d,
-                        metrics: metrics.clone(),
-                        divergences: divergences.clone(),
-                        seconds: [
-                            before + started.elapsed().as_secs_f64(),
-                            total_forecast,
-                            total_analysis,
-                        ],
-                        filter_state_len: 0,
-                    },
-                    ensemble: backend.read(&ensemble)?,
-                    truth: backend.read(&truth)?,
-                    filter_state: filter.save_state(),
-                };
-                let ck = Checkpoint {
-                    header: CheckpointHeader {
-                        filter_state_len: ck.filter_state.len(),
-                        ..ck.header
-                    },
-                    ..ck
-                };
-                ck.write(dir)?;
+                let seconds = [
+                    before + started.elapsed().as_secs_f64(),
+                    total_forecast,
+                    total_analysis,
+                ];
+                self.write_checkpoint(dir, &stepper, &metrics, &divergences, seconds)?;
                 *last_checkpoint = Some(cycle);
             }
             if fault == Some(Fault::AbortAfter(cycle)) && cycle < cfg.experiment.cycles {
@@ -1034,18 +646,20 @@ impl Experiment {
                 });
             }
         }
+        let (n, d) = (cfg.ensemble.n, stepper.model().dim());
+        let op = cfg.observation_operator()?;
         let summary = Summary::of_run(
             RunIdentity {
                 preset: self.name.clone(),
-                filter: filter.name(),
+                filter: stepper.filter().name(),
                 backend: backend.name().to_string(),
-                device: backend.describe(),
-                model: model.name(),
+                device: stepper.placement().describe(&backend.describe()),
+                model: stepper.model().name(),
                 observation: op.name(),
                 n,
                 d,
-                m,
-                seed,
+                m: op.obs_dim(d)?,
+                seed: cfg.experiment.seed,
                 expected_rmse: self.expected_rmse,
             },
             cfg,
@@ -1056,73 +670,48 @@ impl Experiment {
                 analysis: total_analysis,
             },
             divergences,
-            resume.map(|ck| ck.header.cycle),
+            options.resume.as_ref().map(|ck| ck.header.cycle),
         );
         Ok(Report { summary, metrics })
     }
-}
 
-/// Puts a NaN into the first element of `buf` (fault injection).
-fn poison<B: Backend>(backend: &B, buf: &mut B::Buffer) -> Result<()> {
-    let mut host = backend.read(buf)?;
-    host[0] = f32::NAN;
-    backend.write(buf, &host)
-}
-
-/// Names the stage of a non-finite metric: the ensemble itself (`stage`) or, when the
-/// ensemble is finite, the metrics (a non-finite truth or an overflow in the statistics).
-fn locate<B: Backend>(
-    backend: &B,
-    ensemble: &B::Buffer,
-    truth: &B::Buffer,
-    cycle: usize,
-    stage: &str,
-) -> Result<DivergenceEvent> {
-    // `check_finite` may defer its verdict to the next sync (GPU): take it now.
-    let checked = backend
-        .check_finite(ensemble, &format!("{stage} ensemble"))
-        .and_then(|_| backend.sync());
-    let event = match checked {
-        Err(e @ Error::NonFinite { .. }) => DivergenceEvent {
-            cycle,
-            stage: stage.to_string(),
-            detail: e.to_string(),
-        },
-        Err(other) => return Err(other),
-        Ok(()) => {
-            let truth_checked = backend
-                .check_finite(truth, "truth")
-                .and_then(|_| backend.sync());
-            DivergenceEvent {
-                cycle,
-                stage: "metrics".to_string(),
-                detail: match truth_checked {
-                    Err(e) => e.to_string(),
-                    Ok(()) => {
-                        "the ensemble is finite but its RMSE or spread is not (overflow)".into()
-                    }
-                },
-            }
+    /// Writes the checkpoint of `stepper` after its last cycle into `dir` (the whole ensemble
+    /// is gathered on every process; the root process writes it).
+    fn write_checkpoint<B: Backend + 'static>(
+        &self,
+        dir: &std::path::Path,
+        stepper: &Cycle<'_, B>,
+        metrics: &[CycleMetrics],
+        divergences: &[DivergenceEvent],
+        seconds: [f64; 3],
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let ensemble = stepper.gather_ensemble()?;
+        if !stepper.placement().is_root() {
+            return Ok(());
         }
-    };
-    Ok(event)
-}
-
-impl DivergenceEvent {
-    /// The event as the error that stops a run.
-    pub fn into_error(self) -> Error {
-        Error::Diverged {
-            cycle: self.cycle,
-            stage: self.stage,
-            detail: self.detail,
-        }
-    }
-
-    /// One line for the log.
-    pub fn message(&self) -> String {
-        format!(
-            "divergence at cycle {} during {}: {}",
-            self.cycle, self.stage, self.detail
-        )
+        let filter_state = stepper.filter().save_state();
+        let ck = Checkpoint {
+            header: CheckpointHeader {
+                format: 1,
+                enff_version: env!("CARGO_PKG_VERSION").to_string(),
+                config_hash: config_hash(cfg),
+                config: cfg.clone(),
+                preset: self.name.clone(),
+                expected_rmse: self.expected_rmse,
+                backend: stepper.backend().name().to_string(),
+                cycle: stepper.completed(),
+                n: cfg.ensemble.n,
+                d: stepper.model().dim(),
+                metrics: metrics.to_vec(),
+                divergences: divergences.to_vec(),
+                seconds,
+                filter_state_len: filter_state.len(),
+            },
+            ensemble,
+            truth: stepper.backend().read(stepper.truth())?,
+            filter_state,
+        };
+        ck.write(dir)
     }
 }

@@ -22,10 +22,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::config::Config;
-use super::output::{io_err, is_vacant, write_atomic};
-use super::run::{CycleMetrics, Experiment, Summary};
+use super::output::is_vacant;
+use super::report::Summary;
+use super::run::Experiment;
 use crate::backend::Backend;
+use crate::cycle::CycleMetrics;
 use crate::error::{Error, Result};
+use crate::io::{io_err, write_atomic};
 use crate::rng::{self, NoiseKey, Stream};
 
 /// One grid axis: a setting and the values it takes (`filter.sigma_min=1e-3,1e-2`).

@@ -122,7 +122,7 @@
 //! device's gain table, which [`Backend::gain_step`] applies. Per analysis nothing of size
 //! `n × d` is read back; only the deferred error flags are, and, with adaptive inflation, the
 //! `2·m` observed moments of the forecast and `y` (an `m`-sized read, no ensemble).
-//! A sharded run ([`crate::distributed::halo`]) extends each rank's slab by halo components
+//! A sharded run ([`crate::partition::halo`]) extends each rank's slab by halo components
 //! through the host: the forecast once per analysis and the endpoints once per stage.
 //!
 //! Each component's system is solved in whichever space is smaller. In observation space
@@ -161,8 +161,8 @@ use rayon::prelude::*;
 
 use crate::backend::{Backend, MAX_GAIN_OBS};
 use crate::error::{Error, Result};
-use crate::filter::localization::gaspari_cohn;
 use crate::flow::GainSchedule;
+use crate::localization::gaspari_cohn;
 use crate::model::Geometry;
 use crate::observe::Observe;
 

@@ -5,13 +5,13 @@
 use crate::backend::{
     Backend, DeviceBuffer, FlowUpdate, GainStep, Guidance, InnovationClip, LocalGains,
 };
-use crate::distributed::halo::{HaloBuffers, HaloPlan};
 use crate::error::{check_positive, Error, Result};
 use crate::filter::covariance::{self, DeviceGains};
 use crate::filter::{Filter, Observation};
 use crate::flow::{time_grid, GainSchedule, GuidanceKind, Integrator, Path, PathKind};
 use crate::model::Geometry;
 use crate::observe::Observe;
+use crate::partition::halo::{HaloBuffers, HaloPlan};
 use crate::rng::{NoiseKey, Stream};
 
 /// Configuration of [`Enff`].
@@ -215,7 +215,7 @@ pub struct Enff<B: Backend> {
     halo: Option<HaloBuffers<B>>,
     last_inflation: f32,
     /// Sharded run: this rank's slab and the communicator that sums the partial logits.
-    shard: Option<crate::distributed::Shard>,
+    shard: Option<crate::partition::Shard>,
 }
 
 impl<B: Backend> Enff<B> {
@@ -238,12 +238,12 @@ impl<B: Backend> Enff<B> {
         })
     }
 
-    /// Runs this filter on one slab of a sharded state ([`crate::distributed`]): the ensemble
+    /// Runs this filter on one slab of a sharded state ([`crate::partition`]): the ensemble
     /// passed to the analysis holds the slab's components, the observation those of the slab,
     /// the source noise is keyed by global component, and the partial logits are summed over
     /// ranks before every softmax. Covariance guidance extends the slab by halo components
-    /// ([`crate::distributed::halo`]).
-    pub fn with_shard(mut self, shard: crate::distributed::Shard) -> Self {
+    /// ([`crate::partition::halo`]).
+    pub fn with_shard(mut self, shard: crate::partition::Shard) -> Self {
         self.shard = Some(shard);
         self
     }
@@ -361,7 +361,7 @@ impl<B: Backend> Enff<B> {
         } else {
             (None, 1.0)
         };
-        crate::distributed::fill_normal_slab(backend, &mut w.x, key, start, mean, scale)
+        crate::partition::fill_normal_slab(backend, &mut w.x, key, start, mean, scale)
     }
 
     /// Integrates the flow from the source sample in the workspace and writes the analysis.
@@ -462,11 +462,11 @@ impl<B: Backend> Enff<B> {
             }
             match shard.as_ref().filter(|s| s.comm.size() > 1) {
                 // Sharded: the gains and the gain step run on the slab extended by halo
-                // components (crate::distributed::halo); the forecast and the observations
+                // components (crate::partition::halo); the forecast and the observations
                 // are extended here, once per analysis.
                 Some(s) => {
                     if geometry != (Geometry::Ring { len: s.slab.d }) {
-                        return Err(crate::distributed::refuse(
+                        return Err(crate::partition::refuse(
                             s.comm.size(),
                             format!("covariance guidance on the geometry {geometry:?}"),
                             "sharded covariance guidance localizes on a ring (Lorenz-96)",
@@ -768,6 +768,11 @@ fn covariance_stage<B: Backend>(
 }
 
 impl<B: Backend> Filter<B> for Enff<B> {
+    fn place(&mut self, shard: crate::partition::Shard) -> Result<()> {
+        self.shard = Some(shard);
+        Ok(())
+    }
+
     fn name(&self) -> String {
         match self.config.path {
             PathKind::Ot => "enff-ot".into(),

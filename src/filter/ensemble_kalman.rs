@@ -16,8 +16,8 @@ use rayon::prelude::*;
 
 use crate::backend::{Backend, DeviceBuffer};
 use crate::error::{check_positive, Error, Result};
-use crate::filter::localization::Localization;
 use crate::filter::{Filter, Observation};
+use crate::localization::Localization;
 use crate::observe::Observe;
 use crate::rng::{NoiseKey, Stream};
 

@@ -27,9 +27,12 @@ use rayon::prelude::*;
 use crate::backend::{Backend, DeviceBuffer, LocalAnalysis, LETKF_MAX_MEMBERS};
 use crate::error::{Error, Result};
 use crate::filter::ensemble_kalman::{check_inputs, observed_ensemble};
-use crate::filter::localization::{check_radius, Localization};
 use crate::filter::{Filter, Observation};
+use crate::localization::{check_radius, Localization};
 use crate::model::{DistanceKind, Geometry};
+
+/// LETKF radius used when `filter.loc_radius` is not set.
+pub const DEFAULT_LETKF_RADIUS: f64 = 4.0;
 
 /// The LETKF.
 pub struct Letkf<B: Backend> {

@@ -4,6 +4,7 @@
 
 use crate::backend::Backend;
 use crate::observe::ObservationOperator;
+use crate::partition::{refuse, Shard};
 
 pub mod covariance;
 pub mod enff;
@@ -12,7 +13,6 @@ pub mod ensf;
 pub mod inflation;
 pub mod kalman;
 pub mod letkf;
-pub mod localization;
 pub mod particle;
 
 pub use enff::{Enff, EnffConfig};
@@ -71,6 +71,20 @@ pub trait Filter<B: Backend> {
         } else {
             Err(crate::Error::shape("filter state", 0, state.len()))
         }
+    }
+
+    /// Places the filter on one slab of a state split over processes: the ensembles and the
+    /// observations it is given hold the slab's components, and it sums what it needs over
+    /// the processes through `shard`. Filters without a sharded analysis refuse.
+    fn place(&mut self, shard: Shard) -> crate::Result<()> {
+        if shard.comm.size() == 1 {
+            return Ok(());
+        }
+        Err(refuse(
+            shard.comm.size(),
+            format!("the filter `{}` has no sharded analysis", self.name()),
+            "use filter.kind=enff-f2p or enff-ot, or run in one process",
+        ))
     }
 
     /// Checks the state after every internal step (flow step) so that a non-finite value is

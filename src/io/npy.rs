@@ -23,7 +23,6 @@
 //! # }
 //! ```
 
-use std::fmt;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -93,110 +92,7 @@ impl NpyArray {
     }
 }
 
-/// The shape as NumPy prints it.
-pub fn shape_text(shape: &[usize]) -> String {
-    match shape {
-        [k] => format!("({k},)"),
-        _ => format!(
-            "({})",
-            shape
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
-}
-
-/// Why a `.npy` file could not be read.
-#[derive(Clone, Debug, PartialEq)]
-pub enum NpyProblem {
-    /// The file does not start with the `.npy` magic string.
-    NotNpy,
-    /// A format version other than 1.0, 2.0 or 3.0.
-    UnsupportedVersion {
-        /// Major version byte.
-        major: u8,
-        /// Minor version byte.
-        minor: u8,
-    },
-    /// The header is not a dict with `descr`, `fortran_order` and `shape`.
-    BadHeader(String),
-    /// An element type other than little-endian float32 / float64.
-    Dtype(String),
-    /// A big-endian float array.
-    BigEndian(String),
-    /// The array is stored in Fortran (column-major) order.
-    FortranOrder,
-    /// The array has neither one nor two dimensions.
-    Rank(Vec<usize>),
-    /// The file ends before all values.
-    Truncated {
-        /// Data bytes the header announces.
-        expected: u64,
-        /// Data bytes present.
-        got: u64,
-    },
-    /// Bytes follow the last value.
-    TrailingBytes {
-        /// Data bytes the header announces.
-        expected: u64,
-        /// Data bytes present.
-        got: u64,
-    },
-}
-
-impl fmt::Display for NpyProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NpyProblem::NotNpy => write!(
-                f,
-                "not a .npy file (no \\x93NUMPY magic): write the array with numpy.save"
-            ),
-            NpyProblem::UnsupportedVersion { major, minor } => write!(
-                f,
-                "format version {major}.{minor} is not supported: use version 1.0, 2.0 or 3.0 \
-                 (numpy.save writes these)"
-            ),
-            NpyProblem::BadHeader(why) => write!(
-                f,
-                "malformed header ({why}): write the array with numpy.save"
-            ),
-            NpyProblem::Dtype(d) => write!(
-                f,
-                "dtype `{d}` is not supported: save float32 or float64, e.g. \
-                 np.save(path, a.astype(np.float32))"
-            ),
-            NpyProblem::BigEndian(d) => write!(
-                f,
-                "big-endian dtype `{d}`: save little-endian floats, e.g. \
-                 np.save(path, a.astype('<f4'))"
-            ),
-            NpyProblem::FortranOrder => write!(
-                f,
-                "fortran_order is True: save a C-ordered array, e.g. \
-                 np.save(path, np.ascontiguousarray(a))"
-            ),
-            NpyProblem::Rank(shape) => write!(
-                f,
-                "shape {} has {} dimensions: enff reads 1-D and 2-D arrays (members × \
-                 components; reshape to 2-D first)",
-                shape_text(shape),
-                shape.len()
-            ),
-            NpyProblem::Truncated { expected, got } => write!(
-                f,
-                "truncated: the header announces {expected} data bytes but the file holds \
-                 {got}: the file was cut short, save it again"
-            ),
-            NpyProblem::TrailingBytes { expected, got } => write!(
-                f,
-                "{got} data bytes where the header announces {expected}: the file is not one \
-                 array written by numpy.save"
-            ),
-        }
-    }
-}
+pub use crate::error::{shape_text, NpyProblem};
 
 impl std::error::Error for NpyProblem {}
 
@@ -362,7 +258,7 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
 /// partial file is ever left under `path`.
 pub fn write_npy(path: &Path, shape: &[usize], data: &[f32], dtype: NpyDtype) -> Result<()> {
     let bytes = encode(shape, data, dtype)?;
-    crate::experiment::output::write_atomic(path, &bytes)
+    super::write_atomic(path, &bytes)
 }
 
 // ---- header parsing -----------------------------------------------------------------------------

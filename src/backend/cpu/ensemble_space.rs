@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::filter::localization::{Localization, RHO_MIN};
+use crate::localization::{Localization, RHO_MIN};
 use crate::model::Geometry;
 use crate::observe::Observe;
 
@@ -103,7 +103,7 @@ impl LocalAnalysis {
                 format!("every {} from {} of {d}", self.every, self.offset),
             ));
         }
-        crate::filter::localization::check_radius(self.radius as f64)?;
+        crate::localization::check_radius(self.radius as f64)?;
         crate::error::check_positive(
             "observe.noise_std",
             self.noise_std as f64,
@@ -147,7 +147,7 @@ impl LocalAnalysis {
 }
 
 /// Gaspari–Cohn in f32, as the kernel evaluates it (same polynomial as
-/// [`crate::filter::localization::gaspari_cohn`]).
+/// [`crate::localization::gaspari_cohn`]).
 pub fn gaspari_cohn_f32(dist: f32, radius: f32) -> f32 {
     let z = dist.abs() / (1.82 * radius);
     let v = if z < 1.0 {

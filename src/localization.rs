@@ -12,9 +12,6 @@ use crate::observe::Observe;
 /// Taper below which an observation is left out of a local analysis (as in the reference).
 pub const RHO_MIN: f64 = 1e-6;
 
-/// LETKF radius used when `filter.loc_radius` is not set.
-pub const DEFAULT_LETKF_RADIUS: f64 = 4.0;
-
 /// Checks a localization radius.
 pub fn check_radius(radius: f64) -> Result<()> {
     if radius.is_finite() && radius > 0.0 {
