@@ -1117,6 +1117,7 @@ fn run_options(
         resume,
         on_divergence: OnDivergence::parse(&args.on_divergence)?,
         step_checks: args.check_every_step,
+        stream_metrics: Some(out.to_path_buf()),
         fault,
     })
 }
@@ -1241,7 +1242,12 @@ fn run_seeds(
         let dir = out.join(format!("seed-{}", exp.config().experiment.seed));
         let label = format!("seed {}/{seeds}", k + 1);
         let traced = trace_options(plots, None, &dir);
-        let (report, trace) = on_backend!(backend, b => run_on(b, &exp, &dir, ui, &label, &RunOptions::default(), &traced))?;
+        let options = RunOptions {
+            stream_metrics: Some(dir.clone()),
+            ..RunOptions::default()
+        };
+        let (report, trace) =
+            on_backend!(backend, b => run_on(b, &exp, &dir, ui, &label, &options, &traced))?;
         write_run(&dir, &exp, &report)?;
         write_plots(plots, &dir, &report, &trace)?;
         summaries.push(report.summary);
@@ -1316,12 +1322,15 @@ fn run_on<B: Backend + 'static>(
         experiment.config().state_dim(),
         backend.describe()
     );
-    let mut rows = Vec::with_capacity(cycles as usize);
+    let mut done = 0usize;
     if let Some(ck) = &options.resume {
-        rows.extend(ck.header.metrics.iter().cloned());
+        done = ck.header.cycle;
         bar.set_position(ck.header.cycle as u64);
         log::info!("resuming after cycle {}", ck.header.cycle);
     }
+    // The configuration first, so that a run stopped at any point says what it ran.
+    output::write_config(out, experiment.name(), experiment.config())
+        .with_context(|| format!("writing {}", out.join("config.toml").display()))?;
     let mut recorder = Recorder::<B>::new(experiment.config(), traced.clone())?;
     let report = experiment.run_full(
         backend,
@@ -1329,7 +1338,7 @@ fn run_on<B: Backend + 'static>(
         |m| {
             bar.set_message(format!("{:.4}", m.rmse));
             bar.inc(1);
-            rows.push(m.clone());
+            done = m.cycle;
         },
         |state| recorder.observe(state),
     );
@@ -1337,15 +1346,14 @@ fn run_on<B: Backend + 'static>(
     match report {
         Ok(r) => Ok((r, recorder.finish())),
         Err(e) if matches!(e.root(), enff::Error::Diverged { .. }) => {
-            // Keep what was measured before the blow-up, with the configuration that did it.
-            output::write_metrics(out, &rows)
-                .and_then(|_| output::write_config(out, experiment.name(), experiment.config()))
-                .with_context(|| format!("writing partial metrics to {}", out.display()))?;
-            Err(anyhow::Error::new(e).context(format!(
-                "the metrics of the {} completed cycles are in {}",
-                rows.len(),
-                out.join("metrics.csv").display()
-            )))
+            let kept = match &options.stream_metrics {
+                Some(dir) => format!(
+                    "; the metrics of the {done} completed cycles are in {}",
+                    dir.join("metrics.csv").display()
+                ),
+                None => String::new(),
+            };
+            Err(anyhow::Error::new(e).context(format!("the run stopped{kept}")))
         }
         Err(e) => Err(e.into()),
     }

@@ -138,7 +138,10 @@ fn run(world: &MpiWorld, args: RunArgs, ui: Ui) -> Result<()> {
         &experiment,
         b,
         &shard,
-        &enff::experiment::RunOptions::default(),
+        &enff::experiment::RunOptions {
+            stream_metrics: out.clone(),
+            ..Default::default()
+        },
         |m| {
             bar.set_message(format!("{:.4}", m.rmse));
             bar.inc(1);

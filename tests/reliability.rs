@@ -45,6 +45,7 @@ fn abort_then_resume<B: Backend + 'static>(backend: &B, exp: &Experiment, abort_
     let opts = RunOptions {
         checkpoint_every: 5,
         checkpoint_dir: Some(dir.path().to_path_buf()),
+        stream_metrics: Some(dir.path().to_path_buf()),
         fault: Some(Fault::AbortAfter(abort_after)),
         ..Default::default()
     };
@@ -58,6 +59,11 @@ fn abort_then_resume<B: Backend + 'static>(backend: &B, exp: &Experiment, abort_
             other.map(|r| r.summary)
         ),
     }
+    // The killed run kept the line of every cycle it finished, past its last checkpoint too.
+    assert_eq!(
+        streamed_cycles(dir.path()),
+        (1..=abort_after).collect::<Vec<_>>()
+    );
     let ck = Checkpoint::read(dir.path()).unwrap();
     assert_eq!(ck.header.cycle, abort_after / 5 * 5, "last due checkpoint");
     assert_eq!(ck.header.metrics.len(), ck.header.cycle);
@@ -68,14 +74,55 @@ fn abort_then_resume<B: Backend + 'static>(backend: &B, exp: &Experiment, abort_
                 checkpoint_every: 5,
                 checkpoint_dir: Some(dir.path().to_path_buf()),
                 resume: Some(ck),
+                stream_metrics: Some(dir.path().to_path_buf()),
                 ..Default::default()
             },
             |_| {},
         )
         .unwrap();
+    // The resumed run continues the file from the checkpoint: every cycle once, in order.
+    let cycles = exp.config().experiment.cycles;
+    assert_eq!(
+        streamed_cycles(dir.path()),
+        (1..=cycles).collect::<Vec<_>>()
+    );
     assert_eq!(skill(&resumed.metrics), skill(&whole.metrics));
     assert_eq!(resumed.summary.rmse_mean, whole.summary.rmse_mean);
     assert_eq!(resumed.summary.resumed_from, Some(abort_after / 5 * 5));
+}
+
+/// The cycle column of `DIR/metrics.csv`.
+fn streamed_cycles(dir: &std::path::Path) -> Vec<usize> {
+    let text = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    let mut lines = text.lines();
+    assert!(lines.next().unwrap().starts_with("cycle,time,"), "{text}");
+    lines
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn metrics_are_streamed_one_line_per_finished_cycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = l96(&["experiment.cycles=6"]);
+    let opts = RunOptions {
+        stream_metrics: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    let report = exp
+        .run_with(&Cpu::new(), &opts, |m| {
+            // When a cycle's metrics are handed out, the lines before it are on disk already.
+            seen.push(streamed_cycles(dir.path()).len() + 1 == m.cycle);
+        })
+        .unwrap();
+    assert_eq!(seen, vec![true; 6]);
+    assert_eq!(streamed_cycles(dir.path()), (1..=6).collect::<Vec<_>>());
+    // The streamed file is the one a finished run writes.
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap(),
+        enff::experiment::output::metrics_csv(&report)
+    );
 }
 
 #[test]

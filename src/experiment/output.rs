@@ -2,7 +2,6 @@
 //! file and renamed into place, so no result file is ever left half-written; output directories
 //! that already hold files are refused unless the caller forces it.
 
-use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -18,33 +17,65 @@ pub fn metrics_csv(report: &Report) -> String {
     metrics_rows_csv(&report.metrics)
 }
 
-/// Writes `DIR/metrics.csv` alone (e.g. the cycles completed before a divergence).
-pub fn write_metrics(dir: &Path, rows: &[CycleMetrics]) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    write_atomic(&dir.join("metrics.csv"), metrics_rows_csv(rows).as_bytes())
+/// The header line of `metrics.csv`.
+const METRICS_HEADER: &str =
+    "cycle,time,rmse_forecast,spread_forecast,rmse,spread,seconds_forecast,seconds_analysis,ess\n";
+
+/// One `metrics.csv` line.
+fn metrics_row_csv(r: &CycleMetrics) -> String {
+    format!(
+        "{},{},{:.6e},{:.6e},{:.6e},{:.6e},{:.6e},{:.6e},{}\n",
+        r.cycle,
+        r.time,
+        r.rmse_forecast,
+        r.spread_forecast,
+        r.rmse,
+        r.spread,
+        r.seconds_forecast,
+        r.seconds_analysis,
+        r.ess.map_or(String::new(), |e| format!("{e:.3}"))
+    )
 }
 
 /// CSV text of metric rows (header + one row per cycle).
 pub fn metrics_rows_csv(rows: &[CycleMetrics]) -> String {
-    let mut s = String::from(
-        "cycle,time,rmse_forecast,spread_forecast,rmse,spread,seconds_forecast,seconds_analysis,ess\n",
-    );
+    let mut s = String::from(METRICS_HEADER);
     for r in rows {
-        let _ = writeln!(
-            s,
-            "{},{},{:.6e},{:.6e},{:.6e},{:.6e},{:.6e},{:.6e},{}",
-            r.cycle,
-            r.time,
-            r.rmse_forecast,
-            r.spread_forecast,
-            r.rmse,
-            r.spread,
-            r.seconds_forecast,
-            r.seconds_analysis,
-            r.ess.map_or(String::new(), |e| format!("{e:.3}"))
-        );
+        s.push_str(&metrics_row_csv(r));
     }
     s
+}
+
+/// `DIR/metrics.csv` written as a run goes: the header and the rows so far (a resumed run's
+/// earlier cycles) at once, then one line per cycle as it ends, handed to the operating system
+/// at once, so `tail -f` follows a long run and a killed run keeps its completed cycles.
+/// A resumed run starts the file again from the checkpoint's rows, so no cycle appears twice.
+pub struct MetricsStream {
+    file: fs::File,
+    path: PathBuf,
+}
+
+impl MetricsStream {
+    /// Starts `DIR/metrics.csv` with `rows` (creating `DIR` if needed).
+    pub fn create(dir: &Path, rows: &[CycleMetrics]) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let path = dir.join("metrics.csv");
+        write_atomic(&path, metrics_rows_csv(rows).as_bytes())?;
+        let file = fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        Ok(MetricsStream { file, path })
+    }
+
+    /// Appends the line of one finished cycle.
+    pub fn push(&mut self, row: &CycleMetrics) -> Result<()> {
+        use std::io::Write as _;
+        self.file
+            .write_all(metrics_row_csv(row).as_bytes())
+            .and_then(|_| self.file.flush())
+            .map_err(|e| io_err(&self.path, e))
+    }
 }
 
 /// Writes `DIR/summary.json` and `DIR/metrics.csv`, creating `DIR` if needed.

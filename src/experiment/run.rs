@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::checkpoint::{config_hash, Checkpoint, CheckpointHeader};
 use super::config::{Config, InitialMean};
+use super::output::MetricsStream;
 use super::report::{Report, RunIdentity, RunTimes, Summary};
 use crate::backend::Backend;
 use crate::cycle::{
@@ -35,6 +36,9 @@ pub struct RunOptions {
     pub on_divergence: OnDivergence,
     /// Check the state after every flow step so a divergence names the step (slower).
     pub step_checks: bool,
+    /// Write `metrics.csv` into this folder as the run goes (see
+    /// [`super::output::MetricsStream`]), one line per finished cycle.
+    pub stream_metrics: Option<PathBuf>,
     /// Test-only fault injection.
     #[doc(hidden)]
     pub fault: Option<Fault>,
@@ -587,6 +591,12 @@ impl Experiment {
             divergences.extend(ck.header.divergences.iter().cloned());
             [before, total_forecast, total_analysis] = ck.header.seconds;
         }
+        let mut stream = match &options.stream_metrics {
+            Some(dir) if stepper.placement().is_root() => {
+                Some(MetricsStream::create(dir, &metrics)?)
+            }
+            _ => None,
+        };
         while stepper.completed() < cfg.experiment.cycles {
             let cycle = stepper.completed() + 1;
             match fault {
@@ -608,6 +618,9 @@ impl Experiment {
             total_forecast += row.seconds_forecast;
             total_analysis += row.seconds_analysis;
             on_cycle(&row);
+            if let Some(s) = stream.as_mut() {
+                s.push(&row)?;
+            }
             on_state(&CycleState {
                 backend,
                 cycle,
