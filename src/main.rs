@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use enff::backend::gpu::{Gpu, GpuOptions};
 use enff::backend::{cpu::Cpu, Backend};
+use enff::cycle::{OneProcess, Placement};
 use enff::experiment::trace::{Recorder, Trace, TraceOptions};
 use enff::experiment::{
     file, output, preset, sweep, Config, Experiment, OnDivergence, Report, RunOptions, Summary,
@@ -955,7 +956,11 @@ fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
             };
             let label = format!("{f} {}/{}", k + 1, args.seeds);
             let traced = trace_options(&args.plots, None, &dir);
-            match on_backend!(&backend, b => run_on(b, &exp, &dir, ui, &label, &RunOptions::default(), &traced))
+            let options = RunOptions {
+                stream_metrics: Some(dir.clone()),
+                ..RunOptions::default()
+            };
+            match on_backend!(&backend, b => run_on(b, &exp, &dir, ui, &label, &options, &traced, &Where::One))
             {
                 Ok((r, trace)) => {
                     write_run(&dir, &exp, &r)?;
@@ -1096,20 +1101,35 @@ fn write_run(dir: &Path, experiment: &Experiment, report: &Report) -> Result<()>
         .with_context(|| format!("writing results to {}", dir.display()))
 }
 
-/// The run's checkpoint, resumption and divergence options. `ENFF_TEST_ABORT_AFTER=K` (a test
-/// hook) stops the run after cycle K as a killed process would, once its checkpoint is written.
+/// The run's checkpoint, resumption and divergence options. Test hooks: `ENFF_TEST_ABORT_AFTER=K`
+/// stops the run after cycle K as a killed process would, once its checkpoint is written;
+/// `ENFF_TEST_NAN_FORECAST=K` puts a NaN into the forecast of cycle K.
 /// `resume` is the checkpoint already read for `--resume` (read once: it holds the ensemble).
 fn run_options(
     args: &RunArgs,
     out: &Path,
     resume: Option<enff::experiment::Checkpoint>,
 ) -> Result<RunOptions> {
-    let fault = match std::env::var("ENFF_TEST_ABORT_AFTER") {
-        Ok(k) => Some(enff::experiment::Fault::AbortAfter(
-            k.parse()
-                .context("ENFF_TEST_ABORT_AFTER must be a cycle number")?,
-        )),
-        Err(_) => None,
+    let cycle_of = |name: &str| -> Result<Option<usize>> {
+        match std::env::var(name) {
+            Ok(k) => {
+                Ok(Some(k.parse().with_context(|| {
+                    format!("{name} must be a cycle number")
+                })?))
+            }
+            Err(_) => Ok(None),
+        }
+    };
+    let fault = match (
+        cycle_of("ENFF_TEST_ABORT_AFTER")?,
+        cycle_of("ENFF_TEST_NAN_FORECAST")?,
+    ) {
+        (Some(k), _) => Some(enff::experiment::Fault::AbortAfter(k)),
+        (None, Some(k)) => Some(enff::experiment::Fault::NonFinite {
+            cycle: k,
+            stage: enff::experiment::FaultStage::Forecast,
+        }),
+        (None, None) => None,
     };
     Ok(RunOptions {
         checkpoint_every: args.checkpoint_every,
@@ -1122,9 +1142,12 @@ fn run_options(
     })
 }
 
-/// `--resume DIR`: the checkpoint's own resolved configuration, continued in DIR. Changes
-/// against it (`--set`, `--filter`, `--seed`) are refused with the keys when the run starts.
-fn resume(args: &RunArgs, dir: &Path, ui: Ui) -> Result<()> {
+/// `--resume DIR`: the checkpoint and its own resolved configuration. Changes against it
+/// (`--set`, `--filter`, `--seed`) are refused with the keys when the run starts.
+fn resumed_experiment(
+    args: &RunArgs,
+    dir: &Path,
+) -> Result<(Experiment, enff::experiment::Checkpoint)> {
     let ck = enff::experiment::Checkpoint::read(dir)?;
     let h = &ck.header;
     let mut config = h.config.clone();
@@ -1138,37 +1161,76 @@ fn resume(args: &RunArgs, dir: &Path, ui: Ui) -> Result<()> {
         config.experiment.seed = seed;
     }
     let experiment = Experiment::new(&h.preset, config, h.expected_rmse)?;
-    let options = run_options(args, dir, Some(ck))?;
-    let backend = AnyBackend::choose(args.backend, Some(experiment.config()))?;
-    let traced = trace_options(&args.plots, args.save_ensembles, dir);
-    let (report, trace) =
-        on_backend!(&backend, b => run_on(b, &experiment, dir, ui, "", &options, &traced))?;
-    write_run(dir, &experiment, &report)?;
-    write_plots(&args.plots, dir, &report, &trace)?;
-    if ui.json {
-        println!("{}", serde_json::to_string_pretty(&report.summary)?);
-    } else {
-        print_summary(&report, dir);
+    Ok((experiment, ck))
+}
+
+/// Where a run's state lives: this process alone, or slabs over the ranks of an MPI job (the
+/// root rank writes the results).
+#[derive(Clone)]
+enum Where {
+    One,
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    Ranks(std::sync::Arc<dyn enff::distributed::Comm>),
+}
+
+impl Where {
+    /// True on the process that writes results and prints.
+    fn is_root(&self) -> bool {
+        match self {
+            Where::One => true,
+            Where::Ranks(comm) => comm.rank() == 0,
+        }
     }
-    Ok(())
+
+    /// The placement of a state of `d` components.
+    fn placement<'b, B: Backend + 'static>(&self, d: usize) -> Box<dyn Placement<B> + 'b> {
+        match self {
+            Where::One => Box::new(OneProcess::new(d)),
+            Where::Ranks(comm) => Box::new(enff::distributed::Slabs::new(
+                enff::distributed::Shard::new(comm.clone(), d),
+            )),
+        }
+    }
 }
 
 fn run(args: RunArgs, ui: Ui) -> Result<()> {
     anyhow::ensure!(args.seeds >= 1, "--seeds 0: run at least one seed");
     if let Some(dir) = args.resume.clone() {
-        return resume(&args, &dir, ui);
+        let (experiment, ck) = resumed_experiment(&args, &dir)?;
+        let backend = AnyBackend::choose(args.backend, Some(experiment.config()))?;
+        return run_experiment(
+            &args,
+            ui,
+            &Where::One,
+            &experiment,
+            &dir,
+            &backend,
+            Some(ck),
+        );
     }
+    let experiment = run_experiment_of(&args)?;
+    if args.dry_run {
+        return dry_run(&experiment, ui);
+    }
+    let out = run_output_dir(&args, &experiment)?;
+    let backend = AnyBackend::choose(args.backend, Some(experiment.config()))?;
+    run_experiment(&args, ui, &Where::One, &experiment, &out, &backend, None)
+}
+
+/// The experiment `enff run` was asked for (not a resumption).
+fn run_experiment_of(args: &RunArgs) -> Result<Experiment> {
     anyhow::ensure!(
         args.seeds == 1 || args.checkpoint_every == 0,
         "--checkpoint-every with --seeds: checkpoint one seed at a time (--seed S)"
     );
     let mut src = Source::load(&args.preset)?;
     src.apply(args.filter.as_deref(), &args.sets, args.seed)?;
-    let experiment = src.experiment()?;
-    if args.dry_run {
-        return dry_run(&experiment, ui);
-    }
-    let out = output_dir(
+    src.experiment()
+}
+
+/// The output folder of `enff run` (created, or refused when it holds results).
+fn run_output_dir(args: &RunArgs, experiment: &Experiment) -> Result<PathBuf> {
+    output_dir(
         args.out.as_deref(),
         PathBuf::from("runs").join(format!(
             "{}-{}",
@@ -1176,21 +1238,38 @@ fn run(args: RunArgs, ui: Ui) -> Result<()> {
             experiment.config().filter.kind
         )),
         args.force,
-    )?;
-    let backend = AnyBackend::choose(args.backend, Some(experiment.config()))?;
+    )
+}
+
+/// Runs `experiment` (continuing `resume` when given) placed by `place`, and writes its
+/// results, plots and summary into `out` on the root process.
+fn run_experiment(
+    args: &RunArgs,
+    ui: Ui,
+    place: &Where,
+    experiment: &Experiment,
+    out: &Path,
+    backend: &AnyBackend,
+    resume: Option<enff::experiment::Checkpoint>,
+) -> Result<()> {
     if args.seeds > 1 {
-        return run_seeds(&experiment, args.seeds, &out, &backend, ui, &args.plots);
+        return run_seeds(experiment, args.seeds, out, backend, ui, &args.plots, place);
     }
-    let options = run_options(&args, &out, None)?;
-    let traced = trace_options(&args.plots, args.save_ensembles, &out);
-    let (report, trace) =
-        on_backend!(&backend, b => run_on(b, &experiment, &out, ui, "", &options, &traced))?;
-    write_run(&out, &experiment, &report)?;
-    write_plots(&args.plots, &out, &report, &trace)?;
+    let options = run_options(args, out, resume)?;
+    let traced = trace_options(&args.plots, args.save_ensembles, out);
+    let (report, trace) = on_backend!(
+        backend,
+        b => run_on(b, experiment, out, ui, "", &options, &traced, place)
+    )?;
+    if !place.is_root() {
+        return Ok(());
+    }
+    write_run(out, experiment, &report)?;
+    write_plots(&args.plots, out, &report, &trace)?;
     if ui.json {
         println!("{}", serde_json::to_string_pretty(&report.summary)?);
     } else {
-        print_summary(&report, &out);
+        print_summary(&report, out);
     }
     Ok(())
 }
@@ -1234,8 +1313,11 @@ fn run_seeds(
     backend: &AnyBackend,
     ui: Ui,
     plots: &PlotArgs,
+    place: &Where,
 ) -> Result<()> {
-    output::write_config(out, experiment.name(), experiment.config())?;
+    if place.is_root() {
+        output::write_config(out, experiment.name(), experiment.config())?;
+    }
     let mut summaries = Vec::new();
     for k in 0..seeds {
         let exp = with_seed(experiment, k)?;
@@ -1243,14 +1325,21 @@ fn run_seeds(
         let label = format!("seed {}/{seeds}", k + 1);
         let traced = trace_options(plots, None, &dir);
         let options = RunOptions {
-            stream_metrics: Some(dir.clone()),
+            stream_metrics: place.is_root().then(|| dir.clone()),
             ..RunOptions::default()
         };
-        let (report, trace) =
-            on_backend!(backend, b => run_on(b, &exp, &dir, ui, &label, &options, &traced))?;
-        write_run(&dir, &exp, &report)?;
-        write_plots(plots, &dir, &report, &trace)?;
+        let (report, trace) = on_backend!(
+            backend,
+            b => run_on(b, &exp, &dir, ui, &label, &options, &traced, place)
+        )?;
+        if place.is_root() {
+            write_run(&dir, &exp, &report)?;
+            write_plots(plots, &dir, &report, &trace)?;
+        }
         summaries.push(report.summary);
+    }
+    if !place.is_root() {
+        return Ok(());
     }
     let col =
         |g: fn(&Summary) -> f64| sweep::mean_std(&summaries.iter().map(g).collect::<Vec<_>>());
@@ -1298,6 +1387,7 @@ fn run_seeds(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_on<B: Backend + 'static>(
     backend: &B,
     experiment: &Experiment,
@@ -1306,8 +1396,13 @@ fn run_on<B: Backend + 'static>(
     label: &str,
     options: &RunOptions,
     traced: &TraceOptions,
+    place: &Where,
 ) -> Result<(Report, Trace)> {
     let cycles = experiment.config().experiment.cycles as u64;
+    let ui = Ui {
+        quiet: ui.quiet || !place.is_root(),
+        ..ui
+    };
     let bar = ui.bar(
         cycles,
         "{spinner} {prefix}cycle {pos}/{len} [{bar:30}] rmse {msg} eta {eta}",
@@ -1329,11 +1424,14 @@ fn run_on<B: Backend + 'static>(
         log::info!("resuming after cycle {}", ck.header.cycle);
     }
     // The configuration first, so that a run stopped at any point says what it ran.
-    output::write_config(out, experiment.name(), experiment.config())
-        .with_context(|| format!("writing {}", out.join("config.toml").display()))?;
+    if place.is_root() {
+        output::write_config(out, experiment.name(), experiment.config())
+            .with_context(|| format!("writing {}", out.join("config.toml").display()))?;
+    }
     let mut recorder = Recorder::<B>::new(experiment.config(), traced.clone())?;
-    let report = experiment.run_full(
+    let report = experiment.run_placed(
         backend,
+        place.placement(experiment.config().state_dim()),
         options,
         |m| {
             bar.set_message(format!("{:.4}", m.rmse));

@@ -8,15 +8,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use enff::distributed::mpi::MpiWorld;
 use enff::distributed::{self, Comm, Shard};
 use enff::experiment::Experiment;
 
-use super::{
-    output_dir, print_summary, write_run, AnyBackend, BenchArgs, Command, Gpu, RunArgs, Source, Ui,
-};
+use super::{AnyBackend, BenchArgs, Command, Gpu, RunArgs, Ui};
 use enff::backend::Backend;
 
 /// Runs `command` on this rank of `world`.
@@ -56,150 +54,97 @@ fn agree<T>(comm: &dyn Comm, local: Result<T>) -> Result<T> {
     }
 }
 
-/// Refuses run options that a sharded run does not have.
-fn check_args(args: &RunArgs) -> Result<()> {
-    let refused = [
-        (args.seeds != 1, "--seeds"),
-        (args.resume.is_some(), "--resume"),
-        (args.checkpoint_every != 0, "--checkpoint-every"),
-        (args.on_divergence != "stop", "--on-divergence"),
-        (args.check_every_step, "--check-every-step"),
-        (args.dry_run, "--dry-run"),
-    ];
-    if let Some((_, flag)) = refused.iter().find(|(on, _)| *on) {
-        anyhow::bail!("{flag} is not available in a run over MPI ranks; run in one process for it");
-    }
-    Ok(())
+/// What a rank starts from: the experiment (or the checkpoint it resumes), this rank's output
+/// folder (the root's is created or checked; the others only name it) and its backend.
+struct Start {
+    experiment: Experiment,
+    resume: Option<enff::experiment::Checkpoint>,
+    out: PathBuf,
+    backend: AnyBackend,
 }
 
 /// The experiment, its checks, and this rank's output folder and backend.
-fn start(args: &RunArgs, comm: &dyn Comm) -> Result<(Experiment, Option<PathBuf>, AnyBackend)> {
-    check_args(args)?;
-    let mut src = Source::load(&args.preset)?;
-    src.apply(args.filter.as_deref(), &args.sets, args.seed)?;
-    let experiment = src.experiment()?;
-    distributed::check_shardable(experiment.config(), comm.size())?;
-    let out = if comm.rank() == 0 {
-        Some(output_dir(
-            args.out.as_deref(),
-            PathBuf::from("runs").join(format!(
-                "{}-{}",
-                experiment.name(),
-                experiment.config().filter.kind
-            )),
-            args.force,
-        )?)
-    } else {
-        None
+fn start(args: &RunArgs, comm: &dyn Comm) -> Result<Start> {
+    anyhow::ensure!(args.seeds >= 1, "--seeds 0: run at least one seed");
+    let (experiment, resume, out) = match &args.resume {
+        Some(dir) => {
+            let (experiment, ck) = super::resumed_experiment(args, dir)?;
+            (experiment, Some(ck), dir.clone())
+        }
+        None => {
+            let experiment = super::run_experiment_of(args)?;
+            let out = if comm.rank() == 0 && !args.dry_run {
+                super::run_output_dir(args, &experiment)?
+            } else {
+                args.out.clone().unwrap_or_default()
+            };
+            (experiment, None, out)
+        }
     };
+    distributed::check_shardable(experiment.config(), comm.size())?;
     let backend = AnyBackend::choose(args.backend, Some(experiment.config()))?;
-    Ok((experiment, out, backend))
+    Ok(Start {
+        experiment,
+        resume,
+        out,
+        backend,
+    })
 }
 
 fn run(world: &MpiWorld, args: RunArgs, ui: Ui) -> Result<()> {
     let comm = world.comm();
     let comm: Arc<dyn Comm> = comm;
     let (rank, size) = (comm.rank(), comm.size());
-    let (experiment, out, backend) = agree(comm.as_ref(), start(&args, comm.as_ref()))?;
+    let start = agree(comm.as_ref(), start(&args, comm.as_ref()))?;
+    let experiment = &start.experiment;
     let hash = enff::experiment::checkpoint::config_hash(experiment.config());
     let hash = u64::from_str_radix(&hash, 16).unwrap_or(0);
     distributed::check_same_config(comm.as_ref(), hash)?;
-    let device = on_backend!(&backend, b => b.describe());
+    if args.dry_run {
+        return if rank == 0 {
+            super::dry_run(experiment, ui)
+        } else {
+            Ok(())
+        };
+    }
+    let device = on_backend!(&start.backend, b => b.describe());
     let lines = comm.gather_lines(&format!("{} on {}", host_name(), device))?;
     for (r, line) in lines.iter().enumerate() {
         log::info!("rank {r} of {size}: {line}");
     }
-    let shard = Shard::new(comm.clone(), experiment.config().state_dim());
+    let d = experiment.config().state_dim();
     log::info!(
-        "{}: n={} d={} over {size} ranks ({}..{} components each)",
+        "{}: n={} d={d} over {size} ranks ({}..{} components each)",
         experiment.name(),
         experiment.config().ensemble.n,
-        shard.slab.d,
-        shard.slab.d / size,
-        shard.slab.d.div_ceil(size)
+        d / size,
+        d.div_ceil(size)
     );
     // Test hook: a panic on one rank must end the whole job.
     if std::env::var("ENFF_TEST_PANIC_RANK").is_ok_and(|r| r == rank.to_string()) {
         panic!("injected panic on rank {rank} (ENFF_TEST_PANIC_RANK)");
     }
-    let bar = if rank == 0 {
-        ui.bar(
-            experiment.config().experiment.cycles as u64,
-            "{spinner} cycle {pos}/{len} [{bar:30}] rmse {msg} eta {eta}",
-        )
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let n = experiment.config().ensemble.n;
-    let d = shard.slab.d;
-    let snapshots = out.as_ref().map(|o| o.join("ensembles"));
-    let every = args.save_ensembles.filter(|&e| e > 0);
-    let outcome = on_backend!(&backend, b => distributed::run_sharded(
-        &experiment,
-        b,
-        &shard,
-        &enff::experiment::RunOptions {
-            stream_metrics: out.clone(),
-            ..Default::default()
-        },
-        |m| {
-            bar.set_message(format!("{:.4}", m.rmse));
-            bar.inc(1);
-        },
-        |state| {
-            if every.is_none_or(|e| state.cycle % e != 0) {
-                return Ok(());
-            };
-            let x = state.gather_ensemble()?;
-            match &snapshots {
-                Some(dir) => {
-                    std::fs::create_dir_all(dir).map_err(|e| enff::io::io_err(dir, e))?;
-                    enff::io::npy::write_npy(
-                        &dir.join(format!("cycle_{:04}.npy", state.cycle)),
-                        &[n, d],
-                        &x,
-                        enff::io::npy::NpyDtype::F4,
-                    )
-                }
-                None => Ok(()),
-            }
-        },
-    ));
-    bar.finish_and_clear();
-    let sharded = match outcome {
-        Ok(r) => r,
-        Err(e) => {
-            // The other ranks may be waiting in a collective: end the whole job.
-            print_error(rank, size, &e.to_string());
-            world.abort(1);
-        }
-    };
-    let mut comm_seconds = [sharded.seconds_collectives];
+    let comm_before = comm.seconds_in_collectives();
+    let place = super::Where::Ranks(comm.clone());
+    if let Err(e) = super::run_experiment(
+        &args,
+        ui,
+        &place,
+        experiment,
+        &start.out,
+        &start.backend,
+        start.resume,
+    ) {
+        // The other ranks may be waiting in a collective: end the whole job.
+        print_error(rank, size, &format!("{e:#}"));
+        world.abort(1);
+    }
+    let mut comm_seconds = [comm.seconds_in_collectives() - comm_before];
     comm.sum_f64(&mut comm_seconds)?;
     log::info!(
         "collectives: {:.3} s per rank on average",
         comm_seconds[0] / size as f64
     );
-    if let Some(out) = out {
-        let report = &sharded.report;
-        let written = write_run(&out, &experiment, report).and_then(|_| {
-            if args.plots.no_plots {
-                return Ok(());
-            }
-            enff::experiment::plots::write_run_plots(&out, report, None)
-                .map(|_| ())
-                .with_context(|| format!("writing plots to {}", out.display()))
-        });
-        if let Err(e) = written {
-            print_error(0, size, &format!("{e:#}"));
-            world.abort(1);
-        }
-        if ui.json {
-            println!("{}", serde_json::to_string_pretty(&report.summary)?);
-        } else {
-            print_summary(report, &out);
-        }
-    }
     Ok(())
 }
 

@@ -488,3 +488,126 @@ fn info_lists_every_rank() {
     assert!(out.contains("MPI world of 2 ranks"), "{all}");
     assert!(out.contains("rank 0:") && out.contains("rank 1:"), "{all}");
 }
+
+/// The skill columns of a run's metrics (the wall times differ).
+const SKILL: [&str; 5] = ["time", "rmse_forecast", "spread_forecast", "rmse", "spread"];
+
+#[test]
+fn a_killed_sharded_run_resumes_over_ranks_or_in_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole");
+    let o = mpirun(
+        2,
+        &run_args(whole.to_str().unwrap(), "experiment.cycles=8", &[]),
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let want = metrics(&whole);
+    // Killed after cycle 6 with checkpoints every 4 cycles: the metrics of the 6 finished
+    // cycles were streamed, and the checkpoint holds the whole ensemble after cycle 4.
+    for (name, resume_ranks) in [("cut2", 2), ("cut1", 1)] {
+        let cut = dir.path().join(name);
+        let cut_s = cut.to_str().unwrap();
+        let o = mpirun(
+            2,
+            &run_args(cut_s, "experiment.cycles=8", &["--checkpoint-every", "4"]),
+            &[("ENFF_TEST_ABORT_AFTER", "6")],
+        );
+        assert!(!o.status.success(), "{}", text(&o));
+        assert_eq!(metrics(&cut).len(), 6, "streamed rows: {}", text(&o));
+        let resume = ["run", "--resume", cut_s, "--backend", "cpu", "--no-plots"];
+        let o = if resume_ranks == 1 {
+            single(&resume)
+        } else {
+            mpirun(resume_ranks, &resume, &[])
+        };
+        assert!(o.status.success(), "{}", text(&o));
+        let got = metrics(&cut);
+        let cycles: Vec<f64> = got.iter().map(|r| r["cycle"]).collect();
+        assert_eq!(cycles, (1..=8).map(f64::from).collect::<Vec<_>>());
+        metrics_agree(
+            &want,
+            &got,
+            &SKILL,
+            &format!("resumed on {resume_ranks} rank(s)"),
+        );
+    }
+}
+
+#[test]
+fn sharded_runs_take_the_run_options_of_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    // --seeds: one folder per seed and the aggregate, equal to the single-process seeds.
+    let (a, b) = (dir.path().join("one"), dir.path().join("two"));
+    let extra = ["--seeds", "2", "--check-every-step"];
+    let o = single(&run_args(
+        a.to_str().unwrap(),
+        "experiment.cycles=3",
+        &extra,
+    ));
+    assert!(o.status.success(), "{}", text(&o));
+    let o = mpirun(
+        2,
+        &run_args(b.to_str().unwrap(), "experiment.cycles=3", &extra),
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(b.join("seeds.csv").exists() && b.join("summary.json").exists());
+    let mut seeds: Vec<String> = std::fs::read_dir(&a)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("seed-"))
+        .collect();
+    seeds.sort();
+    assert_eq!(seeds.len(), 2, "{seeds:?}");
+    for seed in &seeds {
+        metrics_agree(
+            &metrics(&a.join(seed)),
+            &metrics(&b.join(seed)),
+            &SKILL,
+            seed,
+        );
+    }
+    // The plots of a single-process run: the RMSE chart and the Hovmöller diagram.
+    let p = dir.path().join("plots");
+    let mut args = run_args(p.to_str().unwrap(), "experiment.cycles=3", &[]);
+    args.retain(|a| *a != "--no-plots");
+    let o = mpirun(2, &args, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    for f in [
+        "rmse_spread.png",
+        "hovmoller.png",
+        "config.toml",
+        "summary.json",
+    ] {
+        assert!(p.join(f).exists(), "{f} missing: {}", text(&o));
+    }
+    // --on-divergence: a NaN in the forecast of cycle 3 (the test hook): `stop` fails on every
+    // rank with the cycle and stage, `record` logs it, redraws the ensemble and keeps cycling.
+    let nan = [("ENFF_TEST_NAN_FORECAST", "3")];
+    let s = dir.path().join("stop");
+    let o = mpirun(
+        2,
+        &run_args(s.to_str().unwrap(), "experiment.cycles=6", &[]),
+        &nan,
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("divergence at cycle 3 during forecast"),
+        "{}",
+        text(&o)
+    );
+    let r = dir.path().join("record");
+    let rec = ["--on-divergence", "record"];
+    let o = mpirun(
+        2,
+        &run_args(r.to_str().unwrap(), "experiment.cycles=6", &rec),
+        &nan,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let summary = std::fs::read_to_string(r.join("summary.json")).unwrap();
+    assert!(summary.contains("\"stage\": \"forecast\""), "{summary}");
+    let rows = metrics(&r);
+    assert_eq!(rows.len(), 6);
+    assert!(rows.iter().all(|m| m["rmse"].is_finite()), "{summary}");
+}

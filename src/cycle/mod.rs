@@ -352,6 +352,7 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
                 cycle,
                 "forecast",
             )?;
+            self.agree_on_stage(&mut event, "forecast")?;
             if event.stage == "forecast" {
                 event.detail = format!("{}; {}", event.detail, self.forecast_hint());
             }
@@ -400,22 +401,25 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
             rmse: f64::NAN,
             spread: f64::NAN,
         };
-        let mut failure: Option<(String, String)> = None;
-        let mut an = match outcome {
-            Ok(()) => self
-                .placement
-                .stats(backend, &self.ensemble, self.truth_here())?,
+        let mut failure: Option<(String, String)> = match outcome {
+            Ok(()) => None,
             // A filter that locates the failure itself (EnFF: flow step k).
-            Err(Error::Diverged { stage, detail, .. }) => {
-                failure = Some((stage, detail));
-                nan
-            }
-            Err(e @ Error::NonFinite { .. }) => {
-                failure = Some(("analysis".to_string(), e.to_string()));
-                nan
-            }
+            Err(Error::Diverged { stage, detail, .. }) => Some((stage, detail)),
+            Err(e @ Error::NonFinite { .. }) => Some(("analysis".to_string(), e.to_string())),
             Err(other) => return Err(other),
         };
+        let ranks = self.placement.ranks();
+        let mut an = if failure.is_none() || ranks > 1 {
+            // Over several processes the reduction runs on every one of them, failed or not.
+            self.placement
+                .stats(backend, &self.ensemble, self.truth_here())?
+        } else {
+            nan
+        };
+        // Every process takes part in the agreement (no short cut past the collective).
+        if self.agree(failure.is_some())? {
+            an = nan;
+        }
         let seconds_analysis = t_analysis.elapsed().as_secs_f64();
         if !(an.rmse.is_finite() && an.spread.is_finite()) {
             let event = match failure.take() {
@@ -432,6 +436,8 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
                     "analysis",
                 )?,
             };
+            let mut event = event;
+            self.agree_on_stage(&mut event, "analysis")?;
             match (&self.fallback, self.setup.on_divergence) {
                 (Some(f), OnDivergence::Record) if event.stage != "metrics" => {
                     backend.copy(f, &mut self.ensemble)?;
@@ -462,6 +468,28 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
             },
             divergence: diverged,
         })
+    }
+
+    /// True when `flag` holds on any process (a collective over several processes).
+    fn agree(&self, flag: bool) -> Result<bool> {
+        if self.placement.ranks() == 1 {
+            return Ok(flag);
+        }
+        let mut v = [if flag { 1.0 } else { 0.0 }];
+        self.placement.sum(&mut v)?;
+        Ok(v[0] > 0.0)
+    }
+
+    /// Makes every process name the same stage for a divergence: the ensemble's (`stage`, or
+    /// the filter's own) when it is non-finite on any process, else `metrics`; so that every
+    /// process then stops, or recovers, in step.
+    fn agree_on_stage(&self, event: &mut DivergenceEvent, stage: &str) -> Result<()> {
+        let here = event.stage != "metrics";
+        if self.agree(here)? && !here {
+            event.stage = stage.to_string();
+            event.detail = format!("non-finite values in the {stage} ensemble of another rank");
+        }
+        Ok(())
     }
 
     /// What to try when the forecast blew up (appended to the divergence report).

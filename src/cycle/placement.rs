@@ -56,9 +56,14 @@ pub trait Placement<B: Backend> {
     /// collective: every process calls it).
     fn gather(&self, backend: &B, part: &B::Buffer) -> Result<Vec<f32>>;
 
-    /// True when any process says true (a collective; agreement on divergences).
-    fn any(&self, flag: bool) -> Result<bool> {
-        Ok(flag)
+    /// Number of processes holding a part of the state.
+    fn ranks(&self) -> usize {
+        1
+    }
+
+    /// Element-wise sum over the processes, in place (a collective; identity in one process).
+    fn sum(&self, _values: &mut [f64]) -> Result<()> {
+        Ok(())
     }
 }
 

@@ -47,7 +47,7 @@ pub use crate::partition::{
     agree, check_same_config, fill_normal_slab, halo, local_observe, local_operator, refuse, Comm,
     Shard, SingleProcess, Slab,
 };
-pub use run::{run_sharded, ShardedReport};
+pub use run::{run_sharded, ShardedReport, Slabs};
 
 /// Environment variables through which launchers announce the size of the job they started:
 /// Open MPI's `mpirun`, PMI (MPICH's Hydra, Intel MPI, Slurm's `srun --mpi=pmi2`) and PMIx.

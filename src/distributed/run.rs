@@ -107,10 +107,12 @@ impl<B: Backend> Placement<B> for Slabs {
         gather(backend, &self.shard, part, part.rows())
     }
 
-    fn any(&self, flag: bool) -> Result<bool> {
-        let mut v = [u64::from(flag)];
-        self.shard.comm.max_u64(&mut v)?;
-        Ok(v[0] != 0)
+    fn ranks(&self) -> usize {
+        self.shard.comm.size()
+    }
+
+    fn sum(&self, values: &mut [f64]) -> Result<()> {
+        self.shard.comm.sum_f64(values)
     }
 }
 

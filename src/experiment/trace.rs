@@ -165,22 +165,42 @@ impl<B: Backend> Recorder<B> {
     pub fn observe(&mut self, s: &CycleState<'_, B>) -> Result<()> {
         let backend = s.backend;
         use crate::backend::DeviceBuffer;
-        let (n, d) = (s.ensemble.rows(), s.ensemble.cols());
+        use crate::observe::ObservationOperator;
+        let slab = s.placement.slab();
+        let (n, d) = (s.ensemble.rows(), slab.d);
         if let Some(op) = self.sub {
             if (s.cycle - 1).is_multiple_of(self.cycle_stride) || s.cycle == self.cycles {
-                use crate::observe::ObservationOperator;
                 let m = op.obs_dim(d)?;
+                // The kept components of this process's slab (all of them in one process).
+                let (local, range) = if slab.len == d {
+                    (Some(op), 0..m)
+                } else {
+                    match crate::partition::local_observe(&op, &slab, s.placement.ranks()) {
+                        Ok((l, r)) => (Some(l), r),
+                        Err(_) => (None, 0..0),
+                    }
+                };
                 if self.sub_ensemble.is_none() {
-                    self.sub_ensemble = Some(backend.zeros(n, m)?);
+                    self.sub_ensemble = Some(backend.zeros(n, range.len().max(1))?);
                     self.sub_truth = Some(backend.zeros(1, m)?);
                 }
                 let (Some(se), Some(st)) = (self.sub_ensemble.as_mut(), self.sub_truth.as_mut())
                 else {
                     return Ok(());
                 };
-                backend.observe(&op, s.ensemble, se)?;
+                let mut mean = vec![0.0f32; m];
+                if let Some(local) = local {
+                    backend.observe(&local, s.ensemble, se)?;
+                    let ens = backend.read(se)?;
+                    mean[range.clone()].copy_from_slice(&mean_rows(&ens, n, range.len()));
+                }
+                if slab.len != d {
+                    // Every process contributes its kept components; the others add zeros.
+                    let mut sums: Vec<f64> = mean.iter().map(|&v| v as f64).collect();
+                    s.placement.sum(&mut sums)?;
+                    mean = sums.iter().map(|&v| v as f32).collect();
+                }
                 backend.observe(&op, s.truth, st)?;
-                let ens = backend.read(se)?;
                 let truth = backend.read(st)?;
                 let h = self.trace.hovmoller.get_or_insert_with(|| Hovmoller {
                     components: (0..m).map(|k| op.component(k)).collect(),
@@ -189,13 +209,13 @@ impl<B: Backend> Recorder<B> {
                 h.cycles.push(s.cycle);
                 h.times.push(s.time);
                 h.truth.extend_from_slice(&truth);
-                h.mean.extend(mean_rows(&ens, n, m));
+                h.mean.extend(mean);
             }
         }
         if let (true, Layout::Grid { n: side }, true) =
             (self.options.fields, self.layout, s.cycle == self.cycles)
         {
-            let ens = backend.read(s.ensemble)?;
+            let ens = s.gather_ensemble()?;
             self.trace.field = Some(FieldSnapshot {
                 n: side,
                 cycle: s.cycle,
@@ -205,17 +225,20 @@ impl<B: Backend> Recorder<B> {
         }
         if let Some(every) = self.options.save_every {
             if s.cycle.is_multiple_of(every) {
-                std::fs::create_dir_all(&self.options.save_dir).map_err(|e| Error::Io {
-                    path: self.options.save_dir.display().to_string(),
-                    source: e,
-                })?;
-                let path = self
-                    .options
-                    .save_dir
-                    .join(format!("cycle_{:04}.npy", s.cycle));
-                let ens = backend.read(s.ensemble)?;
-                npy::write_npy(&path, &[n, d], &ens, NpyDtype::F4)?;
-                self.trace.snapshots.push(path);
+                // Every process takes part in the gather; the root process writes.
+                let ens = s.gather_ensemble()?;
+                if s.placement.is_root() {
+                    std::fs::create_dir_all(&self.options.save_dir).map_err(|e| Error::Io {
+                        path: self.options.save_dir.display().to_string(),
+                        source: e,
+                    })?;
+                    let path = self
+                        .options
+                        .save_dir
+                        .join(format!("cycle_{:04}.npy", s.cycle));
+                    npy::write_npy(&path, &[n, d], &ens, NpyDtype::F4)?;
+                    self.trace.snapshots.push(path);
+                }
             }
         }
         Ok(())
