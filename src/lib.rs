@@ -19,12 +19,14 @@
 //! | error, spread | `rmse` of the ensemble mean vs truth; `spread` = sqrt(mean unbiased variance) |
 //!
 //! ## Layout
-//! `experiment` (configs and TOML files, presets, the one cycle loop, sweeps) → `filter` (one analysis per file) →
-//! `flow` (paths, guidance, integrators) → `model`, `observe` → `backend` (where numbers live:
-//! [`backend::cpu::Cpu`] is the reference) → `rng` (Philox, identical on every backend).
-//! Around them: [`Assimilator`] (any filter around a user's own model and observation
-//! operator, driven cycle by cycle), [`io`] (NumPy `.npy` files), and in `experiment` the
-//! one-step analysis of `enff assimilate`, the run traces and the plots.
+//! Layers, each importing only those below it (checked by `tests/layers.rs`): [`experiment`]
+//! (drivers: twin experiments in one process or sharded, compare, seeds, sweeps, presets,
+//! checkpoints, plots), [`Assimilator`] and [`mod@bench`] → [`cycle`] (the one cycle stepper and
+//! the placement of the state; [`distributed`] adds slabs over MPI ranks) → [`filter`] (one
+//! analysis per file) → [`flow`] (paths, guidance, integrators) and [`partition`] (slabs and
+//! the collectives filters sum over) → [`backend`] (where numbers live: [`backend::cpu::Cpu`]
+//! is the reference) → [`model`], [`observe`], [`localization`] → [`rng`] (Philox, identical
+//! on every backend), [`io`] (`.npy` files, atomic writes), [`ensemble`], [`error`].
 //!
 //! ## CPU/GPU contract
 //! Every kernel operation of [`backend::Backend`] has one meaning on every backend; the CPU

@@ -13,9 +13,7 @@
 //! Drivers own the loop (argmin's solver and executor): `Experiment::run` in one process or
 //! over MPI ranks, and attach what watches the cycles (metrics writer, checkpoints, traces,
 //! progress) outside the stepper. What varies between drivers is passed in: the backend, the
-//! [`Placement`] of the state, the filter, the divergence policy. [`Cycle::forecast`] and
-//! [`Cycle::analyse`] are the stages on their own, for drivers whose observations come from
-//! outside.
+//! [`Placement`] of the state, the filter, the divergence policy.
 
 use std::time::Instant;
 

@@ -1,13 +1,12 @@
-//! Sharded twin experiments (see [`super`]): the [`Slabs`] placement of the one cycle stepper
-//! ([`crate::cycle::Cycle`]), with the forecast, the noise and the metrics of one slab, and
-//! [`run_sharded`], the experiment's driver over it.
+//! The [`Slabs`] placement of the one cycle stepper ([`crate::cycle::Cycle`]): the forecast,
+//! the noise and the metrics of one slab (the experiment drives it: see
+//! `crate::experiment::sharded`).
 
 use super::l96::SlabForecast;
-use super::{check_shardable, fill_normal_slab, Shard};
+use super::{fill_normal_slab, Shard};
 use crate::backend::{Backend, EnsembleStats};
-use crate::cycle::{CycleMetrics, Placement};
-use crate::error::{Error, Result};
-use crate::experiment::{CycleState, Experiment, Report, RunOptions};
+use crate::cycle::Placement;
+use crate::error::Result;
 use crate::model::Model;
 use crate::observe::ObservationOperator;
 use crate::partition::Slab;
@@ -116,59 +115,6 @@ impl<B: Backend> Placement<B> for Slabs {
     }
 }
 
-/// What a sharded run produced: the report (the same on every rank) and where the time went.
-#[derive(Clone, Debug)]
-pub struct ShardedReport {
-    /// Summary and per-cycle metrics, from the metrics summed over ranks.
-    pub report: Report,
-    /// Number of ranks.
-    pub ranks: usize,
-    /// Seconds this rank spent in collectives (logit sums, halo exchanges, metric sums).
-    pub seconds_collectives: f64,
-}
-
-/// Runs `experiment` on this rank's slab of `shard` on `backend` with `options`
-/// (checkpoints, resumption, divergence policy: the single-process run's, see
-/// [`Experiment::run_placed`]), calling `on_cycle` after every cycle with the metrics of the
-/// whole state (every rank gets the same numbers) and `on_state` with the cycle's state
-/// (its [`CycleState::gather_ensemble`] assembles the whole ensemble on every rank).
-///
-/// Every rank must call this with the same experiment (see [`super::check_same_config`]).
-/// Supported: EnFF (F2P or OT) on Lorenz-96 (see [`check_shardable`]).
-pub fn run_sharded<B: Backend + 'static>(
-    experiment: &Experiment,
-    backend: &B,
-    shard: &Shard,
-    options: &RunOptions,
-    on_cycle: impl FnMut(&CycleMetrics),
-    on_state: impl FnMut(&CycleState<'_, B>) -> Result<()>,
-) -> Result<ShardedReport> {
-    let cfg = experiment.config();
-    let ranks = shard.comm.size();
-    check_shardable(cfg, ranks)?;
-    let d = cfg.state_dim();
-    if shard.slab.d != d {
-        return Err(Error::shape(
-            "shard",
-            format!("a slab of d = {d}"),
-            format!("a slab of d = {}", shard.slab.d),
-        ));
-    }
-    let comm_before = shard.comm.seconds_in_collectives();
-    let report = experiment.run_placed(
-        backend,
-        Box::new(Slabs::new(shard.clone())),
-        options,
-        on_cycle,
-        on_state,
-    )?;
-    Ok(ShardedReport {
-        report,
-        ranks,
-        seconds_collectives: shard.comm.seconds_in_collectives() - comm_before,
-    })
-}
-
 /// The whole `n × d` ensemble on every rank: each rank places its slab in a zero matrix and
 /// the matrices are summed (exact: every entry is one rank's value plus zeros).
 pub fn gather<B: Backend>(
@@ -194,62 +140,4 @@ pub fn slab_operator(
     shard: &Shard,
 ) -> Result<(crate::observe::Observe, std::ops::Range<usize>)> {
     super::local_operator(op, &shard.slab, shard.comm.size())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::cpu::Cpu;
-
-    #[test]
-    fn one_shard_runs_the_single_process_experiment() {
-        let mut config = crate::experiment::preset("lorenz96_bao2024")
-            .unwrap()
-            .config;
-        for s in [
-            "model.d=13",
-            "ensemble.n=5",
-            "experiment.spinup=50",
-            "experiment.cycles=4",
-            "experiment.burn_in=0",
-            "filter.flow_steps=5",
-        ] {
-            config.set(s).unwrap();
-        }
-        let exp = Experiment::new("t", config, None).unwrap();
-        let cpu = Cpu::new();
-        let want = exp.run(&cpu, |_| {}).unwrap();
-        let mut snapshots = 0;
-        let got = run_sharded(
-            &exp,
-            &cpu,
-            &Shard::single(13),
-            &RunOptions::default(),
-            |_| {},
-            |state| {
-                if state.cycle % 2 == 0 {
-                    assert_eq!(state.gather_ensemble()?.len(), 5 * 13);
-                    snapshots += 1;
-                }
-                Ok(())
-            },
-        )
-        .unwrap();
-        assert_eq!(snapshots, 2);
-        assert_eq!(got.ranks, 1);
-        for (w, g) in want.metrics.iter().zip(&got.report.metrics) {
-            for (a, b) in [
-                (w.rmse, g.rmse),
-                (w.spread, g.spread),
-                (w.rmse_forecast, g.rmse_forecast),
-                (w.spread_forecast, g.spread_forecast),
-            ] {
-                assert!(
-                    (a - b).abs() <= 1e-12 * a.abs(),
-                    "cycle {}: {a} vs {b}",
-                    w.cycle
-                );
-            }
-        }
-    }
 }

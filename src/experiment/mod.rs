@@ -14,6 +14,7 @@ pub mod plots;
 pub mod presets;
 mod report;
 mod run;
+pub mod sharded;
 pub mod sweep;
 pub mod trace;
 
@@ -23,3 +24,4 @@ pub use config::Config;
 pub use presets::{preset, Preset, DEFAULT_PRESET, PRESETS};
 pub use report::{Report, Summary};
 pub use run::{build_filter, CycleState, Experiment, MemoryEstimate, RunOptions};
+pub use sharded::{check_shardable, run_sharded, ShardedReport};

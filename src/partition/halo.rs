@@ -18,7 +18,7 @@
 //! innovations are those of the single-process run. The halo rows of the result are dropped.
 //!
 //! Conditions (checked by [`HaloPlan::new`] and, up front, by
-//! [`super::check_shardable`]): every slab holds at least `H` components and an extended
+//! `crate::experiment::check_shardable`): every slab holds at least `H` components and an extended
 //! segment is no longer than the ring, and the observed components repeat around the ring
 //! (`observe.every` divides `d` and `observe.offset < observe.every`), so that the halo's
 //! observations continue the slab's pattern.
@@ -54,7 +54,7 @@ impl HaloPlan {
     /// through `local` (the slab's operator, [`super::local_observe`]); a clear error when the
     /// conditions of the module fail. The ring's operator is taken to be the one whose
     /// pattern the slab's continues (offset below the stride), which
-    /// [`super::check_shardable`] checks against the configuration.
+    /// `crate::experiment::check_shardable` checks against the configuration.
     pub fn new(slab: &Slab, ranks: usize, local: &Observe, radius: f64) -> Result<HaloPlan> {
         let global = Observe {
             offset: (slab.start + local.offset) % local.every,

@@ -322,3 +322,131 @@ pub fn check_same_config(comm: &dyn Comm, hash: u64) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+    use crate::error::Error;
+    use crate::observe::{ObservationOperator, Observe};
+    use crate::rng::{self, NoiseKey};
+    use std::sync::Arc;
+
+    #[test]
+    fn slabs_cover_the_state_evenly_in_order() {
+        for d in [4usize, 7, 10, 41] {
+            for size in 1..=4usize.min(d) {
+                let slabs: Vec<Slab> = (0..size).map(|r| Slab::of(d, r, size)).collect();
+                assert_eq!(slabs[0].start, 0);
+                for w in slabs.windows(2) {
+                    assert_eq!(w[0].end(), w[1].start);
+                }
+                assert_eq!(slabs.last().unwrap().end(), d);
+                let (lo, hi) = (
+                    slabs.iter().map(|s| s.len).min().unwrap(),
+                    slabs.iter().map(|s| s.len).max().unwrap(),
+                );
+                assert!(hi - lo <= 1, "d={d} size={size}: {slabs:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn local_observations_partition_the_global_ones() {
+        for (every, offset) in [(1usize, 0usize), (2, 1), (3, 0), (3, 2)] {
+            let op = Observe::arctan().subsample(every, offset).unwrap();
+            let d = 23;
+            let m = op.obs_dim(d).unwrap();
+            let x: Vec<f32> = (0..d).map(|k| 0.1 * k as f32 - 1.0).collect();
+            let mut full = vec![0.0; m];
+            op.apply(&x, &mut full);
+            let mut joined = Vec::new();
+            for rank in 0..3 {
+                let slab = Slab::of(d, rank, 3);
+                let (local, range) = local_observe(&op, &slab, 3).unwrap();
+                assert_eq!(local.obs_dim(slab.len).unwrap(), range.len());
+                let mut part = vec![0.0; range.len()];
+                local.apply(&x[slab.start..slab.end()], &mut part);
+                assert_eq!(&part[..], &full[range.clone()]);
+                joined.extend(range);
+            }
+            assert_eq!(joined, (0..m).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_slab_without_observations_is_refused() {
+        let op = Observe::identity().subsample(8, 0).unwrap();
+        let err = local_observe(&op, &Slab::of(12, 1, 3), 3).unwrap_err();
+        assert!(matches!(err, Error::Distributed { ranks: 3, .. }), "{err}");
+    }
+
+    /// The sum of all components: every observation depends on the whole state.
+    #[derive(Debug)]
+    struct Total;
+
+    impl ObservationOperator for Total {
+        fn name(&self) -> String {
+            "total".into()
+        }
+        fn obs_dim(&self, _d: usize) -> Result<usize> {
+            Ok(1)
+        }
+        fn apply(&self, x: &[f32], y: &mut [f32]) {
+            y[0] = x.iter().sum();
+        }
+        fn adjoint(&self, _x: &[f32], r: &[f32], out: &mut [f32]) {
+            out.iter_mut().for_each(|v| *v = r[0]);
+        }
+    }
+
+    #[test]
+    fn a_user_defined_operator_is_refused_and_built_ins_are_split() {
+        let slab = Slab::of(10, 1, 2);
+        let err = local_operator(&Total, &slab, 2).unwrap_err();
+        assert!(
+            matches!(&err, Error::Distributed { what, .. } if what.contains("`total`")),
+            "{err}"
+        );
+        let (local, range) = local_operator(&Observe::identity(), &slab, 2).unwrap();
+        assert_eq!((local.offset, range), (0, 5..10));
+    }
+
+    #[test]
+    fn the_one_process_comm_is_its_own_neighbour() {
+        let c = SingleProcess;
+        let (mut l, mut r) = ([0.0f32; 2], [0.0f32; 1]);
+        c.exchange(&[1.0], &[2.0, 3.0], &mut l, &mut r).unwrap();
+        assert_eq!((l, r), ([2.0, 3.0], [1.0]));
+        let comm: Arc<dyn Comm> = Arc::new(SingleProcess);
+        assert!(agree(comm.as_ref(), Ok(3)).is_ok());
+        assert!(check_same_config(comm.as_ref(), 42).is_ok());
+    }
+
+    #[test]
+    fn slab_noise_equals_the_columns_of_the_full_draw() {
+        use crate::backend::cpu::Cpu;
+        let cpu = Cpu::new();
+        let (n, d) = (3, 13);
+        let key = NoiseKey::new(7, rng::Stream::InitialEnsemble, 2);
+        let mean: Vec<f32> = (0..d).map(|k| k as f32).collect();
+        let mean_full = cpu.upload(1, d, &mean).unwrap();
+        let mut full = cpu.zeros(n, d).unwrap();
+        cpu.fill_normal(&mut full, key, Some(&mean_full), 0.5)
+            .unwrap();
+        let full = cpu.read(&full).unwrap();
+        for rank in 0..3 {
+            let s = Slab::of(d, rank, 3);
+            let m = cpu.upload(1, s.len, &mean[s.start..s.end()]).unwrap();
+            let mut part = cpu.zeros(n, s.len).unwrap();
+            fill_normal_slab(&cpu, &mut part, key, s.start, Some(&m), 0.5).unwrap();
+            let part = cpu.read(&part).unwrap();
+            for i in 0..n {
+                assert_eq!(
+                    &part[i * s.len..(i + 1) * s.len],
+                    &full[i * d + s.start..i * d + s.end()]
+                );
+            }
+        }
+    }
+}

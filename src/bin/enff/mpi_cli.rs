@@ -81,7 +81,7 @@ fn start(args: &RunArgs, comm: &dyn Comm) -> Result<Start> {
             (experiment, None, out)
         }
     };
-    distributed::check_shardable(experiment.config(), comm.size())?;
+    enff::experiment::check_shardable(experiment.config(), comm.size())?;
     let backend = AnyBackend::choose(args.backend, Some(experiment.config()))?;
     Ok(Start {
         experiment,
