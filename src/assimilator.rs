@@ -235,7 +235,7 @@ impl AssimilatorBuilder {
             )
         })?;
         let (n, d) = (initial.n(), initial.d());
-        if config.filter.kind == "kf" {
+        if config.filter_kind()? == crate::filter::FilterKind::Kf {
             return Err(Error::invalid(
                 "filter.kind",
                 "kf",

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{check_positive, Error, Result};
-use crate::filter::{EnffConfig, EnsfConfig, Resampling, ScoreSampler};
+use crate::filter::{EnffConfig, EnsfConfig, FilterKind, Resampling, ScoreSampler};
 use crate::flow::{GuidanceKind, Integrator, PathKind};
 use crate::model::{
     KuramotoSivashinsky, Lorenz63, Lorenz96, Model, NavierStokes2d, Rotation2d, Scheme, System,
@@ -233,16 +233,6 @@ pub struct Config {
     pub experiment: RunConfig,
 }
 
-/// Filter names this build knows.
-pub const FILTERS: [&str; 8] = [
-    "enff-f2p", "enff-ot", "ensf", "etkf", "letkf", "enkf", "bpf", "kf",
-];
-
-/// True when `kind` names one of the EnFF variants.
-pub fn is_enff(kind: &str) -> bool {
-    matches!(kind, "enff-f2p" | "enff-ot")
-}
-
 impl Config {
     /// Checks every setting, naming the first bad one with its value and a fix.
     pub fn validate(&self) -> Result<()> {
@@ -260,13 +250,7 @@ impl Config {
                 "observations need at least 1 model step between them",
             ));
         }
-        if !FILTERS.contains(&self.filter.kind.as_str()) {
-            return Err(Error::UnknownFilter {
-                name: self.filter.kind.clone(),
-                known: FILTERS.join(", "),
-            });
-        }
-        if self.filter.kind == "kf" {
+        if self.filter_kind()? == FilterKind::Kf {
             if self.ensemble.n != 1 {
                 return Err(Error::invalid(
                     "ensemble.n",
@@ -342,7 +326,7 @@ impl Config {
                 return Err(Error::invalid(name, v, "use a finite number"));
             }
         }
-        if is_enff(&self.filter.kind) {
+        if self.filter_kind()?.is_enff() {
             self.enff_config()?.validate()?;
             if self.filter.guidance == GuidanceKind::Covariance
                 && !self.model()?.geometry().is_spatial()
@@ -355,7 +339,7 @@ impl Config {
                 ));
             }
         }
-        if self.filter.kind == "ensf" {
+        if self.filter_kind()? == FilterKind::Ensf {
             self.ensf_config().validate()?;
         }
         if let Some(r) = self.filter.loc_radius {
@@ -440,6 +424,11 @@ impl Config {
         self.model_with_theta(std::f64::consts::FRAC_PI_8)
     }
 
+    /// The filter the configuration names ([`Error::UnknownFilter`] when none).
+    pub fn filter_kind(&self) -> Result<FilterKind> {
+        FilterKind::parse(&self.filter.kind)
+    }
+
     /// The observation operator.
     pub fn observation_operator(&self) -> Result<Observe> {
         Observe::full(self.observe.operator).subsample(self.observe.every, self.observe.offset)
@@ -447,14 +436,15 @@ impl Config {
 
     /// The EnFF configuration of the filter section.
     pub fn enff_config(&self) -> Result<EnffConfig> {
-        let path = match self.filter.kind.as_str() {
-            "enff-f2p" => PathKind::F2p,
-            "enff-ot" => PathKind::Ot,
+        let path = match self.filter_kind()? {
+            FilterKind::EnffF2p => PathKind::F2p,
+            FilterKind::EnffOt => PathKind::Ot,
             other => {
-                return Err(Error::UnknownFilter {
-                    name: other.to_string(),
-                    known: FILTERS.join(", "),
-                })
+                return Err(Error::invalid(
+                    "filter.kind",
+                    other,
+                    "EnFF settings belong to filter.kind=enff-f2p or enff-ot",
+                ))
             }
         };
         Ok(EnffConfig {

@@ -7,6 +7,7 @@
 
 pub mod assimilate;
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod file;
 pub mod output;
@@ -14,6 +15,7 @@ pub mod plots;
 pub mod presets;
 mod report;
 mod run;
+pub mod seeds;
 pub mod sharded;
 pub mod sweep;
 pub mod trace;

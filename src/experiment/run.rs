@@ -17,7 +17,7 @@ use crate::cycle::{
     Placement,
 };
 use crate::error::{Error, Result};
-use crate::filter::{Enff, Filter};
+use crate::filter::{Enff, Filter, FilterKind};
 use crate::flow::GuidanceKind;
 use crate::model::System;
 use crate::observe::ObservationOperator;
@@ -87,13 +87,13 @@ pub fn build_filter<B: Backend + 'static>(
 ) -> Result<Box<dyn Filter<B>>> {
     let f = &config.filter;
     let seed = config.experiment.seed;
-    Ok(match f.kind.as_str() {
-        "enff-f2p" | "enff-ot" => {
+    Ok(match config.filter_kind()? {
+        FilterKind::EnffF2p | FilterKind::EnffOt => {
             Box::new(Enff::<B>::new(config.enff_config()?)?.with_geometry(model.geometry()))
         }
-        "ensf" => Box::new(crate::filter::Ensf::<B>::new(config.ensf_config())?),
-        "etkf" => Box::new(crate::filter::Etkf::<B>::new(f.inflation)?),
-        "letkf" => Box::new(
+        FilterKind::Ensf => Box::new(crate::filter::Ensf::<B>::new(config.ensf_config())?),
+        FilterKind::Etkf => Box::new(crate::filter::Etkf::<B>::new(f.inflation)?),
+        FilterKind::Letkf => Box::new(
             crate::filter::Letkf::<B>::new(
                 f.loc_radius
                     .unwrap_or(crate::filter::letkf::DEFAULT_LETKF_RADIUS),
@@ -101,7 +101,7 @@ pub fn build_filter<B: Backend + 'static>(
             )?
             .with_geometry(model.geometry(), f.loc_distance),
         ),
-        "enkf" => {
+        FilterKind::Enkf => {
             let localization = f
                 .loc_radius
                 .map(|r| {
@@ -117,23 +117,17 @@ pub fn build_filter<B: Backend + 'static>(
                 crate::filter::EnkfPo::<B>::new(f.inflation, seed)?.with_localization(localization),
             )
         }
-        "bpf" => Box::new(crate::filter::ParticleFilter::<B>::new(
+        FilterKind::Bpf => Box::new(crate::filter::ParticleFilter::<B>::new(
             f.resampling,
             f.jitter,
             f.inflation,
             seed,
         )?),
-        "kf" => Box::new(crate::filter::KalmanFilter::new(
+        FilterKind::Kf => Box::new(crate::filter::KalmanFilter::new(
             model,
             config.observe.obs_every,
             config.ensemble.init_std,
         )?),
-        other => {
-            return Err(Error::UnknownFilter {
-                name: other.to_string(),
-                known: super::config::FILTERS.join(", "),
-            })
-        }
     })
 }
 
@@ -208,7 +202,8 @@ impl Experiment {
         ) {
             parts.push(("model stages (4)".to_string(), 4 * nd));
         }
-        if cfg.filter.kind == "enff-f2p" {
+        let kind = cfg.filter_kind().ok();
+        if kind == Some(FilterKind::EnffF2p) {
             parts.push(("previous analysis".to_string(), nd));
         }
         // The grid models' GPU scratch (spectral.rs, stencil.rs), per member and fixed.
@@ -240,7 +235,8 @@ impl Experiment {
         if cfg.filter.integrator == crate::flow::Integrator::Heun {
             parts.push(("Heun predictor and velocity".to_string(), 2 * nd));
         }
-        if cfg.filter.kind.starts_with("enff") && cfg.filter.guidance == GuidanceKind::Covariance {
+        if kind.is_some_and(FilterKind::is_enff) && cfg.filter.guidance == GuidanceKind::Covariance
+        {
             // The static windows (observation index and taper) and the gain table of a stage,
             // d × w each, w the observations inside the Gaspari–Cohn support (2 · 1.82 ·
             // radius) of a component.

@@ -14,8 +14,8 @@ use crate::partition::{halo, local_observe, refuse, Shard, Slab};
 /// rank owning at least two components and one observation, and, with covariance guidance,
 /// slabs wide enough for the halo of its windows ([`halo::check`]).
 pub fn check_shardable(config: &Config, ranks: usize) -> Result<()> {
-    let kind = config.filter.kind.as_str();
-    if !matches!(kind, "enff-f2p" | "enff-ot") {
+    let kind = config.filter_kind()?;
+    if !kind.is_enff() {
         return Err(refuse(
             ranks,
             format!("the filter `{kind}` has no sharded analysis"),

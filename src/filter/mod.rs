@@ -12,6 +12,7 @@ pub mod ensemble_kalman;
 pub mod ensf;
 pub mod inflation;
 pub mod kalman;
+pub mod kind;
 pub mod letkf;
 pub mod particle;
 
@@ -19,6 +20,7 @@ pub use enff::{Enff, EnffConfig};
 pub use ensemble_kalman::{EnkfPo, Etkf};
 pub use ensf::{Ensf, EnsfConfig, ScoreSampler};
 pub use kalman::KalmanFilter;
+pub use kind::FilterKind;
 pub use letkf::Letkf;
 pub use particle::{ParticleFilter, Resampling};
 

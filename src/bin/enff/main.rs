@@ -11,11 +11,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use enff::backend::gpu::{Gpu, GpuOptions};
 use enff::backend::{cpu::Cpu, Backend};
 use enff::cycle::{OneProcess, Placement};
+use enff::experiment::compare::{CompareRow, CompareTables};
 use enff::experiment::trace::{Recorder, Trace, TraceOptions};
 use enff::experiment::{
-    file, output, preset, sweep, Config, Experiment, OnDivergence, Report, RunOptions, Summary,
+    file, output, preset, seeds, sweep, Config, Experiment, OnDivergence, Report, RunOptions,
     DEFAULT_PRESET, PRESETS,
 };
+use enff::filter::FilterKind;
 
 #[derive(Parser)]
 #[command(
@@ -917,7 +919,7 @@ fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
             preset: src.preset.clone(),
         };
         s.apply(Some(f), &[], args.seed)?;
-        if f == "kf" {
+        if FilterKind::parse(f)? == FilterKind::Kf {
             s.config.set("ensemble.n=1")?;
         }
         for set in &args.sets {
@@ -939,16 +941,15 @@ fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
     )?;
     let backend = AnyBackend::choose(args.backend, Some(experiments[0].1.config()))?;
     // Per filter: the summaries of its seeds, or the first error.
-    let mut rows: Vec<(String, Vec<Summary>, String)> = Vec::new();
+    let mut rows = Vec::new();
     let mut curves = Vec::new();
     for (f, exp) in &experiments {
-        let mut summaries = Vec::new();
-        let mut error = String::new();
+        let mut row = CompareRow::new(exp);
         for k in 0..args.seeds {
             let (exp, dir) = if args.seeds == 1 {
                 (exp.clone(), out.join(f))
             } else {
-                let e = with_seed(exp, k)?;
+                let e = seeds::with_seed(exp, k)?;
                 let dir = out
                     .join(f)
                     .join(format!("seed-{}", e.config().experiment.seed));
@@ -968,108 +969,18 @@ fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
                     if k == 0 {
                         curves.push((f.clone(), r.metrics.clone()));
                     }
-                    summaries.push(r.summary);
+                    row.summaries.push(r.summary);
                 }
                 Err(e) => {
-                    error = format!("{e:#}");
+                    row.error = Some(format!("{e:#}"));
                     break;
                 }
             }
         }
-        rows.push((f.clone(), summaries, error));
+        rows.push(row);
     }
-    // The guidance of each EnFF row (`local`, `covariance`, …), so that tables say which
-    // variant they compare; "-" for the other filters.
-    let guidance_of = |f: &str| -> String {
-        experiments
-            .iter()
-            .find(|(name, _)| name == f)
-            .filter(|(name, _)| name.starts_with("enff"))
-            .and_then(|(_, e)| serde_json::to_value(e.config().filter.guidance).ok())
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_else(|| "-".into())
-    };
-    let mut md = String::from(
-        "| filter | guidance | rmse_mean | spread_mean | s/analysis | s/cycle |\n\
-         |---|---|---|---|---|---|\n",
-    );
-    let mut csv = String::from(
-        "filter,guidance,rmse_mean,spread_mean,seconds_per_analysis,seconds_per_cycle,seeds,\
-         rmse_std,spread_std,error\n",
-    );
-    let cfg = experiments[0].1.config();
-    let mut text = format!(
-        "enff compare: {} ({} cycles, burn-in {}, seed {}{})\n",
-        src.name,
-        cfg.experiment.cycles,
-        cfg.experiment.burn_in,
-        cfg.experiment.seed,
-        if args.seeds > 1 {
-            format!(", {} seeds: mean ± std", args.seeds)
-        } else {
-            String::new()
-        }
-    );
-    text.push_str(&format!(
-        "{:<10} {:<10} {:>18} {:>18} {:>12} {:>10}\n",
-        "filter", "guidance", "rmse_mean", "spread_mean", "s/analysis", "s/cycle"
-    ));
-    let mut json_rows = Vec::new();
-    for (f, summaries, err) in &rows {
-        let g = guidance_of(f);
-        if !err.is_empty() {
-            let short = err.lines().next().unwrap_or("").replace(',', ";");
-            text.push_str(&format!("{f:<10} {g:<10} failed: {short}\n"));
-            md.push_str(&format!("| {f} | {g} | failed: {short} | | | |\n"));
-            csv.push_str(&format!("{f},{g},,,,,{},,,{short}\n", summaries.len()));
-            json_rows.push(serde_json::json!({ "filter": f, "guidance": g, "error": err }));
-            continue;
-        }
-        let col = |g: fn(&Summary) -> f64| {
-            sweep::mean_std(&summaries.iter().map(g).collect::<Vec<f64>>())
-        };
-        let (rmse, spread) = (col(|s| s.rmse_mean), col(|s| s.spread_mean));
-        let per = col(|s| s.seconds_analysis / s.cycles as f64).0;
-        let per_cycle = col(|s| s.seconds_per_cycle).0;
-        let pm = |(m, sd): (f64, f64)| {
-            if args.seeds > 1 {
-                format!("{m:.4} ± {sd:.4}")
-            } else {
-                format!("{m:.4}")
-            }
-        };
-        text.push_str(&format!(
-            "{f:<10} {g:<10} {:>18} {:>18} {per:>12.5} {per_cycle:>10.5}\n",
-            pm(rmse),
-            pm(spread)
-        ));
-        md.push_str(&format!(
-            "| {f} | {g} | {} | {} | {per:.5} | {per_cycle:.5} |\n",
-            pm(rmse),
-            pm(spread)
-        ));
-        csv.push_str(&format!(
-            "{f},{g},{},{},{per},{per_cycle},{},{},{},\n",
-            rmse.0,
-            spread.0,
-            summaries.len(),
-            rmse.1,
-            spread.1
-        ));
-        json_rows.push(serde_json::json!({
-            "filter": f,
-            "guidance": g,
-            "seeds": summaries.len(),
-            "rmse_mean": rmse.0,
-            "rmse_std": rmse.1,
-            "spread_mean": spread.0,
-            "spread_std": spread.1,
-            "seconds_per_analysis": per,
-            "seconds_per_cycle": per_cycle,
-        }));
-    }
-    enff::io::write_atomic(&out.join("compare.csv"), csv.as_bytes())?;
-    enff::io::write_atomic(&out.join("compare.md"), md.as_bytes())?;
+    let tables = CompareTables::build(&src.name, &experiments[0].1, &rows, args.seeds);
+    tables.write(&out)?;
     if !args.plots.no_plots && !curves.is_empty() {
         enff::experiment::plots::write_compare_plot(
             &out,
@@ -1078,20 +989,12 @@ fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
         )?;
     }
     if ui.json {
-        println!("{}", serde_json::to_string_pretty(&json_rows)?);
+        println!("{}", serde_json::to_string_pretty(&tables.json)?);
     } else {
-        print!("{text}");
+        print!("{}", tables.text);
         println!("  results      {}", out.display());
     }
     Ok(())
-}
-
-/// `exp` with its seed advanced by `k`.
-fn with_seed(exp: &Experiment, k: usize) -> Result<Experiment> {
-    let mut config = exp.config().clone();
-    config.experiment.seed = config.experiment.seed.wrapping_add(k as u64);
-    let expected = exp.expected_rmse();
-    Ok(Experiment::new(exp.name(), config, expected)?)
 }
 
 /// Writes a finished run's files: config.toml, metrics.csv and summary.json.
@@ -1320,7 +1223,7 @@ fn run_seeds(
     }
     let mut summaries = Vec::new();
     for k in 0..seeds {
-        let exp = with_seed(experiment, k)?;
+        let exp = seeds::with_seed(experiment, k)?;
         let dir = out.join(format!("seed-{}", exp.config().experiment.seed));
         let label = format!("seed {}/{seeds}", k + 1);
         let traced = trace_options(plots, None, &dir);
@@ -1341,23 +1244,9 @@ fn run_seeds(
     if !place.is_root() {
         return Ok(());
     }
-    let col =
-        |g: fn(&Summary) -> f64| sweep::mean_std(&summaries.iter().map(g).collect::<Vec<_>>());
-    let (rmse, spread) = (col(|s| s.rmse_mean), col(|s| s.spread_mean));
-    let aggregate = serde_json::json!({
-        "preset": experiment.name(),
-        "filter": experiment.config().filter.kind,
-        "seeds": summaries.iter().map(|s| s.seed).collect::<Vec<_>>(),
-        "rmse_mean": { "mean": rmse.0, "std": rmse.1 },
-        "spread_mean": { "mean": spread.0, "std": spread.1 },
-        "runs": summaries,
-    });
-    let text = serde_json::to_string_pretty(&aggregate)?;
-    enff::io::write_atomic(
-        &out.join("seeds.csv"),
-        sweep::seeds_csv(&summaries).as_bytes(),
-    )?;
-    enff::io::write_atomic(&out.join("summary.json"), text.as_bytes())?;
+    let text = seeds::write_seed_results(out, experiment, &summaries)?;
+    let stats = seeds::SeedStats::of(&summaries);
+    let (rmse, spread) = (stats.rmse, stats.spread);
     if ui.json {
         println!("{text}");
         return Ok(());
