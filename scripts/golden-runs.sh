@@ -113,7 +113,7 @@ with open(sys.argv[1] + "/obs.npy", "wb") as f:
     f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode())
     f.write(struct.pack("<40d", *[((7 * i) % 13 - 6) * 0.5 for i in range(40)]))
 PY
-for f in enff-f2p enff-ot etkf enkf; do
+for f in enff-f2p enff-ot etkf enkf letkf; do
     mkdir -p "$work/assim-$f"
     "$enff" assimilate --forecast "$work/ens/ensembles/cycle_0002.npy" --obs "$work/obs.npy" \
         --obs-noise-std 1 --filter "$f" --seed 5 --cycle 3 \

@@ -59,9 +59,9 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::backend::{cpu::Cpu, Backend, DeviceBuffer};
+use crate::cycle::EnsembleStages;
 use crate::error::{check_finite, check_positive, Error, Result};
 use crate::experiment::{build_filter, preset, Config, DEFAULT_PRESET};
-use crate::filter::{Filter, Observation};
 use crate::model::{Dynamics, Model, Scheme, System};
 use crate::observe::{ObservationOperator, Observe};
 use crate::Ensemble;
@@ -280,38 +280,47 @@ impl AssimilatorBuilder {
                 fix: "run on the CPU backend, or express h with enff::observe::Observe".into(),
             });
         }
-        let placeholder = config.model()?;
-        let filter = build_filter::<B>(&config, &placeholder)?;
-        let ensemble = backend.upload(n, d, initial.as_slice())?;
-        let previous = match (&self.previous, filter.needs_previous_analysis()) {
-            (Some(p), _) => {
-                if (p.n(), p.d()) != (n, d) {
-                    return Err(Error::shape(
-                        "previous analysis",
-                        format!("{n} x {d} (the ensemble's shape)"),
-                        format!("{} x {}", p.n(), p.d()),
-                    ));
+        // The geometry localizing filters use: the forecast model's, else a ring of the
+        // ensemble's d components (the default preset is Lorenz-96).
+        let geometry_model = match &self.forecast {
+            Forecast::Model { model, .. } => model.clone(),
+            _ => {
+                let mut ring = config.clone();
+                if ring.model.system == crate::experiment::config::SystemKind::Lorenz96 && d >= 4 {
+                    ring.model.d = d;
                 }
-                check_finite(
-                    "previous analysis",
-                    p.as_slice(),
-                    d,
-                    "the previous analysis must be finite",
-                )?;
-                Some(backend.upload(n, d, p.as_slice())?)
+                ring.model()?
             }
-            (None, true) => Some(backend.upload(n, d, initial.as_slice())?),
-            (None, false) => None,
         };
+        let filter = build_filter::<B>(&config, &geometry_model)?;
+        let ensemble = backend.upload(n, d, initial.as_slice())?;
+        let mut stages =
+            EnsembleStages::new(backend, filter, ensemble, self.operator.clone(), noise_std)?;
+        if let Some(p) = &self.previous {
+            if (p.n(), p.d()) != (n, d) {
+                return Err(Error::shape(
+                    "previous analysis",
+                    format!("{n} x {d} (the ensemble's shape)"),
+                    format!("{} x {}", p.n(), p.d()),
+                ));
+            }
+            check_finite(
+                "previous analysis",
+                p.as_slice(),
+                d,
+                "the previous analysis must be finite",
+            )?;
+            // Filters without a previous analysis keep none; the others default to the
+            // initial ensemble.
+            if let Some(previous) = stages.previous_mut() {
+                backend.write(previous, p.as_slice())?;
+            }
+        }
         let y = backend.zeros(1, m)?;
         Ok(Assimilator {
             backend,
-            filter,
-            ensemble,
-            previous,
+            stages,
             y,
-            operator: self.operator,
-            noise_std,
             forecast: self.forecast,
             cycle: self.first_cycle,
             n,
@@ -346,12 +355,9 @@ pub(crate) fn check_filter_key(assignment: &str, config: &Config) -> Result<()> 
 /// A filter, an ensemble on a backend and a forecast model, advanced one cycle at a time.
 pub struct Assimilator<'b, B: Backend> {
     backend: &'b B,
-    filter: Box<dyn Filter<B>>,
-    ensemble: B::Buffer,
-    previous: Option<B::Buffer>,
+    /// The filter, the ensemble and the previous analysis: the cycle's ensemble stages.
+    stages: EnsembleStages<'b, B>,
     y: B::Buffer,
-    operator: Arc<dyn ObservationOperator>,
-    noise_std: f32,
     forecast: Forecast,
     cycle: u32,
     n: usize,
@@ -389,7 +395,7 @@ impl<'b, B: Backend + 'static> Assimilator<'b, B> {
 
     /// The filter's name.
     pub fn filter_name(&self) -> String {
-        self.filter.name()
+        self.stages.filter().name()
     }
 
     /// The backend.
@@ -399,14 +405,7 @@ impl<'b, B: Backend + 'static> Assimilator<'b, B> {
 
     /// The ensemble as it lives on the backend.
     pub fn buffer(&self) -> &B::Buffer {
-        &self.ensemble
-    }
-
-    fn keep_previous(&mut self) -> Result<()> {
-        if let Some(p) = self.previous.as_mut() {
-            self.backend.copy(&self.ensemble, p)?;
-        }
-        Ok(())
+        self.stages.ensemble()
     }
 
     /// Advances every member to the next observation time with the builder's model; the
@@ -423,22 +422,29 @@ impl<'b, B: Backend + 'static> Assimilator<'b, B> {
                 ))
             }
             Forecast::Model { model, steps } => {
-                self.keep_previous()?;
-                match self.backend.advance(&model, &mut self.ensemble, steps) {
+                self.stages.keep_previous()?;
+                match self
+                    .backend
+                    .advance(&model, self.stages.ensemble_mut(), steps)
+                {
                     Err(Error::Unsupported { .. }) if matches!(model.system, System::Custom(_)) => {
                         // A user vector field: integrate on the host.
                         let cpu = Cpu::new();
-                        let mut host =
-                            cpu.upload(self.n, self.d, &self.backend.read(&self.ensemble)?)?;
+                        let mut host = cpu.upload(
+                            self.n,
+                            self.d,
+                            &self.backend.read(self.stages.ensemble())?,
+                        )?;
                         cpu.advance(&model, &mut host, steps)?;
-                        self.backend.write(&mut self.ensemble, &cpu.read(&host)?)?;
+                        self.backend
+                            .write(self.stages.ensemble_mut(), &cpu.read(&host)?)?;
                     }
                     other => other?,
                 }
             }
             Forecast::Closure(step) => {
-                self.keep_previous()?;
-                let mut host = self.backend.read(&self.ensemble)?;
+                self.stages.keep_previous()?;
+                let mut host = self.backend.read(self.stages.ensemble())?;
                 host.par_chunks_mut(self.d).for_each(|member| step(member));
                 check_finite(
                     "forecast ensemble",
@@ -446,11 +452,11 @@ impl<'b, B: Backend + 'static> Assimilator<'b, B> {
                     self.d,
                     "the forecast closure produced a non-finite value",
                 )?;
-                self.backend.write(&mut self.ensemble, &host)?;
+                self.backend.write(self.stages.ensemble_mut(), &host)?;
             }
         }
         self.backend
-            .check_finite(&self.ensemble, "forecast ensemble")?;
+            .check_finite(self.stages.ensemble(), "forecast ensemble")?;
         Ok(())
     }
 
@@ -470,8 +476,9 @@ impl<'b, B: Backend + 'static> Assimilator<'b, B> {
             self.d,
             "the forecast must be finite",
         )?;
-        self.keep_previous()?;
-        self.backend.write(&mut self.ensemble, forecast.as_slice())
+        self.stages.keep_previous()?;
+        self.backend
+            .write(self.stages.ensemble_mut(), forecast.as_slice())
     }
 
     /// The analysis for observation `y` (length `m`): replaces the forecast by the analysis
@@ -483,7 +490,7 @@ impl<'b, B: Backend + 'static> Assimilator<'b, B> {
                 format!(
                     "{} values (h = {} on d = {})",
                     self.m,
-                    self.operator.name(),
+                    self.stages.operator().name(),
                     self.d
                 ),
                 format!("{} values", y.len()),
@@ -491,18 +498,7 @@ impl<'b, B: Backend + 'static> Assimilator<'b, B> {
         }
         check_finite("observation", y, 0, "observations must be finite")?;
         self.backend.write(&mut self.y, y)?;
-        let obs = Observation {
-            y: &self.y,
-            operator: self.operator.as_ref(),
-            noise_std: self.noise_std,
-        };
-        self.filter.analyse(
-            self.backend,
-            &mut self.ensemble,
-            self.previous.as_ref(),
-            &obs,
-            self.cycle,
-        )?;
+        self.stages.analyse(&self.y, self.cycle)?;
         self.backend.sync()?;
         self.cycle += 1;
         Ok(())
@@ -510,7 +506,7 @@ impl<'b, B: Backend + 'static> Assimilator<'b, B> {
 
     /// The ensemble, copied to the host.
     pub fn ensemble(&self) -> Result<Ensemble> {
-        Ensemble::from_vec(self.n, self.d, self.backend.read(&self.ensemble)?)
+        Ensemble::from_vec(self.n, self.d, self.backend.read(self.stages.ensemble())?)
     }
 
     /// The ensemble mean.
@@ -528,7 +524,7 @@ impl<'b, B: Backend + 'static> Assimilator<'b, B> {
             ));
         }
         let mut y = vec![0.0; self.m];
-        self.operator.apply(x, &mut y);
+        self.stages.operator().apply(x, &mut y);
         Ok(y)
     }
 
@@ -543,6 +539,6 @@ impl<'b, B: Backend + 'static> Assimilator<'b, B> {
         }
         let t = self.backend.upload(1, self.d, truth)?;
         debug_assert_eq!(t.cols(), self.d);
-        self.backend.ensemble_stats(&self.ensemble, &t)
+        self.backend.ensemble_stats(self.stages.ensemble(), &t)
     }
 }

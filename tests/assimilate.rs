@@ -163,6 +163,32 @@ fn float64_files_give_the_same_analysis_and_a_float64_output() {
 }
 
 #[test]
+fn localizing_filters_localize_on_a_ring_of_the_forecasts_components() {
+    // A 40-component forecast: the LETKF (and a localized EnKF) localize on a ring of 40, not
+    // on the default preset's 1000 components.
+    let (n, d) = (10, 40);
+    let forecast = Ensemble::from_vec(n, d, normal(n, d, 7, 0.0, 1.0)).unwrap();
+    let y = normal(1, d, 8, 0.5, 0.2);
+    let before = forecast.mean();
+    let dist = |mean: &[f64]| {
+        mean.iter()
+            .zip(&y)
+            .map(|(a, b)| (a - *b as f64).powi(2))
+            .sum::<f64>()
+    };
+    for (filter, sets) in [("letkf", vec![]), ("enkf", vec!["filter.loc_radius=4"])] {
+        let mut spec = AnalysisSpec::new(filter, 0.2, 3);
+        spec.sets = sets.into_iter().map(String::from).collect();
+        let analysis = assimilate(&Cpu::new(), &forecast, None, &y, &spec)
+            .unwrap_or_else(|e| panic!("{filter}: {e}"));
+        assert!(
+            dist(&analysis.mean()) < 0.5 * dist(&before),
+            "{filter} moves the mean to the observations"
+        );
+    }
+}
+
+#[test]
 fn shapes_that_disagree_are_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
     let (n, d) = (5, 12);

@@ -15,6 +15,7 @@
 //! progress) outside the stepper. What varies between drivers is passed in: the backend, the
 //! [`Placement`] of the state, the filter, the divergence policy.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::{Backend, DeviceBuffer, EnsembleStats};
@@ -81,16 +82,13 @@ pub struct CycleOutcome {
 pub struct Cycle<'b, B: Backend> {
     backend: &'b B,
     placement: Box<dyn Placement<B> + 'b>,
-    filter: Box<dyn Filter<B>>,
+    /// The filter, this process's part of the ensemble and the previous analysis.
+    stages: EnsembleStages<'b, B>,
     setup: CycleSetup,
-    /// The observation operator of this process's components.
-    local_op: Observe,
     /// The truth (`1 × d`, whole on every process).
     truth: B::Buffer,
     /// This process's components of the truth, when it holds a slab.
     truth_part: Option<B::Buffer>,
-    ensemble: B::Buffer,
-    previous: Option<B::Buffer>,
     /// The forecast kept aside, to fall back on when an analysis fails (record mode).
     fallback: Option<B::Buffer>,
     hx: B::Buffer,
@@ -133,11 +131,6 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
         } else {
             Some(backend.zeros(1, slab.len)?)
         };
-        let previous = if filter.needs_previous_analysis() {
-            Some(backend.zeros(n, slab.len)?)
-        } else {
-            None
-        };
         let fallback = if setup.on_divergence == OnDivergence::Record {
             Some(backend.zeros(n, slab.len)?)
         } else {
@@ -145,13 +138,16 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
         };
         let mut cycle = Cycle {
             backend,
-            ensemble: backend.zeros(n, slab.len)?,
+            stages: EnsembleStages::new(
+                backend,
+                filter,
+                backend.zeros(n, slab.len)?,
+                Arc::new(local_op),
+                setup.noise_std,
+            )?,
             placement,
-            filter,
-            local_op,
             truth,
             truth_part,
-            previous,
             fallback,
             hx: backend.zeros(1, m)?,
             y: backend.zeros(1, m)?,
@@ -188,9 +184,9 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
             .flat_map(|row| &row[slab.start..slab.end()])
             .copied()
             .collect();
-        self.backend.write(&mut self.ensemble, &part)?;
+        self.backend.write(&mut self.stages.ensemble, &part)?;
         self.restrict_truth()?;
-        self.filter.restore_state(filter_state)?;
+        self.stages.filter.restore_state(filter_state)?;
         self.completed = completed;
         Ok(())
     }
@@ -207,7 +203,7 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
 
     /// The filter.
     pub fn filter(&self) -> &dyn Filter<B> {
-        self.filter.as_ref()
+        self.stages.filter.as_ref()
     }
 
     /// The placement of the state.
@@ -228,12 +224,12 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
     /// This process's part of the analysis ensemble (`n × len`; the whole `n × d` in one
     /// process).
     pub fn ensemble(&self) -> &B::Buffer {
-        &self.ensemble
+        &self.stages.ensemble
     }
 
     /// The whole analysis ensemble on the host (a collective over the processes).
     pub fn gather_ensemble(&self) -> Result<Vec<f32>> {
-        self.placement.gather(self.backend, &self.ensemble)
+        self.placement.gather(self.backend, &self.stages.ensemble)
     }
 
     /// Model time of cycle `cycle` (1-based).
@@ -266,7 +262,7 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
         };
         self.placement.fill_normal(
             self.backend,
-            &mut self.ensemble,
+            &mut self.stages.ensemble,
             key,
             centre,
             self.setup.initial.std,
@@ -282,14 +278,12 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
     /// ensemble starts at the first observation time). Returns its wall time in seconds.
     pub fn forecast(&mut self) -> Result<f64> {
         let started = Instant::now();
-        if let Some(p) = self.previous.as_mut() {
-            self.backend.copy(&self.ensemble, p)?;
-        }
+        self.stages.keep_previous()?;
         if self.completed > 0 {
             self.placement.forecast(
                 self.backend,
                 &self.setup.model,
-                &mut self.ensemble,
+                &mut self.stages.ensemble,
                 self.setup.obs_every,
             )?;
             // Wait for queued device work so the forecast time is the real one.
@@ -308,18 +302,7 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
             }
             None => &self.y,
         };
-        let obs = Observation {
-            y,
-            operator: &self.local_op,
-            noise_std: self.setup.noise_std,
-        };
-        self.filter.analyse(
-            self.backend,
-            &mut self.ensemble,
-            self.previous.as_ref(),
-            &obs,
-            cycle as u32,
-        )
+        self.stages.analyse(y, cycle as u32)
     }
 
     /// Advances one cycle: truth, observation, forecast, analysis, metrics.
@@ -333,7 +316,7 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
             backend.advance(&self.setup.model, &mut self.truth, self.setup.obs_every)?;
         }
         if self.fault_at(cycle, FaultStage::Forecast) {
-            poison(backend, &mut self.ensemble)?;
+            poison(backend, &mut self.stages.ensemble)?;
         }
         if self.fault_at(cycle, FaultStage::Metrics) {
             poison(backend, &mut self.truth)?;
@@ -341,11 +324,11 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
         self.restrict_truth()?;
         let mut fc = self
             .placement
-            .stats(backend, &self.ensemble, self.truth_here())?;
+            .stats(backend, &self.stages.ensemble, self.truth_here())?;
         if !(fc.rmse.is_finite() && fc.spread.is_finite()) {
             let mut event = locate(
                 backend,
-                &self.ensemble,
+                &self.stages.ensemble,
                 self.truth_here(),
                 cycle,
                 "forecast",
@@ -361,7 +344,7 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
             self.draw_initial(cycle)?;
             fc = self
                 .placement
-                .stats(backend, &self.ensemble, self.truth_here())?;
+                .stats(backend, &self.stages.ensemble, self.truth_here())?;
             log::warn!("{} ; the ensemble was drawn afresh", event.message());
             diverged = Some(DivergenceEvent {
                 detail: format!("{}; the ensemble was drawn afresh", event.detail),
@@ -380,9 +363,9 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
 
         // Analysis.
         if let Some(f) = self.fallback.as_mut() {
-            backend.copy(&self.ensemble, f)?;
+            backend.copy(&self.stages.ensemble, f)?;
         }
-        self.filter.inject_fault(match self.setup.fault {
+        self.stages.filter.inject_fault(match self.setup.fault {
             Some(Fault::NonFinite {
                 cycle: c,
                 stage: FaultStage::FlowStep(s),
@@ -410,7 +393,7 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
         let mut an = if failure.is_none() || ranks > 1 {
             // Over several processes the reduction runs on every one of them, failed or not.
             self.placement
-                .stats(backend, &self.ensemble, self.truth_here())?
+                .stats(backend, &self.stages.ensemble, self.truth_here())?
         } else {
             nan
         };
@@ -428,7 +411,7 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
                 },
                 None => locate(
                     backend,
-                    &self.ensemble,
+                    &self.stages.ensemble,
                     self.truth_here(),
                     cycle,
                     "analysis",
@@ -438,11 +421,11 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
             self.agree_on_stage(&mut event, "analysis")?;
             match (&self.fallback, self.setup.on_divergence) {
                 (Some(f), OnDivergence::Record) if event.stage != "metrics" => {
-                    backend.copy(f, &mut self.ensemble)?;
+                    backend.copy(f, &mut self.stages.ensemble)?;
                     log::warn!("{}; the forecast was kept as the analysis", event.message());
                     an = self
                         .placement
-                        .stats(backend, &self.ensemble, self.truth_here())?;
+                        .stats(backend, &self.stages.ensemble, self.truth_here())?;
                     diverged = Some(DivergenceEvent {
                         detail: format!("{}; the forecast was kept", event.detail),
                         ..event
@@ -462,7 +445,7 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
                 spread: an.spread,
                 seconds_forecast,
                 seconds_analysis,
-                ess: self.filter.effective_sample_size(),
+                ess: self.stages.filter.effective_sample_size(),
             },
             divergence: diverged,
         })
@@ -513,6 +496,97 @@ impl<'b, B: Backend + 'static> Cycle<'b, B> {
             ),
             _ => "reduce model.dt or check the filter settings".to_string(),
         }
+    }
+}
+
+/// The ensemble side of a cycle, shared by every driver: the filter, the ensemble on the
+/// backend and the previous analysis (for filters that flow from it), with the stage that keeps
+/// the previous analysis before a forecast and the analysis stage. The twin-experiment stepper
+/// [`Cycle`] and the `Assimilator` (forecasts and observations from the caller) are built on it.
+pub struct EnsembleStages<'b, B: Backend> {
+    backend: &'b B,
+    filter: Box<dyn Filter<B>>,
+    ensemble: B::Buffer,
+    previous: Option<B::Buffer>,
+    operator: Arc<dyn ObservationOperator>,
+    noise_std: f32,
+}
+
+impl<'b, B: Backend> EnsembleStages<'b, B> {
+    /// The stages of `filter` on `ensemble`, observed through `operator` with noise std
+    /// `noise_std`; the previous analysis starts as a copy of `ensemble` when the filter needs
+    /// one.
+    pub fn new(
+        backend: &'b B,
+        filter: Box<dyn Filter<B>>,
+        ensemble: B::Buffer,
+        operator: Arc<dyn ObservationOperator>,
+        noise_std: f32,
+    ) -> Result<Self> {
+        let previous = if filter.needs_previous_analysis() {
+            let mut p = backend.zeros(ensemble.rows(), ensemble.cols())?;
+            backend.copy(&ensemble, &mut p)?;
+            Some(p)
+        } else {
+            None
+        };
+        Ok(EnsembleStages {
+            backend,
+            filter,
+            ensemble,
+            previous,
+            operator,
+            noise_std,
+        })
+    }
+
+    /// The filter.
+    pub fn filter(&self) -> &dyn Filter<B> {
+        self.filter.as_ref()
+    }
+
+    /// The ensemble (`n × d`, or this process's slab).
+    pub fn ensemble(&self) -> &B::Buffer {
+        &self.ensemble
+    }
+
+    /// The ensemble, to be advanced or replaced by a forecast.
+    pub fn ensemble_mut(&mut self) -> &mut B::Buffer {
+        &mut self.ensemble
+    }
+
+    /// The previous analysis, for filters that need one.
+    pub fn previous_mut(&mut self) -> Option<&mut B::Buffer> {
+        self.previous.as_mut()
+    }
+
+    /// The observation operator.
+    pub fn operator(&self) -> &dyn ObservationOperator {
+        self.operator.as_ref()
+    }
+
+    /// Keeps the current ensemble as the previous analysis (before a forecast replaces it).
+    pub fn keep_previous(&mut self) -> Result<()> {
+        if let Some(p) = self.previous.as_mut() {
+            self.backend.copy(&self.ensemble, p)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the forecast by the analysis for the observation `y` (`1 × m`) of `cycle`.
+    pub fn analyse(&mut self, y: &B::Buffer, cycle: u32) -> Result<()> {
+        let obs = Observation {
+            y,
+            operator: self.operator.as_ref(),
+            noise_std: self.noise_std,
+        };
+        self.filter.analyse(
+            self.backend,
+            &mut self.ensemble,
+            self.previous.as_ref(),
+            &obs,
+            cycle,
+        )
     }
 }
 
