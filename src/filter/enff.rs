@@ -364,7 +364,10 @@ impl<B: Backend> Enff<B> {
         crate::partition::fill_normal_slab(backend, &mut w.x, key, start, mean, scale)
     }
 
-    /// Integrates the flow from the source sample in the workspace and writes the analysis.
+    /// Integrates the flow from the source sample in the workspace and writes the analysis:
+    /// adaptive prior inflation, the covariance-guidance set-up, then per flow step the
+    /// weights and one integrator step (Euler, Heun, or a covariance stage), then the
+    /// posterior inflation.
     fn flow(
         &mut self,
         backend: &B,
@@ -373,10 +376,7 @@ impl<B: Backend> Enff<B> {
         obs: &Observation<'_, B>,
     ) -> Result<()> {
         let cfg = self.config.clone();
-        let path = self.path;
-        let source = if path.needs_source() { previous } else { None };
         let (n, d) = (ensemble.rows(), ensemble.cols());
-        let checks = self.step_checks;
         let fault = self.fault.take();
         let poisoned_y = match fault {
             Some(super::InjectedFault::Guidance) => {
@@ -391,310 +391,87 @@ impl<B: Backend> Enff<B> {
             operator: obs.operator,
             noise_std: obs.noise_std,
         };
-        let steps = cfg.flow_steps;
-        // Sharded: the logits below are partial (this slab's), summed over ranks.
-        let shard = self.shard.clone();
-        let sum_partial = |buf: &mut B::Buffer| match &shard {
-            Some(s) => s.sum_partial(backend, buf),
-            None => Ok(()),
-        };
-        // A non-finite value met at flow step k (0-based), named for the user.
-        let at_step = |k: usize, what: &str, e: Error| match e {
-            Error::NonFinite { .. } => Error::Diverged {
-                cycle: 0,
-                stage: format!("analysis, flow step {} of {steps}: {what}", k + 1),
-                detail: e.to_string(),
-            },
-            other => other,
-        };
-        // Adaptive prior inflation from the observed moments of the forecast; the innovation
-        // bound of covariance guidance is computed with each stage's gains (from the inflated
-        // forecast).
-        let clip_on = cfg.guidance == GuidanceKind::Covariance && cfg.innovation_clip > 0.0;
-        let mut moments_owned = self.moments.take();
-        self.last_inflation = 1.0;
-        if cfg.adaptive_inflation > 1.0 {
-            let m = obs.operator.obs_dim(d)?;
-            if moments_owned.as_ref().is_none_or(|b| b.cols() != m) {
-                moments_owned = Some(backend.zeros(2, m)?);
-            }
-            let mb = moments_owned.as_mut().expect("allocated");
-            backend.observed_moments(obs.operator, ensemble, mb)?;
-            let mom = backend.read(mb)?;
-            let y = backend.read(obs.y)?;
-            let mut sums = super::inflation::innovation_sums(&mom[..m], &mom[m..], &y);
-            if let Some(shard) = self.shard.as_ref() {
-                // Each rank holds the observations of its slab: one factor for all.
-                shard.comm.sum_f64(&mut sums)?;
-            }
-            let gamma =
-                super::inflation::factor_from_sums(sums, obs.noise_std, cfg.adaptive_inflation);
-            if gamma > 1.0 {
-                backend.inflate(ensemble, gamma)?;
-            }
-            self.last_inflation = gamma;
-        }
-        // Covariance guidance: the local gains of this forecast, and the stage of every step.
-        let mut stage_at: Vec<Option<(f64, f32)>> = vec![None; cfg.flow_steps];
-        let observe = if cfg.guidance == GuidanceKind::Covariance {
-            let op = obs.operator.builtin().ok_or_else(|| Error::Unsupported {
-                backend: backend.name().into(),
-                what: format!(
-                    "covariance guidance with the user-defined operator `{}`",
-                    obs.operator.name()
-                ),
-                fix: "covariance guidance needs observation locations: use a built-in operator"
-                    .into(),
-            })?;
-            let geometry = self.geometry.ok_or_else(|| {
-                Error::invalid(
-                    "filter.guidance",
-                    "covariance",
-                    "covariance guidance needs the model geometry: build the filter with \
-                     Enff::with_geometry (the experiment does this)",
-                )
-            })?;
-            let count = cfg.stage_count();
-            let stages = covariance::stages(cfg.gain_schedule, count, cfg.guidance_scale as f64);
-            for (s, &(tau, weight)) in stages.iter().enumerate() {
-                stage_at[covariance::stage_step(s, count, cfg.flow_steps)] =
-                    Some((tau, weight as f32));
-            }
-            match shard.as_ref().filter(|s| s.comm.size() > 1) {
-                // Sharded: the gains and the gain step run on the slab extended by halo
-                // components (crate::partition::halo); the forecast and the observations
-                // are extended here, once per analysis.
-                Some(s) => {
-                    if geometry != (Geometry::Ring { len: s.slab.d }) {
-                        return Err(crate::partition::refuse(
-                            s.comm.size(),
-                            format!("covariance guidance on the geometry {geometry:?}"),
-                            "sharded covariance guidance localizes on a ring (Lorenz-96)",
-                        ));
-                    }
-                    let plan = HaloPlan::new(&s.slab, s.comm.size(), &op, cfg.loc_radius)?;
-                    let mut h = HaloBuffers::prepare(backend, plan, n, self.halo.take())?;
-                    let fc = plan.extend(s, &backend.read(ensemble)?, n)?;
-                    backend.write(&mut h.forecast, &fc)?;
-                    let y = plan.extend_observations(s, &op, &backend.read(obs.y)?)?;
-                    backend.write(&mut h.y, &y)?;
-                    self.gains = Some(DeviceGains::prepare(
-                        backend,
-                        plan.op,
-                        plan.ext_len,
-                        Geometry::Ring { len: plan.ext_len },
-                        cfg.loc_radius,
-                        self.gains.take(),
-                    )?);
-                    self.halo = Some(h);
-                }
-                // The static windows are built and uploaded once; the gains stay on the
-                // backend.
-                None => {
-                    self.gains = Some(DeviceGains::prepare(
-                        backend,
-                        op,
-                        d,
-                        geometry,
-                        cfg.loc_radius,
-                        self.gains.take(),
-                    )?);
-                }
-            }
-            Some(op)
-        } else {
-            None
-        };
+        self.adaptive_inflation(backend, ensemble, obs)?;
+        let covariance = self.prepare_covariance(backend, ensemble, obs)?;
         let mut gains_owned = self.gains.take();
         let mut halo_owned = self.halo.take();
+        let ctx = FlowContext {
+            backend,
+            target: ensemble,
+            source: if self.path.needs_source() {
+                previous
+            } else {
+                None
+            },
+            path: self.path,
+            shard: self.shard.clone(),
+            checks: self.step_checks,
+            steps: cfg.flow_steps,
+        };
         let w = self.workspace(backend, n, d)?;
-        let target: &B::Buffer = ensemble;
         if let Some(bias) = w.bias.as_mut() {
-            backend.log_likelihoods(obs.operator, target, obs.y, obs.noise_std, bias)?;
+            backend.log_likelihoods(obs.operator, ctx.target, obs.y, obs.noise_std, bias)?;
         }
-        let scale = cfg.guidance_scale / (obs.noise_std * obs.noise_std);
-        let local = cfg.guidance == GuidanceKind::Local && cfg.guidance_scale > 0.0;
-        let guidance = |t: f32| {
-            local.then_some(Guidance::<B> {
+        let local = (cfg.guidance == GuidanceKind::Local && cfg.guidance_scale > 0.0).then_some(
+            LocalGuidance {
                 operator: obs.operator,
                 y: obs.y,
-                scale,
-                horizon: 1.0 - t,
-            })
-        };
+                scale: cfg.guidance_scale / (obs.noise_std * obs.noise_std),
+            },
+        );
         let grid = time_grid(cfg.flow_steps);
         for k in 0..cfg.flow_steps {
             let (t0, t1) = (grid[k], grid[k + 1]);
-            let dt = t1 - t0;
             if fault == Some(super::InjectedFault::FlowStep(k + 1)) {
                 let mut host = backend.read(&w.x)?;
                 host[0] = f32::NAN;
                 backend.write(&mut w.x, &host)?;
             }
-            backend.flow_logits(
-                &w.x,
-                target,
-                source,
-                path.at(t0),
-                w.bias.as_ref(),
-                &mut w.weights,
-            )?;
-            sum_partial(&mut w.weights)?;
-            backend
-                .softmax_rows(&mut w.weights)
-                .and_then(|_| if checks { backend.sync() } else { Ok(()) })
-                .map_err(|e| at_step(k, "weights", e))?;
-            match (cfg.integrator, w.heun.as_mut()) {
-                (Integrator::Heun, Some((x_pred, v1))) => {
-                    // Predictor: x̃ = x + Δ v(x, t0), keeping v(x, t0).
-                    backend.copy(&w.x, x_pred)?;
-                    backend.flow_update(
-                        x_pred,
-                        &FlowUpdate {
-                            eval: None,
-                            weights: &w.weights,
-                            target,
-                            source,
-                            path: path.at(t0),
-                            guidance: guidance(t0),
-                            h_new: dt,
-                            previous: None,
-                            clamp: None,
-                        },
-                        Some(v1),
-                    )?;
-                    // Corrector: x ← x + Δ/2 (v(x, t0) + v(x̃, t1)).
-                    backend.flow_logits(
-                        x_pred,
-                        target,
-                        source,
-                        path.at(t1),
-                        w.bias.as_ref(),
-                        &mut w.weights,
-                    )?;
-                    sum_partial(&mut w.weights)?;
-                    backend
-                        .softmax_rows(&mut w.weights)
-                        .and_then(|_| if checks { backend.sync() } else { Ok(()) })
-                        .map_err(|e| at_step(k, "weights", e))?;
-                    backend.flow_update(
+            ctx.weights(k, &w.x, t0, w.bias.as_ref(), &mut w.weights)?;
+            let stage = covariance
+                .as_ref()
+                .and_then(|(op, stages)| stages[k].map(|s| (*op, s)));
+            match (cfg.integrator, w.heun.as_mut(), stage) {
+                (Integrator::Heun, Some((x_pred, v1)), _) => ctx.heun_step(
+                    k,
+                    &mut w.x,
+                    &mut w.weights,
+                    w.bias.as_ref(),
+                    x_pred,
+                    v1,
+                    (t0, t1),
+                    local.as_ref(),
+                )?,
+                (Integrator::Euler, Some((x_hat, v)), Some((op, (tau, weight)))) => {
+                    let gains = gains_owned.as_mut().expect("prepared with the stages");
+                    let stage = CovarianceStep {
+                        observe: op,
+                        y: obs.y,
+                        noise_std: obs.noise_std,
+                        tau: tau as f32,
+                        weight,
+                        clip: (cfg.innovation_clip > 0.0).then_some(cfg.innovation_clip),
+                    };
+                    ctx.covariance_step(
                         &mut w.x,
-                        &FlowUpdate {
-                            eval: Some(x_pred),
-                            weights: &w.weights,
-                            target,
-                            source,
-                            path: path.at(t1),
-                            guidance: guidance(t1),
-                            h_new: 0.5 * dt,
-                            previous: Some((v1, 0.5 * dt)),
-                            clamp: None,
-                        },
-                        None,
-                    )?;
-                }
-                (Integrator::Euler, Some((x_hat, v)))
-                    if observe.is_some() && stage_at[k].is_some() =>
-                {
-                    // Covariance stage: the unguided velocity and the predicted endpoint
-                    // x̂₁ = x + (1 − t)·v̂, then x ← x + Δ·v̂ + weight·K(τ)(y − h(x̂₁)).
-                    let (tau, weight) = stage_at[k].expect("checked");
-                    let g = gains_owned.as_mut().expect("prepared with the stages");
-                    let op = observe.expect("checked");
-                    backend.copy(&w.x, x_hat)?;
-                    backend.flow_update(
+                        &w.weights,
                         x_hat,
-                        &FlowUpdate {
-                            eval: None,
-                            weights: &w.weights,
-                            target,
-                            source,
-                            path: path.at(t0),
-                            guidance: None,
-                            h_new: 1.0 - t0,
-                            previous: None,
-                            clamp: None,
-                        },
-                        Some(v),
-                    )?;
-                    // Sharded: the endpoints extended by the neighbours' halo, and the state and
-                    // velocity padded to the extended segment.
-                    if let (Some(h), Some(s)) = (halo_owned.as_mut(), shard.as_ref()) {
-                        let plan = h.plan;
-                        let xh = plan.extend(s, &backend.read(x_hat)?, n)?;
-                        backend.write(&mut h.endpoint, &xh)?;
-                        backend.write(&mut h.state, &plan.pad(&backend.read(&w.x)?, n))?;
-                        backend.write(&mut h.velocity, &plan.pad(&backend.read(v)?, n))?;
-                    }
-                    let clip = clip_on.then_some(cfg.innovation_clip);
-                    let (tau, noise_std) = (tau as f32, obs.noise_std);
-                    match halo_owned.as_mut() {
-                        Some(h) => {
-                            let HaloBuffers {
-                                plan,
-                                forecast,
-                                y,
-                                endpoint,
-                                state,
-                                velocity,
-                            } = h;
-                            let at = StageAt {
-                                observe: plan.op,
-                                forecast,
-                                endpoint,
-                                y,
-                                velocity,
-                                noise_std,
-                                tau,
-                                dt,
-                                weight,
-                                clip,
-                            };
-                            covariance_stage(backend, state, &at, g)?;
-                            backend.write(&mut w.x, &plan.interior(&backend.read(state)?, n))?;
-                        }
-                        None => {
-                            let at = StageAt {
-                                observe: op,
-                                forecast: target,
-                                endpoint: x_hat,
-                                y: obs.y,
-                                velocity: v,
-                                noise_std,
-                                tau,
-                                dt,
-                                weight,
-                                clip,
-                            };
-                            covariance_stage(backend, &mut w.x, &at, g)?;
-                        }
-                    }
+                        v,
+                        (t0, t1),
+                        &stage,
+                        gains,
+                        halo_owned.as_mut(),
+                    )?
                 }
-                _ => {
-                    backend.flow_update(
-                        &mut w.x,
-                        &FlowUpdate {
-                            eval: None,
-                            weights: &w.weights,
-                            target,
-                            source,
-                            path: path.at(t0),
-                            guidance: guidance(t0),
-                            h_new: dt,
-                            previous: None,
-                            clamp: None,
-                        },
-                        None,
-                    )?;
-                }
+                _ => ctx.euler_step(&mut w.x, &w.weights, (t0, t1), local.as_ref())?,
             }
-            if checks {
+            if ctx.checks {
                 // The weights were finite, so the velocity (a convex combination of finite
                 // targets along the path) is too: a non-finite state comes from the guidance.
                 backend
                     .check_finite(&w.x, "flow state")
                     .and_then(|_| backend.sync())
-                    .map_err(|e| at_step(k, "guidance", e))?;
+                    .map_err(|e| ctx.at_step(k, "guidance", e))?;
             }
         }
         backend.inflate(&mut w.x, cfg.inflation)?;
@@ -702,14 +479,332 @@ impl<B: Backend> Enff<B> {
         // buffer (same shape), which the next analysis overwrites with its source sample.
         std::mem::swap(&mut w.x, ensemble);
         self.gains = gains_owned;
-        self.moments = moments_owned;
         self.halo = halo_owned;
         // The one host round trip of an analysis: deferred error flags (non-finite inputs or
         // weights) and device errors.
         backend.sync()
     }
+
+    /// Adaptive prior inflation (ENFF's covariance guidance safeguard): inflates the forecast
+    /// by the factor its observed moments call for (summed over ranks in a sharded run).
+    fn adaptive_inflation(
+        &mut self,
+        backend: &B,
+        ensemble: &mut B::Buffer,
+        obs: &Observation<'_, B>,
+    ) -> Result<()> {
+        self.last_inflation = 1.0;
+        let max = self.config.adaptive_inflation;
+        if max <= 1.0 {
+            return Ok(());
+        }
+        let m = obs.operator.obs_dim(ensemble.cols())?;
+        if self.moments.as_ref().is_none_or(|b| b.cols() != m) {
+            self.moments = Some(backend.zeros(2, m)?);
+        }
+        let mb = self.moments.as_mut().expect("allocated");
+        backend.observed_moments(obs.operator, ensemble, mb)?;
+        let mom = backend.read(mb)?;
+        let y = backend.read(obs.y)?;
+        let mut sums = super::inflation::innovation_sums(&mom[..m], &mom[m..], &y);
+        if let Some(shard) = self.shard.as_ref() {
+            // Each rank holds the observations of its slab: one factor for all.
+            shard.comm.sum_f64(&mut sums)?;
+        }
+        let gamma = super::inflation::factor_from_sums(sums, obs.noise_std, max);
+        if gamma > 1.0 {
+            backend.inflate(ensemble, gamma)?;
+        }
+        self.last_inflation = gamma;
+        Ok(())
+    }
+
+    /// Covariance guidance: the local gains' static windows of this forecast (on the slab
+    /// extended by halo components in a sharded run) and the stage `(τ, weight)` of every
+    /// flow step that has one; `None` for the other guidances.
+    #[allow(clippy::type_complexity)]
+    fn prepare_covariance(
+        &mut self,
+        backend: &B,
+        ensemble: &B::Buffer,
+        obs: &Observation<'_, B>,
+    ) -> Result<Option<(Observe, Vec<Option<(f64, f32)>>)>> {
+        let cfg = &self.config;
+        if cfg.guidance != GuidanceKind::Covariance {
+            return Ok(None);
+        }
+        let (n, d) = (ensemble.rows(), ensemble.cols());
+        let op = obs.operator.builtin().ok_or_else(|| Error::Unsupported {
+            backend: backend.name().into(),
+            what: format!(
+                "covariance guidance with the user-defined operator `{}`",
+                obs.operator.name()
+            ),
+            fix: "covariance guidance needs observation locations: use a built-in operator".into(),
+        })?;
+        let geometry = self.geometry.ok_or_else(|| {
+            Error::invalid(
+                "filter.guidance",
+                "covariance",
+                "covariance guidance needs the model geometry: build the filter with \
+                 Enff::with_geometry (the experiment does this)",
+            )
+        })?;
+        let mut stage_at: Vec<Option<(f64, f32)>> = vec![None; cfg.flow_steps];
+        let count = cfg.stage_count();
+        let stages = covariance::stages(cfg.gain_schedule, count, cfg.guidance_scale as f64);
+        for (s, &(tau, weight)) in stages.iter().enumerate() {
+            stage_at[covariance::stage_step(s, count, cfg.flow_steps)] = Some((tau, weight as f32));
+        }
+        match self.shard.as_ref().filter(|s| s.comm.size() > 1) {
+            // Sharded: the gains and the gain step run on the slab extended by halo components
+            // (crate::partition::halo); the forecast and the observations are extended here,
+            // once per analysis.
+            Some(s) => {
+                if geometry != (Geometry::Ring { len: s.slab.d }) {
+                    return Err(crate::partition::refuse(
+                        s.comm.size(),
+                        format!("covariance guidance on the geometry {geometry:?}"),
+                        "sharded covariance guidance localizes on a ring (Lorenz-96)",
+                    ));
+                }
+                let plan = HaloPlan::new(&s.slab, s.comm.size(), &op, cfg.loc_radius)?;
+                let mut h = HaloBuffers::prepare(backend, plan, n, self.halo.take())?;
+                let fc = plan.extend(s, &backend.read(ensemble)?, n)?;
+                backend.write(&mut h.forecast, &fc)?;
+                let y = plan.extend_observations(s, &op, &backend.read(obs.y)?)?;
+                backend.write(&mut h.y, &y)?;
+                self.gains = Some(DeviceGains::prepare(
+                    backend,
+                    plan.op,
+                    plan.ext_len,
+                    Geometry::Ring { len: plan.ext_len },
+                    cfg.loc_radius,
+                    self.gains.take(),
+                )?);
+                self.halo = Some(h);
+            }
+            // The static windows are built and uploaded once; the gains stay on the backend.
+            None => {
+                self.gains = Some(DeviceGains::prepare(
+                    backend,
+                    op,
+                    d,
+                    geometry,
+                    cfg.loc_radius,
+                    self.gains.take(),
+                )?);
+            }
+        }
+        Ok(Some((op, stage_at)))
+    }
 }
 
+/// Local guidance `λ/σ_y² · J_hᵀ(y − h(x̂₁))` (ENFF_SPEC §3.1) without its look-ahead.
+struct LocalGuidance<'a, B: Backend> {
+    operator: &'a dyn crate::observe::ObservationOperator,
+    y: &'a B::Buffer,
+    /// `λ / σ_y²`.
+    scale: f32,
+}
+
+/// What every flow step of one analysis reads.
+struct FlowContext<'a, B: Backend> {
+    backend: &'a B,
+    /// The forecast ensemble, the path's target.
+    target: &'a B::Buffer,
+    /// The path's source ensemble (F2P: the previous analysis).
+    source: Option<&'a B::Buffer>,
+    path: Path,
+    /// Sharded run: the partial logits are summed over the ranks.
+    shard: Option<crate::partition::Shard>,
+    /// Check the state after every step.
+    checks: bool,
+    steps: usize,
+}
+
+/// One covariance-guidance stage of a flow step.
+struct CovarianceStep<'a, B: Backend> {
+    observe: Observe,
+    y: &'a B::Buffer,
+    noise_std: f32,
+    tau: f32,
+    weight: f32,
+    clip: Option<f32>,
+}
+
+impl<B: Backend> FlowContext<'_, B> {
+    /// A non-finite value met at flow step `k` (0-based), named for the user.
+    fn at_step(&self, k: usize, what: &str, e: Error) -> Error {
+        match e {
+            Error::NonFinite { .. } => Error::Diverged {
+                cycle: 0,
+                stage: format!("analysis, flow step {} of {}: {what}", k + 1, self.steps),
+                detail: e.to_string(),
+            },
+            other => other,
+        }
+    }
+
+    /// The update at pseudo-time `t` from the state itself: velocity, guidance (if any),
+    /// step `h_new`.
+    fn update<'g>(
+        &'g self,
+        weights: &'g B::Buffer,
+        t: f32,
+        local: Option<&'g LocalGuidance<'g, B>>,
+        h_new: f32,
+    ) -> FlowUpdate<'g, B> {
+        FlowUpdate {
+            eval: None,
+            weights,
+            target: self.target,
+            source: self.source,
+            path: self.path.at(t),
+            guidance: local.map(|g| Guidance {
+                operator: g.operator,
+                y: g.y,
+                scale: g.scale,
+                horizon: 1.0 - t,
+            }),
+            h_new,
+            previous: None,
+            clamp: None,
+        }
+    }
+
+    /// One Euler step from `t0` to `t1`: `x ← x + Δ·(v̂(x, t0) + guidance)`.
+    fn euler_step(
+        &self,
+        x: &mut B::Buffer,
+        weights: &B::Buffer,
+        (t0, t1): (f32, f32),
+        local: Option<&LocalGuidance<'_, B>>,
+    ) -> Result<()> {
+        let up = self.update(weights, t0, local, t1 - t0);
+        self.backend.flow_update(x, &up, None)
+    }
+
+    /// One Heun step from `t0` to `t1` (the weights at `(x, t0)` are in `weights`): the
+    /// predictor `x̃ = x + Δ·v(x, t0)`, keeping `v(x, t0)` in `v1`, then the corrector
+    /// `x ← x + Δ/2·(v(x, t0) + v(x̃, t1))` with the weights at `(x̃, t1)`.
+    #[allow(clippy::too_many_arguments)]
+    fn heun_step(
+        &self,
+        k: usize,
+        x: &mut B::Buffer,
+        weights: &mut B::Buffer,
+        bias: Option<&B::Buffer>,
+        x_pred: &mut B::Buffer,
+        v1: &mut B::Buffer,
+        (t0, t1): (f32, f32),
+        local: Option<&LocalGuidance<'_, B>>,
+    ) -> Result<()> {
+        let backend = self.backend;
+        let dt = t1 - t0;
+        backend.copy(x, x_pred)?;
+        backend.flow_update(x_pred, &self.update(weights, t0, local, dt), Some(v1))?;
+        self.weights(k, x_pred, t1, bias, weights)?;
+        let corrector = FlowUpdate {
+            eval: Some(x_pred),
+            previous: Some((v1, 0.5 * dt)),
+            ..self.update(weights, t1, local, 0.5 * dt)
+        };
+        backend.flow_update(x, &corrector, None)
+    }
+
+    /// One covariance-guidance stage (see [`crate::filter::covariance`]): the unguided
+    /// velocity and the predicted endpoint `x̂₁ = x + (1 − t0)·v̂` (in `x_hat`, `v`), then
+    /// `x ← x + Δ·v̂ + weight·K(τ)(y − h(x̂₁))` with this stage's local gains; in a sharded run
+    /// on the slab extended by the neighbours' halo components.
+    #[allow(clippy::too_many_arguments)]
+    fn covariance_step(
+        &self,
+        x: &mut B::Buffer,
+        weights: &B::Buffer,
+        x_hat: &mut B::Buffer,
+        v: &mut B::Buffer,
+        (t0, t1): (f32, f32),
+        stage: &CovarianceStep<'_, B>,
+        gains: &mut DeviceGains<B>,
+        halo: Option<&mut HaloBuffers<B>>,
+    ) -> Result<()> {
+        let backend = self.backend;
+        let dt = t1 - t0;
+        backend.copy(x, x_hat)?;
+        backend.flow_update(x_hat, &self.update(weights, t0, None, 1.0 - t0), Some(v))?;
+        match (halo, self.shard.as_ref()) {
+            (Some(h), Some(s)) => {
+                // The endpoints extended by the neighbours' halo, and the state and velocity
+                // padded to the extended segment.
+                let n = x.rows();
+                let plan = h.plan;
+                let xh = plan.extend(s, &backend.read(x_hat)?, n)?;
+                backend.write(&mut h.endpoint, &xh)?;
+                backend.write(&mut h.state, &plan.pad(&backend.read(x)?, n))?;
+                backend.write(&mut h.velocity, &plan.pad(&backend.read(v)?, n))?;
+                let HaloBuffers {
+                    plan,
+                    forecast,
+                    y,
+                    endpoint,
+                    state,
+                    velocity,
+                } = h;
+                let at = StageAt {
+                    observe: plan.op,
+                    forecast,
+                    endpoint,
+                    y,
+                    velocity,
+                    noise_std: stage.noise_std,
+                    tau: stage.tau,
+                    dt,
+                    weight: stage.weight,
+                    clip: stage.clip,
+                };
+                covariance_stage(backend, state, &at, gains)?;
+                backend.write(x, &plan.interior(&backend.read(state)?, n))
+            }
+            _ => {
+                let at = StageAt {
+                    observe: stage.observe,
+                    forecast: self.target,
+                    endpoint: x_hat,
+                    y: stage.y,
+                    velocity: v,
+                    noise_std: stage.noise_std,
+                    tau: stage.tau,
+                    dt,
+                    weight: stage.weight,
+                    clip: stage.clip,
+                };
+                covariance_stage(backend, x, &at, gains)
+            }
+        }
+    }
+
+    /// The velocity weights at `x` and pseudo-time `t` (ENFF_SPEC §2.2): pairwise logits (summed
+    /// over the ranks of a sharded run), then a row softmax.
+    fn weights(
+        &self,
+        k: usize,
+        x: &B::Buffer,
+        t: f32,
+        bias: Option<&B::Buffer>,
+        weights: &mut B::Buffer,
+    ) -> Result<()> {
+        let backend = self.backend;
+        backend.flow_logits(x, self.target, self.source, self.path.at(t), bias, weights)?;
+        if let Some(s) = &self.shard {
+            s.sum_partial(backend, weights)?;
+        }
+        backend
+            .softmax_rows(weights)
+            .and_then(|_| if self.checks { backend.sync() } else { Ok(()) })
+            .map_err(|e| self.at_step(k, "weights", e))
+    }
+}
 /// What one covariance-guidance stage reads (see [`covariance_stage`]).
 struct StageAt<'a, B: Backend> {
     observe: Observe,
