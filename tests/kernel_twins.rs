@@ -34,7 +34,7 @@ fn references(text: &str, label: &str) -> Vec<(String, Vec<String>)> {
     }
     let mut refs = Vec::new();
     let mut scan = rest;
-    while let Some(start) = scan.find(|c: char| c == 's' || c == 't') {
+    while let Some(start) = scan.find(['s', 't']) {
         let tail = &scan[start..];
         if !(tail.starts_with("src/") || tail.starts_with("tests/")) {
             scan = &tail[1..];

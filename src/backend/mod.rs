@@ -311,17 +311,14 @@ pub trait Backend: Send + Sync {
     fn gain_step(&self, state: &mut Self::Buffer, step: &GainStep<'_, Self>) -> Result<()>;
 
     /// The local gains of one covariance-guidance stage described on [`LocalGains`], into
-    /// `gain` (`d × w`) and `hbar` (`1 × m`). The default computes them on the host with the
-    /// CPU twin ([`cpu::gain::local_gains`]) after reading the ensembles back; backends
-    /// override it to keep the ensembles where they are.
+    /// `gain` (`d × w`) and `hbar` (`1 × m`), where the ensembles live (CPU twin:
+    /// [`cpu::gain::local_gains`]).
     fn local_gains(
         &self,
         g: &LocalGains<'_, Self>,
         gain: &mut Self::Buffer,
         hbar: &mut Self::Buffer,
-    ) -> Result<()> {
-        local_gains_on_host(self, g, gain, hbar)
-    }
+    ) -> Result<()>;
 
     // ---- ensemble transforms (Kalman-type filters, resampling) -------------------------------
 
@@ -372,46 +369,33 @@ pub trait Backend: Send + Sync {
     /// `out` (`(n + 1 + e) × n`) receives the Gram matrix `ã_i · ã_j` (rows `0..n`), the
     /// projected innovation `ã_j · (y − ȳ)` (row `n`) and, when `eta` (`e × m`) is given, the
     /// projected perturbations `ã_j · η_r` (rows `n + 1 + r`). Only this `n`-sized result needs
-    /// to reach the host; the default computes it there (the CPU twin,
-    /// [`cpu::ensemble_space::observed_products`]).
+    /// to reach the host (CPU twin: [`cpu::ensemble_space::observed_products`]).
     fn observed_products(
         &self,
         hx: &Self::Buffer,
         y: &Self::Buffer,
         eta: Option<&Self::Buffer>,
         out: &mut Self::Buffer,
-    ) -> Result<()> {
-        let (hx, y) = (self.read(hx)?, self.read(y)?);
-        let eta = eta.map(|e| self.read(e)).transpose()?;
-        let mut host = vec![0.0f32; out.len()];
-        cpu::ensemble_space::observed_products(&hx, out.cols(), &y, eta.as_deref(), &mut host)?;
-        self.write(out, &host)
-    }
+    ) -> Result<()>;
 
-    /// True when [`Backend::letkf_analysis`] runs on a device and beats the f64 host LETKF
-    /// (the GPU). The CPU backend answers false: its filters run the f64 reference, which is
-    /// faster on the host than the twin's Jacobi solver; the twin serves the parity checks.
-    fn prefers_batched_letkf(&self) -> bool {
+    /// True when the buffers live in device memory apart from the host, so that reading one
+    /// back is a transfer (the GPU); false for the CPU backend. A fact filters use to choose
+    /// between a device kernel and a host path, not a policy.
+    fn on_device(&self) -> bool {
         false
     }
 
     /// The batched LETKF: replaces `ensemble` (`n × d`, `n ≤` [`LETKF_MAX_MEMBERS`]) by its
     /// analysis, one local ensemble-space analysis per cell of `local`, from `hx = h(ensemble)`
-    /// and the observation `y` (no inflation). The default runs the CPU twin
-    /// ([`cpu::ensemble_space::letkf_analysis`]) on the host.
+    /// and the observation `y` (no inflation) (CPU twin:
+    /// [`cpu::ensemble_space::letkf_analysis`]).
     fn letkf_analysis(
         &self,
         ensemble: &mut Self::Buffer,
         hx: &Self::Buffer,
         y: &Self::Buffer,
         local: &LocalAnalysis,
-    ) -> Result<()> {
-        let n = ensemble.rows();
-        let mut x = self.read(ensemble)?;
-        let (hx, y) = (self.read(hx)?, self.read(y)?);
-        cpu::ensemble_space::letkf_analysis(&mut x, n, &hx, &y, local)?;
-        self.write(ensemble, &x)
-    }
+    ) -> Result<()>;
 
     // ---- metrics -----------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@
 //!
 //! Two implementations:
 //! * the batched analysis of [`Backend::letkf_analysis`], used on backends that prefer it (the
-//!   GPU, [`Backend::prefers_batched_letkf`]) for ensembles of up to [`LETKF_MAX_MEMBERS`]
+//!   GPU, [`Backend::on_device`]) for ensembles of up to [`LETKF_MAX_MEMBERS`]
 //!   members: one workgroup per grid cell forms the local `n × n` matrix and diagonalizes it
 //!   with a cyclic Jacobi solver in f32, so nothing of size `d` or `m` crosses to the host; its
 //!   CPU twin runs the same algorithm on the host ([`Letkf::with_batched`] forces it);
@@ -197,7 +197,10 @@ impl<B: Backend> Filter<B> for Letkf<B> {
         })?;
         let (n, d) = (ensemble.rows(), ensemble.cols());
         let loc = self.localization(d)?;
-        let batched = (self.batched || backend.prefers_batched_letkf()) && !self.host_reference;
+        // On a device the batched kernel keeps the ensemble where it is; on the CPU the f64
+        // host reference is faster than the twin's Jacobi solver (the twin serves the parity
+        // checks and `with_batched`).
+        let batched = (self.batched || backend.on_device()) && !self.host_reference;
         if !batched || n > LETKF_MAX_MEMBERS {
             if n > LETKF_MAX_MEMBERS && batched {
                 log::debug!(

@@ -609,6 +609,40 @@ impl Backend for Cpu {
         )
     }
 
+    fn observed_products(
+        &self,
+        hx: &CpuBuffer,
+        y: &CpuBuffer,
+        eta: Option<&CpuBuffer>,
+        out: &mut CpuBuffer,
+    ) -> Result<()> {
+        let cols = out.cols;
+        ensemble_space::observed_products(
+            hx.as_slice(),
+            cols,
+            y.as_slice(),
+            eta.map(|e| e.as_slice()),
+            out.as_mut_slice(),
+        )
+    }
+
+    fn letkf_analysis(
+        &self,
+        ensemble: &mut CpuBuffer,
+        hx: &CpuBuffer,
+        y: &CpuBuffer,
+        local: &super::LocalAnalysis,
+    ) -> Result<()> {
+        let n = ensemble.rows;
+        ensemble_space::letkf_analysis(
+            ensemble.as_mut_slice(),
+            n,
+            hx.as_slice(),
+            y.as_slice(),
+            local,
+        )
+    }
+
     fn ensemble_transform(
         &self,
         weights: &CpuBuffer,

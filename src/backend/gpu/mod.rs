@@ -1654,7 +1654,7 @@ impl Backend for Gpu {
         self.observed_products_gpu(hx, y, eta, out)
     }
 
-    fn prefers_batched_letkf(&self) -> bool {
+    fn on_device(&self) -> bool {
         true
     }
 
