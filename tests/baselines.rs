@@ -2,6 +2,8 @@
 //! on Rotation2D, ETKF = Kalman formulas with the ensemble covariance, particle-filter
 //! resampling, and twin runs against published skill.
 
+mod common;
+
 use enff::backend::{cpu::Cpu, Backend};
 use enff::experiment::{preset, Experiment};
 use enff::filter::particle::{resample, weights_from_log_likelihoods};
@@ -26,36 +28,12 @@ fn close(got: &[f32], want: &[f64], tol: f64, what: &str) {
 
 #[test]
 fn etkf_matches_golden_vector_g4() {
-    let cpu = Cpu::new();
-    let mut ens = cpu.upload(4, 3, &XF).unwrap();
-    let y = cpu.upload(1, 3, &Y).unwrap();
-    let h = Observe::identity();
-    let obs = Observation {
-        y: &y,
-        operator: &h,
-        noise_std: 0.5,
-    };
-    Etkf::<Cpu>::new(1.0)
-        .unwrap()
-        .analyse(&cpu, &mut ens, None, &obs, 1)
-        .unwrap();
-    close(
-        &cpu.read(&ens).unwrap(),
-        &[
-            0.72193907,
-            0.32930704,
-            -0.03907919,
-            0.31937932,
-            -0.12936941,
-            0.25784397,
-            -0.21662729,
-            0.20435969,
-            0.16961546,
-            0.2934384,
-            0.61603801,
-            -0.2797916,
-        ],
+    let got = common::golden::etkf_g4(&Cpu::new());
+    common::assert_close(
+        &got,
+        &common::golden::G4_ETKF_ANALYSIS,
         1e-5,
+        0.0,
         "ETKF G4",
     );
 }

@@ -6,21 +6,11 @@
 
 mod common;
 
-use common::{assert_close, gpu};
+use common::{assert_close, gpu, host_random};
 use enff::backend::cpu::Cpu;
 use enff::backend::Backend;
 use enff::filter::{Etkf, Filter, Observation};
 use enff::observe::Observe;
-use enff::rng::{self, NoiseKey, Stream};
-
-fn host_random(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let key = NoiseKey::new(seed, Stream::User, 0);
-    let mut v = vec![0.0f32; rows * cols];
-    for (i, row) in v.chunks_mut(cols.max(1)).enumerate() {
-        rng::fill_normal_row(&key, i as u32, row);
-    }
-    v
-}
 
 #[test]
 fn ensemble_transform_matches_the_cpu_twin() {
@@ -28,8 +18,8 @@ fn ensemble_transform_matches_the_cpu_twin() {
     let cpu = Cpu::new();
     for &n in &[1usize, 2, 3, 17, 64] {
         for &d in &[1usize, 5, 1000, 4099] {
-            let w = host_random(n, n, 1);
-            let x = host_random(n, d, 2);
+            let w = host_random(n, n, 1, 1.0);
+            let x = host_random(n, d, 2, 1.0);
             let (wc, xc) = (cpu.upload(n, n, &w).unwrap(), cpu.upload(n, d, &x).unwrap());
             let (wg, xg) = (g.upload(n, n, &w).unwrap(), g.upload(n, d, &x).unwrap());
             let mut oc = cpu.zeros(n, d).unwrap();
@@ -51,38 +41,10 @@ fn ensemble_transform_matches_the_cpu_twin() {
 #[test]
 fn etkf_golden_vector_g4_holds_on_the_gpu() {
     let Some((_lock, g)) = gpu() else { return };
-    let xf = [
-        1.0, 0.5, -0.2, 0.2, -0.3, 0.4, -0.6, 0.1, 0.3, 0.4, 0.9, -0.5,
-    ];
-    let mut ens = g.upload(4, 3, &xf).unwrap();
-    let y = g.upload(1, 3, &[0.3, 0.1, -0.1]).unwrap();
-    let h = Observe::identity();
-    let obs = Observation {
-        y: &y,
-        operator: &h,
-        noise_std: 0.5,
-    };
-    Etkf::new(1.0)
-        .unwrap()
-        .analyse(g, &mut ens, None, &obs, 1)
-        .unwrap();
-    let want = [
-        0.72193907f32,
-        0.32930704,
-        -0.03907919,
-        0.31937932,
-        -0.12936941,
-        0.25784397,
-        -0.21662729,
-        0.20435969,
-        0.16961546,
-        0.2934384,
-        0.61603801,
-        -0.2797916,
-    ];
-    assert_close(
-        &g.read(&ens).unwrap(),
-        &want,
+    let got = common::golden::etkf_g4(g);
+    common::assert_close(
+        &got,
+        &common::golden::G4_ETKF_ANALYSIS,
         1e-5,
         0.0,
         "ETKF G4 on the GPU",
@@ -132,8 +94,8 @@ fn baselines_agree_on_both_backends() {
     let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
     let (n, d) = (8, 40);
-    let x = host_random(n, d, 7);
-    let y: Vec<f32> = host_random(1, d, 8).iter().map(|v| 0.5 * v).collect();
+    let x = host_random(n, d, 7, 1.0);
+    let y: Vec<f32> = host_random(1, d, 8, 1.0).iter().map(|v| 0.5 * v).collect();
     let h = Observe::identity();
     type Make = fn() -> (
         Box<dyn Filter<Cpu>>,

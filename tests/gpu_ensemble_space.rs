@@ -3,32 +3,22 @@
 
 mod common;
 
-use common::{assert_close, gpu, gpu_split};
+use common::{assert_close, gpu, gpu_split, host_random};
 use enff::backend::cpu::Cpu;
 use enff::backend::{Backend, LocalAnalysis};
 use enff::filter::{EnkfPo, Etkf, Filter, Letkf, Observation};
 use enff::localization::Localization;
 use enff::model::{DistanceKind, Geometry};
 use enff::observe::{ObservationOperator, Observe, Pointwise};
-use enff::rng::{self, NoiseKey, Stream};
-
-fn host_random(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let key = NoiseKey::new(seed, Stream::User, 0);
-    let mut v = vec![0.0f32; rows * cols];
-    for (i, row) in v.chunks_mut(cols.max(1)).enumerate() {
-        rng::fill_normal_row(&key, i as u32, row);
-    }
-    v
-}
 
 #[test]
 fn observed_products_match_the_cpu_twin() {
     let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
     for &(n, m) in &[(2usize, 1usize), (7, 53), (13, 1031), (32, 4099)] {
-        let hx: Vec<f32> = host_random(n, m, 1).iter().map(|v| 3.0 + v).collect();
-        let y = host_random(1, m, 2);
-        let eta = host_random(n, m, 3);
+        let hx: Vec<f32> = host_random(n, m, 1, 1.0).iter().map(|v| 3.0 + v).collect();
+        let y = host_random(1, m, 2, 1.0);
+        let eta = host_random(n, m, 3, 1.0);
         for with_eta in [false, true] {
             let e = if with_eta { n } else { 0 };
             let rows = n + 1 + e;
@@ -115,7 +105,7 @@ fn batched_letkf_matches_the_cpu_twin() {
     for (geometry, kind, op, n, radius) in letkf_cases() {
         let d = geometry.dim().unwrap();
         let m = op.obs_dim(d).unwrap();
-        let x: Vec<f32> = host_random(n, d, 5)
+        let x: Vec<f32> = host_random(n, d, 5, 1.0)
             .iter()
             .enumerate()
             .map(|(e, v)| ((e % d) as f32 * 0.3).sin() + v)
@@ -124,7 +114,7 @@ fn batched_letkf_matches_the_cpu_twin() {
         for i in 0..n {
             op.apply(&x[i * d..(i + 1) * d], &mut hx[i * m..(i + 1) * m]);
         }
-        let y = host_random(1, m, 6);
+        let y = host_random(1, m, 6, 1.0);
         let loc = Localization::new(radius, geometry, kind, d).unwrap();
         let local = LocalAnalysis::new(&loc, &op, 0.6);
         let mut xc = cpu.upload(n, d, &x).unwrap();
@@ -168,12 +158,12 @@ fn ensemble_kalman_filters_agree_on_gpu_and_cpu() {
     let cpu = Cpu::new();
     let (n, d) = (11usize, 43usize);
     let op = Observe::identity().subsample(2, 1).unwrap();
-    let x: Vec<f32> = host_random(n, d, 8)
+    let x: Vec<f32> = host_random(n, d, 8, 1.0)
         .iter()
         .enumerate()
         .map(|(e, v)| ((e % d) as f32 * 0.4).cos() * 2.0 + v)
         .collect();
-    let y_all = host_random(1, d, 9);
+    let y_all = host_random(1, d, 9, 1.0);
     let ring = Geometry::Ring { len: d };
     type Make<B> = fn(Geometry) -> Box<dyn Filter<B>>;
     let filters: [(&str, Make<Cpu>, Make<enff::backend::gpu::Gpu>); 4] = [

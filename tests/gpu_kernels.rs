@@ -4,28 +4,18 @@
 
 mod common;
 
-use common::{assert_close, gpu, gpu_split};
+use common::{assert_close, gpu, gpu_split, host_random};
 use enff::backend::cpu::Cpu;
 use enff::backend::gpu::Gpu;
 use enff::backend::{Backend, FlowUpdate, Guidance, PathCoefficients};
 use enff::flow::{Path, PathKind};
 use enff::model::{Lorenz63, Lorenz96, Model, Scheme, System};
 use enff::observe::{ObservationOperator, Observe, Pointwise};
-use enff::rng::{self, NoiseKey, Stream};
+use enff::rng::{NoiseKey, Stream};
 use enff::Error;
 
 const NS: [usize; 5] = [1, 2, 3, 17, 64];
 const DS: [usize; 4] = [1, 5, 1000, 4099];
-
-fn host_random(rows: usize, cols: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let key = NoiseKey::new(seed, Stream::User, 0);
-    let mut v = vec![0.0f32; rows * cols];
-    for (i, row) in v.chunks_mut(cols.max(1)).enumerate() {
-        rng::fill_normal_row(&key, i as u32, row);
-        row.iter_mut().for_each(|x| *x *= scale);
-    }
-    v
-}
 
 fn poisoned(g: &Gpu, rows: usize, cols: usize) -> enff::backend::gpu::GpuBuffer {
     g.upload(rows, cols, &vec![f32::NAN; rows * cols]).unwrap()

@@ -1,6 +1,10 @@
 //! Localization on the model's geometry (EnKF-PO and LETKF), the batched LETKF against the f64
 //! reference, and the stochastic filters approaching the Kalman filter as the ensemble grows.
 
+mod common;
+
+use common::host_random;
+
 use enff::backend::cpu::Cpu;
 use enff::backend::{Backend, LocalAnalysis};
 use enff::experiment::{preset, Experiment};
@@ -8,20 +12,10 @@ use enff::filter::{EnkfPo, Filter, Letkf, Observation, ParticleFilter, Resamplin
 use enff::localization::Localization;
 use enff::model::{DistanceKind, Geometry};
 use enff::observe::{ObservationOperator, Observe, Pointwise};
-use enff::rng::{self, NoiseKey, Stream};
-
-fn host_random(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let key = NoiseKey::new(seed, Stream::User, 0);
-    let mut v = vec![0.0f32; rows * cols];
-    for (i, row) in v.chunks_mut(cols.max(1)).enumerate() {
-        rng::fill_normal_row(&key, i as u32, row);
-    }
-    v
-}
 
 /// A smooth-ish random ensemble (`n × d`) and an observation of it.
 fn problem(n: usize, d: usize, op: &Observe, seed: u64) -> (Vec<f32>, Vec<f32>) {
-    let z = host_random(n + 1, d, seed);
+    let z = host_random(n + 1, d, seed, 1.0);
     let x: Vec<f32> = (0..n * d)
         .map(|e| {
             let k = e % d;
@@ -72,7 +66,7 @@ fn localized_enkf_with_a_huge_radius_equals_the_global_enkf() {
         let d = geometry.dim().unwrap();
         let m = op.obs_dim(d).unwrap();
         let (x, y) = problem(n, d, &op, 3);
-        let eta = host_random(n, m, 4);
+        let eta = host_random(n, m, 4, 1.0);
         let yb = cpu.upload(1, m, &y).unwrap();
         let obs = Observation {
             y: &yb,
@@ -359,7 +353,7 @@ fn analysis_errors(filter: &str, n: usize, seed: u64) -> (f64, f64) {
     let p = [[1.0, 0.6], [0.6, 1.0]];
     let sigma = 0.8;
     let y = [1.9, 0.4];
-    let z = host_random(n, 2, 1000 + seed);
+    let z = host_random(n, 2, 1000 + seed, 1.0);
     let x: Vec<f32> = (0..n)
         .flat_map(|i| {
             let (a, b) = (z[2 * i] as f64, z[2 * i + 1] as f64);

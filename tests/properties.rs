@@ -4,24 +4,13 @@
 
 mod common;
 
-use common::gpu;
+use common::{gpu, host_random};
 use enff::backend::cpu::Cpu;
 use enff::backend::{Backend, FlowUpdate, Guidance};
 use enff::experiment::{file, preset, Config, PRESETS};
 use enff::flow::{Path, PathKind};
 use enff::observe::{Observe, Pointwise};
-use enff::rng::{self, NoiseKey, Stream};
 use proptest::prelude::*;
-
-fn host_random(rows: usize, cols: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let key = NoiseKey::new(seed, Stream::User, 0);
-    let mut v = vec![0.0f32; rows * cols];
-    for (i, row) in v.chunks_mut(cols.max(1)).enumerate() {
-        rng::fill_normal_row(&key, i as u32, row);
-        row.iter_mut().for_each(|x| *x *= scale);
-    }
-    v
-}
 
 fn close(a: &[f32], b: &[f32], atol: f32, rtol: f32) -> Result<(), TestCaseError> {
     prop_assert_eq!(a.len(), b.len());

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod golden;
+
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use enff::backend::gpu::{Gpu, GpuOptions};
@@ -58,6 +60,18 @@ fn open(options: GpuOptions) -> Option<Gpu> {
             None
         }
     }
+}
+
+/// `rows × cols` standard normal values times `scale`, from the Philox stream
+/// `(seed, User, 0)`: the random inputs of the parity tests (the same on every run).
+pub fn host_random(rows: usize, cols: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let key = enff::rng::NoiseKey::new(seed, enff::rng::Stream::User, 0);
+    let mut v = vec![0.0f32; rows * cols];
+    for (i, row) in v.chunks_mut(cols.max(1)).enumerate() {
+        enff::rng::fill_normal_row(&key, i as u32, row);
+        row.iter_mut().for_each(|x| *x *= scale);
+    }
+    v
 }
 
 /// Maximum of |a − b| / (atol + rtol·|b|) over two arrays (≤ 1 means within tolerance).
