@@ -638,18 +638,7 @@ fn bench(args: BenchArgs, ui: Ui) -> Result<()> {
         enff::bench::DEFAULT_GRID.to_vec()
     };
     let grid = if args.cycles && args.sizes.is_empty() {
-        if args.quick {
-            vec![(20, 10_000)]
-        } else {
-            vec![
-                (20, 10_000),
-                (100, 10_000),
-                (20, 100_000),
-                (100, 100_000),
-                (20, 1_000_000),
-                (100, 1_000_000),
-            ]
-        }
+        enff::bench::cycles::cycle_grid(args.quick)
     } else {
         grid
     };
@@ -761,6 +750,7 @@ fn bench(args: BenchArgs, ui: Ui) -> Result<()> {
 }
 
 /// One row of the cycle benchmark.
+/// One row of `bench --cycles` on `backend`, its progress on `bar`.
 fn cycle_row<B: Backend + 'static>(
     backend: &B,
     n: usize,
@@ -769,25 +759,15 @@ fn cycle_row<B: Backend + 'static>(
     cycles: usize,
     bar: &ProgressBar,
 ) -> Result<enff::experiment::Summary> {
-    let p = preset("lorenz96_bao2024")?;
-    let mut cfg = p.config.clone();
-    for s in [
-        format!("model.d={d}"),
-        format!("ensemble.n={n}"),
-        format!("filter.flow_steps={flow_steps}"),
-        format!("experiment.cycles={cycles}"),
-        "experiment.burn_in=0".into(),
-        "experiment.spinup=100".into(),
-    ] {
-        cfg.set(&s)?;
-    }
-    let exp = Experiment::new(p.name, cfg, None)?;
     let label = format!("{} n={n} d={d}", backend.name());
-    Ok(exp
-        .run(backend, |m| {
-            bar.set_message(format!("{label} cycle {} rmse {:.4}", m.cycle, m.rmse))
-        })?
-        .summary)
+    Ok(enff::bench::cycles::cycle_row(
+        backend,
+        n,
+        d,
+        flow_steps,
+        cycles,
+        |m| bar.set_message(format!("{label} cycle {} rmse {:.4}", m.cycle, m.rmse)),
+    )?)
 }
 
 fn bench_cycles(
@@ -818,23 +798,18 @@ fn bench_cycles(
     );
     for &(n, d) in grid {
         bar.set_message(format!("n={n} d={d}"));
-        // RK4 as five passes (4 stages + combine) over x and the stage vectors: 20 n·d floats
-        // moved per model step; the floor is one read and one write of the ensemble (8 n·d B).
-        let steps = 10.0;
-        let moved = 20.0 * 4.0 * (n * d) as f64 * steps;
-        let floor = 8.0 * (n * d) as f64 * steps;
+        let (moved, floor) = enff::bench::cycles::forecast_traffic(n, d);
+        let work = enff::bench::cycles::cycle_work(n, d, args.flow_steps);
         let mut rows: Vec<(&str, enff::experiment::Summary)> = Vec::new();
         if run_cpu {
-            let est = (n * d) as f64 * (steps + 4.0 * n as f64 * args.flow_steps as f64) / cpu_rate
-                * cycles as f64;
+            let est = work / cpu_rate * cycles as f64;
             if est > args.cpu_budget * cycles as f64 {
                 bar.suspend(|| {
                     println!("cpu   {n:>5} {d:>9}  skipped: estimated {est:.0} s (--cpu-budget)")
                 });
             } else {
                 let s = cycle_row(cpu, n, d, args.flow_steps, cycles, &bar)?;
-                cpu_rate = (n * d) as f64 * (steps + 4.0 * n as f64 * args.flow_steps as f64)
-                    / s.seconds_per_cycle.max(1e-9);
+                cpu_rate = work / s.seconds_per_cycle.max(1e-9);
                 rows.push(("cpu", s));
             }
         }

@@ -21,6 +21,7 @@ use crate::flow::PathKind;
 use crate::observe::Observe;
 use crate::rng::{self, NoiseKey, Stream};
 
+pub mod cycles;
 pub mod models;
 
 /// The benchmark grid of `BENCHMARKS.md`: `(n, d)` pairs timed by default.
