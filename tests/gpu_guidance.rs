@@ -263,6 +263,20 @@ fn covariance_guided_analysis_agrees_with_the_cpu() {
         // Same noise and formulas; f32 summation order and atan differ slightly.
         assert_close(&a, &b, 2e-4, 2e-4, &format!("analysis n={n} d={d}"));
     }
+    // An ensemble split into member blocks (25 members in blocks of 20; the 41 x 19 banded
+    // gain fits one block): the gain kernel refuses it and the filter takes the host path for
+    // the gains (the rest stays on the device), with the same analysis.
+    let (n, d, op) = (25usize, 41usize, Observe::identity());
+    let split = gpu_split((20 * d * 4) as u64).expect("the adapter opened above");
+    let a = analysis(&split, n, d, &op);
+    let b = analysis(&cpu, n, d, &op);
+    assert_close(
+        &a,
+        &b,
+        2e-4,
+        2e-4,
+        "analysis of an ensemble in member blocks",
+    );
 }
 
 /// The banded gains themselves are host code shared by both backends; check that they are
@@ -336,6 +350,12 @@ impl GainCase {
 
     /// `(gain table, h̄)` from `Backend::local_gains` on `b`.
     fn on<B: Backend>(&self, b: &B) -> (Vec<f32>, Vec<f32>, usize) {
+        self.run(b, false).unwrap()
+    }
+
+    /// The gains on `b` by its kernel, or (`host`) by the host path filters take when the
+    /// kernel answers `Unsupported`.
+    fn run<B: Backend>(&self, b: &B, host: bool) -> enff::Result<(Vec<f32>, Vec<f32>, usize)> {
         let win = gain_windows(&self.op, self.d, self.geometry, self.radius).unwrap();
         let m = enff::observe::ObservationOperator::obs_dim(&self.op, self.d).unwrap();
         let x = b.upload(self.n, self.d, &self.x).unwrap();
@@ -345,22 +365,22 @@ impl GainCase {
         let mut gain = b.zeros(self.d, win.w).unwrap();
         // Both rows of the stage's observation statistics: h̄ and the innovation variances.
         let mut hbar = b.zeros(2, m).unwrap();
-        b.local_gains(
-            &LocalGains {
-                observe: self.op,
-                forecast: &x,
-                endpoint: &xh,
-                index: &index,
-                taper: &taper,
-                noise_std: self.sigma,
-                tau: self.tau,
-            },
-            &mut gain,
-            &mut hbar,
-        )
-        .unwrap();
-        b.sync().unwrap();
-        (b.read(&gain).unwrap(), b.read(&hbar).unwrap(), win.w)
+        let inputs = LocalGains {
+            observe: self.op,
+            forecast: &x,
+            endpoint: &xh,
+            index: &index,
+            taper: &taper,
+            noise_std: self.sigma,
+            tau: self.tau,
+        };
+        if host {
+            enff::backend::local_gains_on_host(b, &inputs, &mut gain, &mut hbar)?;
+        } else {
+            b.local_gains(&inputs, &mut gain, &mut hbar)?;
+        }
+        b.sync()?;
+        Ok((b.read(&gain)?, b.read(&hbar)?, win.w))
     }
 
     /// The f64 host reference, linearized at the endpoint mean, and h̄ in f64.
@@ -511,7 +531,7 @@ fn local_gains_agree_with_the_cpu_twin_and_the_f64_reference() {
 /// ensembles split into member blocks take the host path (the CPU twin), with the same
 /// results.
 #[test]
-fn local_gains_fall_back_to_the_twin_for_wide_windows_and_split_ensembles() {
+fn wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path() {
     let Some((_guard, g)) = gpu() else { return };
     let cpu = Cpu::new();
     let wide = GainCase::new(
@@ -524,12 +544,24 @@ fn local_gains_fall_back_to_the_twin_for_wide_windows_and_split_ensembles() {
     let (twin, twin_hbar, w) = wide.on(&cpu);
     assert!(w > GPU_MAX_WINDOW, "window {w}");
     assert_eq!(gain_space(wide.n, w), None);
-    let (got, got_hbar, _) = wide.on(g);
+    // The kernel refuses; the host path (what the filter then takes) gives the twin's gains.
+    let refused = wide.run(g, false).unwrap_err();
+    assert!(
+        matches!(refused, enff::Error::Unsupported { .. }),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("above both kernels' limits"),
+        "{refused}"
+    );
+    let (got, got_hbar, _) = wide.run(g, true).unwrap();
     assert_close(&got, &twin, 1e-6, 1e-5, "wide window");
     assert_close(&got_hbar, &twin_hbar, 1e-6, 1e-5, "wide window h̄");
     let (_, case) = gain_cases().remove(0);
     let gs = gpu_split((4 * case.d * 4) as u64).expect("the adapter opened above");
     let (twin, _, _) = case.on(&cpu);
-    let (got, _, _) = case.on(&gs);
+    let refused = case.run(&gs, false).unwrap_err();
+    assert!(refused.to_string().contains("member blocks"), "{refused}");
+    let (got, _, _) = case.run(&gs, true).unwrap();
     assert_close(&got, &twin, 1e-6, 1e-5, "split ensemble");
 }

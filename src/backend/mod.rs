@@ -488,9 +488,10 @@ pub struct GainShape {
 }
 
 /// [`Backend::local_gains`] through the host: reads the inputs back, runs the CPU twin
-/// ([`cpu::gain::local_gains`]) and writes the gains and `hbar` (the trait's default, and the
-/// GPU backend's path for problems its kernels do not take).
-pub(crate) fn local_gains_on_host<B: Backend + ?Sized>(
+/// ([`cpu::gain::local_gains`]) and writes the gains and `hbar`: the explicit path a filter
+/// takes when a backend answers [`crate::Error::Unsupported`] for a problem its kernels do not
+/// take.
+pub fn local_gains_on_host<B: Backend + ?Sized>(
     b: &B,
     g: &LocalGains<'_, B>,
     gain: &mut B::Buffer,

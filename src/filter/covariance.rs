@@ -486,6 +486,8 @@ pub(crate) struct DeviceGains<B: Backend> {
     /// The observation statistics of the current stage (`2 × m`): the mean observed endpoint
     /// `h̄` and the linearized innovation variances of the innovation bound.
     pub(crate) hbar: B::Buffer,
+    /// Whether the host path of the gains has been reported (once per filter).
+    pub(crate) host_logged: bool,
 }
 
 impl<B: Backend> DeviceGains<B> {
@@ -500,6 +502,7 @@ impl<B: Backend> DeviceGains<B> {
         old: Option<Self>,
     ) -> Result<Self> {
         let key = (d, op, radius.to_bits(), geometry);
+        let host_logged = old.as_ref().is_some_and(|o| o.host_logged);
         if let Some(o) = old.filter(|o| o.key == key) {
             return Ok(o);
         }
@@ -511,6 +514,7 @@ impl<B: Backend> DeviceGains<B> {
             taper: backend.upload(d, win.w, &win.taper)?,
             gain: backend.zeros(d, win.w)?,
             hbar: backend.zeros(2, m)?,
+            host_logged,
         })
     }
 }

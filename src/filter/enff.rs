@@ -829,19 +829,32 @@ fn covariance_stage<B: Backend>(
     at: &StageAt<'_, B>,
     g: &mut DeviceGains<B>,
 ) -> Result<()> {
-    backend.local_gains(
-        &LocalGains {
-            observe: at.observe,
-            forecast: at.forecast,
-            endpoint: at.endpoint,
-            index: &g.index,
-            taper: &g.taper,
-            noise_std: at.noise_std,
-            tau: at.tau,
-        },
-        &mut g.gain,
-        &mut g.hbar,
-    )?;
+    let inputs = LocalGains {
+        observe: at.observe,
+        forecast: at.forecast,
+        endpoint: at.endpoint,
+        index: &g.index,
+        taper: &g.taper,
+        noise_std: at.noise_std,
+        tau: at.tau,
+    };
+    match backend.local_gains(&inputs, &mut g.gain, &mut g.hbar) {
+        // A problem the backend's kernels do not take (on the GPU: member blocks, or windows
+        // and ensembles above both kernels' limits): the gains are computed on the host,
+        // chosen here and said once.
+        Err(Error::Unsupported { what, .. }) => {
+            if !g.host_logged {
+                g.host_logged = true;
+                log::info!(
+                    "covariance guidance on the {} backend: {what}; its local gains are \
+                     computed on the host, reading the ensembles back every stage",
+                    backend.name()
+                );
+            }
+            crate::backend::local_gains_on_host(backend, &inputs, &mut g.gain, &mut g.hbar)?;
+        }
+        other => other?,
+    }
     backend.gain_step(
         state,
         &GainStep {

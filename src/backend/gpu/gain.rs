@@ -2,7 +2,6 @@
 //! local gains of a stage (`shaders/local_gains.wgsl`); CPU twins in `backend/cpu/gain.rs`.
 //! The pipelines are built on first use.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use bytemuck::{Pod, Zeroable};
@@ -50,8 +49,6 @@ pub(super) struct GainKernels {
     gains_ens: Kernel,
     /// Forecast and endpoint column means (`2·d`).
     moments_buf: Mutex<Option<wgpu::Buffer>>,
-    /// Whether the host fallback has been reported (once per backend).
-    fallback_logged: AtomicBool,
 }
 
 /// Mirror of `LocalGainParams` in `shaders/local_gains.wgsl`.
@@ -158,15 +155,15 @@ fn kernels(gpu: &Gpu) -> &GainKernels {
                 LOCAL_BINDINGS,
             ),
             moments_buf: Mutex::new(None),
-            fallback_logged: AtomicBool::new(false),
         }
     })
 }
 
 /// [`Backend::local_gains`] on the device: two dispatches, no read-back, in the space
 /// [`gain_space`] picks. Ensembles split into member blocks, and windows wider than
-/// [`GPU_MAX_WINDOW`] with more than [`GPU_MAX_ENS_MEMBERS`] members, fall back to the host
-/// twin (logged once).
+/// [`GPU_MAX_WINDOW`] with more than [`GPU_MAX_ENS_MEMBERS`] members, are
+/// [`Error::Unsupported`]: the filter then chooses the host path
+/// ([`crate::backend::local_gains_on_host`]).
 pub(super) fn local_gains(
     gpu: &Gpu,
     g: &LocalGains<'_, Gpu>,
@@ -179,24 +176,22 @@ pub(super) fn local_gains(
         .any(|b| b.chunks.len() != 1);
     let space = gain_space(shape.n, shape.w);
     let Some(space) = space.filter(|_| !split) else {
-        let k = kernels(gpu);
-        if !k.fallback_logged.swap(true, Ordering::Relaxed) {
-            let why = if split {
-                "an ensemble split into member blocks".to_string()
-            } else {
-                format!(
-                    "windows of {} observations and {} members, above both kernels' limits \
-                     ({GPU_MAX_WINDOW} and {GPU_MAX_ENS_MEMBERS})",
-                    shape.w, shape.n
-                )
-            };
-            log::info!(
-                "covariance guidance on {}: {why}; its local gains are computed on the host, \
-                 reading the ensembles back every stage",
-                gpu.summary.name,
-            );
-        }
-        return crate::backend::local_gains_on_host(gpu, g, gain, hbar);
+        let what = if split {
+            "an ensemble split into member blocks".to_string()
+        } else {
+            format!(
+                "windows of {} observations and {} members, above both kernels' limits \
+                 ({GPU_MAX_WINDOW} and {GPU_MAX_ENS_MEMBERS})",
+                shape.w, shape.n
+            )
+        };
+        return Err(Error::Unsupported {
+            backend: format!("gpu ({})", gpu.summary.name),
+            what,
+            fix: "compute the gains on the host (enff::backend::local_gains_on_host), as the \
+                  filters do"
+                .into(),
+        });
     };
     let (n, d) = (shape.n, shape.d);
     if d == 0 {
