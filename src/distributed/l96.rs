@@ -11,7 +11,8 @@
 
 use super::Shard;
 use crate::error::{Error, Result};
-use crate::model::{Model, Scheme, System};
+use crate::model::rk::{combine, stage_input};
+use crate::model::{Model, System};
 
 /// Scratch of a slab forecast, kept between cycles.
 #[derive(Debug, Default)]
@@ -68,29 +69,15 @@ impl SlabForecast {
         for _ in 0..steps {
             // Stage 1 at x.
             self.rhs(shard, f, x, n, len, 0)?;
-            match model.scheme {
-                Scheme::Rk4ThreeEighths => {
-                    self.stage(shard, f, x, n, len, 1, |x, k, c| x[c] + h / 3.0 * k[0][c])?;
-                    self.stage(shard, f, x, n, len, 2, |x, k, c| {
-                        x[c] + h * (k[1][c] - k[0][c] / 3.0)
-                    })?;
-                    self.stage(shard, f, x, n, len, 3, |x, k, c| {
-                        x[c] + h * (k[0][c] - k[1][c] + k[2][c])
-                    })?;
-                    let [k1, k2, k3, k4] = &self.k;
-                    for c in 0..n * len {
-                        x[c] += h / 8.0 * (k1[c] + 3.0 * k2[c] + 3.0 * k3[c] + k4[c]);
-                    }
-                }
-                Scheme::Rk4Classic => {
-                    self.stage(shard, f, x, n, len, 1, |x, k, c| x[c] + 0.5 * h * k[0][c])?;
-                    self.stage(shard, f, x, n, len, 2, |x, k, c| x[c] + 0.5 * h * k[1][c])?;
-                    self.stage(shard, f, x, n, len, 3, |x, k, c| x[c] + h * k[2][c])?;
-                    let [k1, k2, k3, k4] = &self.k;
-                    for c in 0..n * len {
-                        x[c] += h / 6.0 * (k1[c] + 2.0 * k2[c] + 2.0 * k3[c] + k4[c]);
-                    }
-                }
+            let scheme = model.scheme;
+            for stage in 1..4 {
+                self.stage(shard, f, x, n, len, stage, |x, k, c| {
+                    stage_input(scheme, stage, h, x[c], [k[0][c], k[1][c], k[2][c]])
+                })?;
+            }
+            let [k1, k2, k3, k4] = &self.k;
+            for c in 0..n * len {
+                x[c] += combine(scheme, h, [k1[c], k2[c], k3[c], k4[c]]);
             }
         }
         Ok(())
@@ -178,6 +165,7 @@ impl SlabForecast {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Scheme;
     use crate::model::{rk, Lorenz96};
 
     #[test]

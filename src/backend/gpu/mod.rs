@@ -30,7 +30,7 @@ use bytemuck::Pod;
 
 use super::{check_path, Backend, DeviceBuffer, EnsembleStats, FlowUpdate, PathCoefficients};
 use crate::error::{Error, Result};
-use crate::model::{Model, Scheme, System};
+use crate::model::{Model, System};
 use crate::observe::{ObservationOperator, Observe, Pointwise};
 use crate::rng::NoiseKey;
 

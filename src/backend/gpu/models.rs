@@ -36,27 +36,11 @@ pub(super) fn advance(
         System::KuramotoSivashinsky(ks) => return gpu.advance_ks(ks, states, steps),
         System::NavierStokes2d(ns) => return gpu.advance_ns(ns, states, steps),
     };
-    // Stage coefficients (argument = x + dt Σ c·k) and final weights.
-    let (stages, weights): ([[f32; 3]; 4], [f32; 4]) = match model.scheme {
-        Scheme::Rk4ThreeEighths => (
-            [
-                [0.0, 0.0, 0.0],
-                [1.0 / 3.0, 0.0, 0.0],
-                [-1.0 / 3.0, 1.0, 0.0],
-                [1.0, -1.0, 1.0],
-            ],
-            [1.0 / 8.0, 3.0 / 8.0, 3.0 / 8.0, 1.0 / 8.0],
-        ),
-        Scheme::Rk4Classic => (
-            [
-                [0.0, 0.0, 0.0],
-                [0.5, 0.0, 0.0],
-                [0.0, 0.5, 0.0],
-                [0.0, 0.0, 1.0],
-            ],
-            [1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0],
-        ),
-    };
+    // Stage coefficients (argument = x + dt Σ a·k) and final weights: the scheme's tableau.
+    let crate::model::rk::Tableau {
+        a: stages,
+        b: weights,
+    } = crate::model::rk::tableau(model.scheme);
     let rows_per_chunk = states.rows_per_chunk;
     let kbufs: Vec<wgpu::Buffer> = {
         let mut s = gpu
