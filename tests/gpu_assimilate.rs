@@ -35,7 +35,6 @@ impl Dynamics for Decay {
     }
 }
 
-#[test]
 fn one_analysis_on_the_gpu_matches_the_cpu() {
     let Some((_guard, gpu)) = common::gpu() else {
         return;
@@ -59,7 +58,6 @@ fn one_analysis_on_the_gpu_matches_the_cpu() {
     }
 }
 
-#[test]
 fn user_models_run_on_the_host_and_user_operators_are_refused() {
     let Some((_guard, gpu)) = common::gpu() else {
         return;
@@ -118,7 +116,6 @@ fn user_models_run_on_the_host_and_user_operators_are_refused() {
     let _ = Observe::identity();
 }
 
-#[test]
 fn the_recorder_keeps_the_same_fields_on_the_gpu() {
     let Some((_guard, gpu)) = common::gpu() else {
         return;
@@ -153,3 +150,8 @@ fn the_recorder_keeps_the_same_fields_on_the_gpu() {
     common::assert_close(&hg.truth, &hc.truth, 1e-3, 1e-3, "truth");
     common::assert_close(&hg.mean, &hc.mean, 1e-2, 1e-2, "analysis mean");
 }
+
+test_main!(
+    cpu: [],
+    gpu: [one_analysis_on_the_gpu_matches_the_cpu, user_models_run_on_the_host_and_user_operators_are_refused, the_recorder_keeps_the_same_fields_on_the_gpu],
+);

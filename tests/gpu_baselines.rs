@@ -12,7 +12,6 @@ use enff::backend::Backend;
 use enff::filter::{Etkf, Filter, Observation};
 use enff::observe::Observe;
 
-#[test]
 fn ensemble_transform_matches_the_cpu_twin() {
     let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -38,7 +37,6 @@ fn ensemble_transform_matches_the_cpu_twin() {
     }
 }
 
-#[test]
 fn etkf_golden_vector_g4_holds_on_the_gpu() {
     let Some((_lock, g)) = gpu() else { return };
     let got = common::golden::etkf_g4(g);
@@ -51,7 +49,6 @@ fn etkf_golden_vector_g4_holds_on_the_gpu() {
     );
 }
 
-#[test]
 fn ensf_golden_vector_g3_holds_on_the_gpu() {
     use enff::filter::{Ensf, EnsfConfig};
     let Some((_lock, g)) = gpu() else { return };
@@ -88,7 +85,6 @@ fn ensf_golden_vector_g3_holds_on_the_gpu() {
 }
 
 /// Every baseline runs on the GPU backend and agrees with the CPU (same inputs, same noise).
-#[test]
 fn baselines_agree_on_both_backends() {
     use enff::filter::{EnkfPo, Letkf, ParticleFilter, Resampling};
     let Some((_lock, g)) = gpu() else { return };
@@ -164,3 +160,8 @@ fn baselines_agree_on_both_backends() {
         );
     }
 }
+
+test_main!(
+    cpu: [],
+    gpu: [ensemble_transform_matches_the_cpu_twin, etkf_golden_vector_g4_holds_on_the_gpu, ensf_golden_vector_g3_holds_on_the_gpu, baselines_agree_on_both_backends],
+);

@@ -40,7 +40,6 @@ fn golden<B: Backend>(
     b.read(&ens).unwrap()
 }
 
-#[test]
 fn golden_vectors_g1_g2_hold_on_the_gpu() {
     let Some((_lock, g)) = gpu() else { return };
     let z = [0.3, -0.2, -0.5, 0.1, 0.05, 0.4];
@@ -130,7 +129,6 @@ fn analysis<B: Backend>(b: &B, cfg: EnffConfig, n: usize, d: usize, op: &Observe
     b.read(&ens).unwrap()
 }
 
-#[test]
 fn full_analysis_agrees_with_the_cpu_to_1e4() {
     let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -169,7 +167,6 @@ fn full_analysis_agrees_with_the_cpu_to_1e4() {
     }
 }
 
-#[test]
 fn split_and_unsplit_gpu_analyses_agree() {
     let Some((_lock, g)) = gpu() else { return };
     let (n, d) = (17, 1000);
@@ -182,7 +179,6 @@ fn split_and_unsplit_gpu_analyses_agree() {
     assert_close(&b, &a, 1e-5, 1e-5, "member-block split analysis");
 }
 
-#[test]
 fn bad_input_is_rejected_on_the_gpu_like_on_the_cpu() {
     let Some((_lock, g)) = gpu() else { return };
     let (n, d) = (5, 40);
@@ -255,7 +251,6 @@ fn bad_input_is_rejected_on_the_gpu_like_on_the_cpu() {
 /// Three cycles of the paper's Lorenz-96 setting on both backends. Everything is drawn from
 /// the same Philox streams, so the runs differ only by f32 rounding (model RK stages, kernel
 /// summation order), which three cycles of chaos amplify by far less than 1e-3.
-#[test]
 fn three_cycle_twin_runs_agree_on_both_backends() {
     let Some((_lock, g)) = gpu() else { return };
     let p = preset("lorenz96_bao2024").unwrap();
@@ -287,7 +282,6 @@ fn three_cycle_twin_runs_agree_on_both_backends() {
 }
 
 /// A lost device mid-run is a typed error, promptly, not a panic or a hang.
-#[test]
 fn device_loss_mid_run_is_a_typed_error() {
     let Some((_lock, _)) = gpu() else { return };
     let Some(g) = gpu_split(u64::MAX) else { return };
@@ -316,3 +310,8 @@ fn device_loss_mid_run_is_a_typed_error() {
         started.elapsed()
     );
 }
+
+test_main!(
+    cpu: [],
+    gpu: [golden_vectors_g1_g2_hold_on_the_gpu, full_analysis_agrees_with_the_cpu_to_1e4, split_and_unsplit_gpu_analyses_agree, bad_input_is_rejected_on_the_gpu_like_on_the_cpu, three_cycle_twin_runs_agree_on_both_backends, device_loss_mid_run_is_a_typed_error],
+);

@@ -11,7 +11,6 @@ use enff::localization::Localization;
 use enff::model::{DistanceKind, Geometry};
 use enff::observe::{ObservationOperator, Observe, Pointwise};
 
-#[test]
 fn observed_products_match_the_cpu_twin() {
     let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -98,7 +97,6 @@ fn letkf_cases() -> Vec<(Geometry, DistanceKind, Observe, usize, f64)> {
     ]
 }
 
-#[test]
 fn batched_letkf_matches_the_cpu_twin() {
     let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -152,7 +150,6 @@ fn batched_letkf_matches_the_cpu_twin() {
 
 /// The filters on the GPU (device products, device LETKF) against the same filters on the CPU,
 /// including an ensemble split into member blocks (the host fallback).
-#[test]
 fn ensemble_kalman_filters_agree_on_gpu_and_cpu() {
     let Some((lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -250,3 +247,8 @@ fn ensemble_kalman_filters_agree_on_gpu_and_cpu() {
         }
     }
 }
+
+test_main!(
+    cpu: [],
+    gpu: [observed_products_match_the_cpu_twin, batched_letkf_matches_the_cpu_twin, ensemble_kalman_filters_agree_on_gpu_and_cpu],
+);

@@ -70,7 +70,6 @@ fn gain_step<B: Backend>(
     b.read(&st).unwrap()
 }
 
-#[test]
 fn banded_gain_step_agrees_with_the_cpu() {
     let Some((_guard, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -156,7 +155,6 @@ fn banded_gain_step_agrees_with_the_cpu() {
 
 /// Mean and variance over the members of `h(x)` (the adaptive-inflation statistics) on both
 /// backends, including an ensemble split into member blocks.
-#[test]
 fn observed_moments_agree_with_the_cpu() {
     let Some((_guard, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -250,7 +248,6 @@ fn analysis<B: Backend>(b: &B, n: usize, d: usize, op: &Observe) -> Vec<f32> {
     b.read(&ens).unwrap()
 }
 
-#[test]
 fn covariance_guided_analysis_agrees_with_the_cpu() {
     let Some((_guard, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -281,7 +278,6 @@ fn covariance_guided_analysis_agrees_with_the_cpu() {
 
 /// The banded gains themselves are host code shared by both backends; check that they are
 /// finite and localized (zero beyond the Gaspari–Cohn support) on an odd ring.
-#[test]
 fn banded_gains_are_localized() {
     let (n, d) = (7, 45);
     let x = normals(n, d, 21, 1.0);
@@ -489,7 +485,6 @@ fn peak(v: &[f32]) -> f64 {
     v.iter().fold(0.0f64, |a, &b| a.max(b.abs() as f64))
 }
 
-#[test]
 fn local_gains_agree_with_the_cpu_twin_and_the_f64_reference() {
     let Some((_guard, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -530,7 +525,6 @@ fn local_gains_agree_with_the_cpu_twin_and_the_f64_reference() {
 /// Problems neither kernel takes (windows and ensemble both above the kernels' limits) and
 /// ensembles split into member blocks take the host path (the CPU twin), with the same
 /// results.
-#[test]
 fn wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path() {
     let Some((_guard, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -565,3 +559,8 @@ fn wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path() {
     let (got, _, _) = case.run(&gs, true).unwrap();
     assert_close(&got, &twin, 1e-6, 1e-5, "split ensemble");
 }
+
+test_main!(
+    cpu: [banded_gains_are_localized],
+    gpu: [banded_gain_step_agrees_with_the_cpu, observed_moments_agree_with_the_cpu, covariance_guided_analysis_agrees_with_the_cpu, local_gains_agree_with_the_cpu_twin_and_the_f64_reference, wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path],
+);

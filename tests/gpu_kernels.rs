@@ -32,7 +32,6 @@ fn weights(n: usize, seed: u64) -> Vec<f32> {
     w
 }
 
-#[test]
 fn fill_normal_matches_the_cpu_philox_stream() {
     let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -70,7 +69,6 @@ fn path_cases() -> Vec<(PathCoefficients, bool)> {
     ]
 }
 
-#[test]
 fn flow_logits_match_the_cpu_twin() {
     let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -129,7 +127,6 @@ fn flow_logits_match_the_cpu_twin() {
     }
 }
 
-#[test]
 fn softmax_rows_match_and_flag_non_finite_logits() {
     let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -164,7 +161,6 @@ fn softmax_rows_match_and_flag_non_finite_logits() {
     g.sync().unwrap();
 }
 
-#[test]
 fn flow_update_matches_the_cpu_twin_for_every_variant() {
     let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -275,7 +271,6 @@ fn flow_update_matches_the_cpu_twin_for_every_variant() {
     }
 }
 
-#[test]
 fn inflation_statistics_observation_and_likelihood_match() {
     let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -339,7 +334,6 @@ fn inflation_statistics_observation_and_likelihood_match() {
     }
 }
 
-#[test]
 fn check_finite_reports_the_first_bad_element_at_sync() {
     let Some((_lock, g)) = gpu() else { return };
     let (n, d) = (3, 1000);
@@ -360,7 +354,6 @@ fn check_finite_reports_the_first_bad_element_at_sync() {
     g.sync().unwrap();
 }
 
-#[test]
 fn model_kernels_match_the_cpu_runge_kutta() {
     let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -404,7 +397,6 @@ fn model_kernels_match_the_cpu_runge_kutta() {
     }
 }
 
-#[test]
 fn member_block_splitting_gives_the_same_kernels() {
     let Some((_lock, g)) = gpu() else { return };
     let (n, d) = (17, 1000);
@@ -498,7 +490,6 @@ fn member_block_splitting_gives_the_same_kernels() {
 
 /// Ensembles above 32 members take the tiled kernels (64 x 64 tiles); 100 and 130 members
 /// leave partial tiles, and a split target exercises the accumulate-then-finish path.
-#[test]
 fn large_ensemble_tiled_kernels_match_the_cpu_twin() {
     let Some((_lock, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -590,3 +581,8 @@ fn large_ensemble_tiled_kernels_match_the_cpu_twin() {
         }
     }
 }
+
+test_main!(
+    cpu: [],
+    gpu: [fill_normal_matches_the_cpu_philox_stream, flow_logits_match_the_cpu_twin, softmax_rows_match_and_flag_non_finite_logits, flow_update_matches_the_cpu_twin_for_every_variant, inflation_statistics_observation_and_likelihood_match, check_finite_reports_the_first_bad_element_at_sync, model_kernels_match_the_cpu_runge_kutta, member_block_splitting_gives_the_same_kernels, large_ensemble_tiled_kernels_match_the_cpu_twin],
+);

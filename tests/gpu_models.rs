@@ -75,7 +75,6 @@ const LENGTHS: [usize; 9] = [2, 4, 8, 32, 64, 128, 256, 512, 1024];
 /// The CPU twin of the batched FFT agrees with rustfft (f64) for every length and odd batch
 /// sizes, forward and inverse, and inverts itself. f32 Stockham error grows like log m · ε;
 /// 2e-6 of the largest bin leaves a margin of several over what is observed.
-#[test]
 fn twin_fft_matches_rustfft_and_round_trips() {
     for m in LENGTHS {
         let plan = FftPlan::new(m).unwrap();
@@ -111,7 +110,6 @@ fn twin_fft_matches_rustfft_and_round_trips() {
 
 /// The twin's real transforms (half-length complex FFT + untangling, and the inverse tangling)
 /// agree with the CPU model's rustfft-based real FFT for the KS grid sizes.
-#[test]
 fn twin_real_fft_matches_the_models_real_fft() {
     for d in [256usize, 512, 1024] {
         let m = d / 2;
@@ -146,7 +144,6 @@ fn twin_real_fft_matches_the_models_real_fft() {
 /// The twin of the whole GPU KS forecast (Stockham FFTs, same tables) follows the CPU model
 /// (rustfft) over 8 ETDRK4 steps; the two differ only in FFT rounding (see the GPU test for
 /// the tolerance; measured ~4e-7).
-#[test]
 fn twin_ks_forecast_follows_the_cpu_model() {
     let ks = KuramotoSivashinsky::paper(256, 0.25).unwrap();
     let x0 = spun_up_ks(&ks, 3);
@@ -182,7 +179,6 @@ fn spun_up_ks(ks: &KuramotoSivashinsky, batch: usize) -> Vec<f32> {
 
 /// The GPU batched FFT matches its CPU twin tightly and rustfft within f32 rounding, for every
 /// length the models use and odd member counts, forward and inverse.
-#[test]
 fn gpu_fft_matches_its_twin_and_rustfft() {
     let Some((_lock, gpu)) = common::gpu() else {
         return;
@@ -241,7 +237,6 @@ fn ks_model(d: usize, domain: f64) -> Model {
 /// rounding (measured ~4e-7 on a software adapter): 1e-5 for both leaves room for other
 /// drivers' contraction choices while still catching any indexing or coefficient error, which
 /// shows at the 1e-2 level.
-#[test]
 fn gpu_ks_forecast_matches_the_cpu_model() {
     let Some((_lock, gpu)) = common::gpu() else {
         return;
@@ -314,7 +309,6 @@ fn ns_model(n: usize, sweeps: usize) -> Model {
 /// Tolerance: both run the same operations in the same order; fused multiply-adds on the GPU
 /// change the last bits, which the contractive Jacobi iteration does not amplify (measured
 /// ≤ 4e-7 on a software adapter): 1e-5 of the field's scale over 3 steps.
-#[test]
 fn gpu_ns_forecast_matches_the_cpu_model_and_projects() {
     let Some((_lock, gpu)) = common::gpu() else {
         return;
@@ -362,7 +356,6 @@ fn gpu_ns_forecast_matches_the_cpu_model_and_projects() {
 }
 
 /// Repeated forecasts allocate no device buffers after the first (tables and scratch reused).
-#[test]
 fn gpu_grid_forecasts_allocate_once() {
     let Some((_lock, gpu)) = common::gpu() else {
         return;
@@ -394,7 +387,6 @@ fn preset_config(name: &str, sets: &[&str]) -> enff::experiment::Config {
 /// the first cycle. The two runs differ only in rounding (the filters' reductions, the FFTs,
 /// fused multiply-adds), which the chaotic dynamics amplify slowly; over these few cycles the
 /// time-mean RMSEs agree to 1% (measured: to four digits on a software adapter).
-#[test]
 fn gpu_twin_runs_of_grid_presets_follow_the_cpu() {
     let Some((_lock, gpu)) = common::gpu() else {
         return;
@@ -450,7 +442,6 @@ fn gpu_twin_runs_of_grid_presets_follow_the_cpu() {
 }
 
 /// The memory estimate counts the grid models' GPU scratch per member.
-#[test]
 fn memory_estimate_counts_the_grid_model_scratch() {
     for (name, d, per_member_scratch) in [
         ("ks_1024", 1024u64, 4 * (7 * (1024 + 2) + 2 * 1024)),
@@ -480,3 +471,8 @@ fn memory_estimate_counts_the_grid_model_scratch() {
         );
     }
 }
+
+test_main!(
+    cpu: [twin_fft_matches_rustfft_and_round_trips, twin_real_fft_matches_the_models_real_fft, twin_ks_forecast_follows_the_cpu_model, memory_estimate_counts_the_grid_model_scratch],
+    gpu: [gpu_fft_matches_its_twin_and_rustfft, gpu_ks_forecast_matches_the_cpu_model, gpu_ns_forecast_matches_the_cpu_model_and_projects, gpu_grid_forecasts_allocate_once, gpu_twin_runs_of_grid_presets_follow_the_cpu],
+);

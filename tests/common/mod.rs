@@ -33,6 +33,55 @@ pub fn gpu() -> Option<(MutexGuard<'static, ()>, &'static Gpu)> {
     .map(|g| (guard, g))
 }
 
+/// True when the GPU tests can run: an adapter opened (a missing one panics here instead under
+/// `ENFF_REQUIRE_GPU=1`).
+pub fn gpu_available() -> bool {
+    gpu().is_some()
+}
+
+/// The `main` of a test binary whose tests are plain functions: `cpu` always run, `gpu` run
+/// when an adapter opens and otherwise reported as ignored in the test summary (with the
+/// reason printed once), so a machine without a GPU shows `N ignored` instead of passes.
+pub fn run_tests(
+    cpu: &[(&'static str, fn())],
+    gpu: &[(&'static str, fn())],
+) -> std::process::ExitCode {
+    use libtest_mimic::{Arguments, Trial};
+    let args = Arguments::from_args();
+    let listing = args.list;
+    let skip = !listing && !gpu.is_empty() && !gpu_available();
+    if skip {
+        eprintln!("GPU tests of this binary are IGNORED: no GPU adapter (see above)");
+    }
+    let trial = |(name, f): &(&'static str, fn()), ignored: bool| {
+        let f = *f;
+        Trial::test(*name, move || {
+            f();
+            Ok(())
+        })
+        .with_ignored_flag(ignored)
+    };
+    let trials = cpu
+        .iter()
+        .map(|t| trial(t, false))
+        .chain(gpu.iter().map(|t| trial(t, skip)))
+        .collect();
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// `fn main` for [`run_tests`]: `test_main!(cpu: [a, b], gpu: [c, d]);`
+#[macro_export]
+macro_rules! test_main {
+    (cpu: [$($c:ident),* $(,)?], gpu: [$($g:ident),* $(,)?] $(,)?) => {
+        fn main() -> std::process::ExitCode {
+            common::run_tests(
+                &[$((stringify!($c), $c as fn())),*],
+                &[$((stringify!($g), $g as fn())),*],
+            )
+        }
+    };
+}
+
 /// A second GPU backend whose buffers are split into member blocks of at most `bytes`.
 pub fn gpu_split(bytes: u64) -> Option<Gpu> {
     open(GpuOptions {
