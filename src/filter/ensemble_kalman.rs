@@ -222,8 +222,19 @@ impl<B: Backend> Etkf<B> {
         let eig = SymmetricEigen::new(c);
         let lam = eig.eigenvalues.map(|l| l.max(EIG_FLOOR));
         let u = &eig.eigenvectors;
-        let c_inv = u * DMatrix::from_diagonal(&lam.map(|l| 1.0 / l)) * u.transpose();
-        let t = u * DMatrix::from_diagonal(&lam.map(|l| (n1 / l).sqrt())) * u.transpose();
+        let ut = u.transpose();
+        // U·diag(f(λ))·Uᵀ, the diagonal product as a column scaling of U (the same values as
+        // the dense product with a diagonal matrix, whose off-diagonal terms add exact zeros).
+        let scaled = |f: &dyn Fn(f64) -> f64| {
+            let mut us = u.clone();
+            for (mut col, &l) in us.column_iter_mut().zip(lam.iter()) {
+                let s = f(l);
+                col.iter_mut().for_each(|v| *v *= s);
+            }
+            us * &ut
+        };
+        let c_inv = scaled(&|l| 1.0 / l);
+        let t = scaled(&|l| (n1 / l).sqrt());
         let w = &c_inv * (&p.innovation / s2);
         // X_a,i = x̄ + Σ_j (w_j + T_ij)(x_j − x̄) = Σ_j G_ij x_j
         let mut g = DMatrix::<f64>::zeros(n, n);
@@ -577,5 +588,67 @@ impl<B: Backend> Filter<B> for EnkfPo<B> {
         let (n, m) = (ensemble.rows(), obs.operator.obs_dim(ensemble.cols())?);
         self.draw_perturbations(backend, n, m, cycle)?;
         self.analyse_drawn(backend, ensemble, obs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+    use crate::observe::Observe;
+    use crate::rng::{NoiseKey, Stream};
+
+    #[test]
+    fn etkf_transform_equals_the_dense_diagonal_products() {
+        // `U·f(Λ)·Uᵀ` with the diagonal product as a column scaling gives the values of the
+        // dense products `U·diag(f(Λ))·Uᵀ` it replaced, bit for bit.
+        let cpu = Cpu::new();
+        for (n, d, sigma) in [
+            (2usize, 3usize, 0.5f32),
+            (7, 40, 1.0),
+            (20, 40, 1.0),
+            (33, 12, 0.2),
+        ] {
+            let key = NoiseKey::new(4, Stream::User, n as u32);
+            let mut ens = cpu.zeros(n, d).unwrap();
+            cpu.fill_normal(&mut ens, key, None, 1.0).unwrap();
+            let mut y = cpu.zeros(1, d).unwrap();
+            cpu.fill_normal(&mut y, key.with_step(1), None, 1.0)
+                .unwrap();
+            let op = Observe::arctan();
+            let obs = Observation {
+                y: &y,
+                operator: &op,
+                noise_std: sigma,
+            };
+            let got = Etkf::<Cpu>::new(1.0)
+                .unwrap()
+                .transform(&cpu, &ens, &obs)
+                .unwrap();
+            let p = Products::of(&cpu, &ens, &obs, false, &mut Workspace::default()).unwrap();
+            let n1 = (n - 1) as f64;
+            let s2 = (sigma as f64).powi(2);
+            let c = &p.gram / s2 + DMatrix::<f64>::identity(n, n) * n1;
+            let eig = SymmetricEigen::new(c);
+            let lam = eig.eigenvalues.map(|l| l.max(EIG_FLOOR));
+            let u = &eig.eigenvectors;
+            let c_inv = u * DMatrix::from_diagonal(&lam.map(|l| 1.0 / l)) * u.transpose();
+            let t = u * DMatrix::from_diagonal(&lam.map(|l| (n1 / l).sqrt())) * u.transpose();
+            let w = &c_inv * (&p.innovation / s2);
+            let mut want = DMatrix::<f64>::zeros(n, n);
+            for i in 0..n {
+                let mut row_sum = 0.0;
+                for j in 0..n {
+                    want[(i, j)] = w[j] + t[(i, j)];
+                    row_sum += want[(i, j)];
+                }
+                let mean_part = (1.0 - row_sum) / n as f64;
+                for j in 0..n {
+                    want[(i, j)] += mean_part;
+                }
+            }
+            let bits = |m: &DMatrix<f64>| m.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "n {n}, d {d}");
+        }
     }
 }

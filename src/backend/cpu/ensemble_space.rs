@@ -6,6 +6,7 @@
 
 use rayon::prelude::*;
 
+use super::simd;
 use crate::error::{Error, Result};
 use crate::localization::{Localization, RHO_MIN};
 use crate::model::Geometry;
@@ -351,46 +352,86 @@ pub fn observed_products(
     eta: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
+    observed_products_in(hx, n, y, eta, out, &mut Vec::new(), true)
+}
+
+/// Multiply-adds of [`observed_products`] below which it runs on the calling thread.
+const PRODUCTS_PARALLEL_WORK: usize = 1 << 16;
+
+/// [`observed_products`] with its f64 scratch in `scratch` (grown when too short; no other
+/// allocation), on the calling thread unless `parallel` and the work is large.
+///
+/// Every output `o[r][j] = Σ_k ã_j[k] · z_r[k]` (`z_r` the anomaly `ã_r`, the innovation or a
+/// perturbation) is summed in `k` order from `-0.0`, a product then a sum, exactly as
+/// `Iterator::sum` of the products. The sums run as rank-one updates over `k` of a table
+/// `Z` (`m × (n + 1 + e)`, component-major: row `k` holds `ã_·[k]`, `(y − ȳ)[k]`, `η_·[k]`),
+/// so that the lanes of a vector hold different outputs and the order within each is kept.
+pub(crate) fn observed_products_in(
+    hx: &[f32],
+    n: usize,
+    y: &[f32],
+    eta: Option<&[f32]>,
+    out: &mut [f32],
+    scratch: &mut Vec<f64>,
+    parallel: bool,
+) -> Result<()> {
     let m = y.len();
     let e = eta.map_or(0, |v| v.len() / m.max(1));
-    if hx.len() != n * m
-        || eta.is_some_and(|v| v.len() != e * m)
-        || out.len() != observed_products_rows(n, e) * n
-    {
+    let rows = observed_products_rows(n, e);
+    if hx.len() != n * m || eta.is_some_and(|v| v.len() != e * m) || out.len() != rows * n {
         return Err(Error::shape(
             "observed products",
             format!("{n} x {m} observed ensemble, {} x {n} output", n + 1 + e),
             format!("{} and {} values", hx.len(), out.len()),
         ));
     }
-    let mut ybar = vec![0.0f64; m];
+    let need = m + m * rows + rows * n;
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
+    let (ybar, rest) = scratch.split_at_mut(m);
+    let (z, rest) = rest.split_at_mut(m * rows);
+    let acc = &mut rest[..rows * n];
+    ybar.iter_mut().for_each(|v| *v = 0.0);
     for row in hx.chunks(m.max(1)) {
         for (a, &v) in ybar.iter_mut().zip(row) {
             *a += v as f64;
         }
     }
     ybar.iter_mut().for_each(|v| *v /= n as f64);
-    let anom: Vec<f64> = (0..n * m).map(|i| hx[i] as f64 - ybar[i % m]).collect();
-    let innov: Vec<f64> = (0..m).map(|k| y[k] as f64 - ybar[k]).collect();
-    let dot = |i: usize, v: &dyn Fn(usize) -> f64| -> f64 {
-        let a = &anom[i * m..(i + 1) * m];
-        a.iter().enumerate().map(|(k, &ak)| ak * v(k)).sum()
-    };
-    out.par_chunks_mut(n.max(1))
-        .enumerate()
-        .for_each(|(r, row)| {
-            for (j, o) in row.iter_mut().enumerate() {
-                *o = if r < n {
-                    dot(j, &|k| anom[r * m + k])
-                } else if r == n {
-                    dot(j, &|k| innov[k])
-                } else {
-                    let eta = eta.expect("rows beyond n only with perturbations");
-                    let rr = r - n - 1;
-                    dot(j, &|k| eta[rr * m + k] as f64)
-                } as f32;
+    for (k, zk) in z.chunks_exact_mut(rows).enumerate() {
+        let mu = ybar[k];
+        for (j, v) in zk[..n].iter_mut().enumerate() {
+            *v = hx[j * m + k] as f64 - mu;
+        }
+        zk[n] = y[k] as f64 - mu;
+        if let Some(eta) = eta {
+            for (r, v) in zk[n + 1..].iter_mut().enumerate() {
+                *v = eta[r * m + k] as f64;
             }
-        });
+        }
+    }
+    acc.iter_mut().for_each(|v| *v = -0.0);
+    let z: &[f64] = z;
+    // Rows r0..r0 + part of the output, over every component.
+    let sum_rows = |r0: usize, part: &mut [f64]| {
+        let count = part.len() / n.max(1);
+        for zk in z.chunks_exact(rows) {
+            simd::outer_acc(part, &zk[..n], &zk[r0..r0 + count]);
+        }
+    };
+    let work = n * rows * m;
+    if n > 0 && parallel && work >= PRODUCTS_PARALLEL_WORK {
+        let per = rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
+        acc.par_chunks_mut(per * n)
+            .enumerate()
+            .for_each(|(p, part)| sum_rows(p * per, part));
+    } else if n > 0 {
+        sum_rows(0, acc);
+    }
+    for (o, &v) in out.iter_mut().zip(acc.iter()) {
+        *o = v as f32;
+    }
     Ok(())
 }
 
@@ -404,6 +445,68 @@ mod tests {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// The products as dot products of whole rows, one output at a time (the definition
+    /// [`observed_products_in`] must reproduce bit for bit).
+    fn products_reference(hx: &[f32], n: usize, y: &[f32], eta: Option<&[f32]>) -> Vec<f32> {
+        let m = y.len();
+        let e = eta.map_or(0, |v| v.len() / m);
+        let mut ybar = vec![0.0f64; m];
+        for row in hx.chunks(m) {
+            for (a, &v) in ybar.iter_mut().zip(row) {
+                *a += v as f64;
+            }
+        }
+        ybar.iter_mut().for_each(|v| *v /= n as f64);
+        let anom: Vec<f64> = (0..n * m).map(|i| hx[i] as f64 - ybar[i % m]).collect();
+        let innov: Vec<f64> = (0..m).map(|k| y[k] as f64 - ybar[k]).collect();
+        let dot = |j: usize, v: &dyn Fn(usize) -> f64| -> f64 {
+            (0..m).map(|k| anom[j * m + k] * v(k)).sum()
+        };
+        let mut out = vec![0.0f32; (n + 1 + e) * n];
+        for (r, row) in out.chunks_mut(n).enumerate() {
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = if r < n {
+                    dot(j, &|k| anom[r * m + k])
+                } else if r == n {
+                    dot(j, &|k| innov[k])
+                } else {
+                    dot(j, &|k| {
+                        eta.expect("perturbations")[(r - n - 1) * m + k] as f64
+                    })
+                } as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn observed_products_equal_the_row_by_row_dot_products() {
+        let mut seed = 3;
+        // Small (one thread) and large enough to split the rows over threads.
+        for (n, m) in [
+            (1usize, 1usize),
+            (2, 3),
+            (5, 40),
+            (17, 9),
+            (20, 40),
+            (33, 101),
+        ] {
+            let hx: Vec<f32> = (0..n * m).map(|_| lcg(&mut seed)).collect();
+            let y: Vec<f32> = (0..m).map(|_| 2.0 * lcg(&mut seed)).collect();
+            let eta: Vec<f32> = (0..n * m).map(|_| lcg(&mut seed)).collect();
+            for e in [None, Some(&eta[..])] {
+                let want = products_reference(&hx, n, &y, e);
+                for parallel in [false, true] {
+                    let mut got = vec![f32::NAN; want.len()];
+                    let mut scratch = vec![7.0; 3];
+                    observed_products_in(&hx, n, &y, e, &mut got, &mut scratch, parallel).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "n {n}, m {m}, eta {}", e.is_some());
+                }
+            }
+        }
     }
 
     #[test]

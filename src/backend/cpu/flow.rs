@@ -223,6 +223,19 @@ pub(crate) fn flow_logits(
         let parts = &slots[..split.count()];
         let inv = -1.0 / (2.0 * path.s as f64 * path.s as f64);
         let out = logits.as_mut_slice();
+        if let ([one], true) = (parts, n > 0) {
+            // One part: its sums are the distances (a sum of one term from −0.0 is the term).
+            let dist = if fused {
+                &one.f64b[..nn]
+            } else {
+                &one.f64a[..nn]
+            };
+            let bias = bias.map(|b| b.as_slice());
+            for (row, drow) in out.chunks_exact_mut(n).zip(dist.chunks_exact(n)) {
+                simd::logits_row(row, drow, inv, bias);
+            }
+            return;
+        }
         for i in 0..n {
             for j in 0..n {
                 let dist: f64 = parts
@@ -242,8 +255,40 @@ pub(crate) fn flow_logits(
     })
 }
 
+/// Softmax of the finite rows of `data` (`n ≤ S` values each), [`SOFTMAX_GROUP`] rows at a
+/// time: each exponential once, kept on the stack (`S` values a row); the rows of a group are
+/// summed side by side (each in its own order, from −0.0 as `Iterator::sum`), so that the
+/// latency of one row's additions overlaps the others'.
+fn softmax_groups<const S: usize>(data: &mut [f32], n: usize) {
+    let max_of = |row: &[f32]| row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let mut e = [[0.0f64; S]; SOFTMAX_GROUP];
+    for group in data.chunks_mut(n * SOFTMAX_GROUP) {
+        for (er, row) in e.iter_mut().zip(group.chunks(n)) {
+            let max = max_of(row);
+            for (ej, &l) in er.iter_mut().zip(row) {
+                *ej = (l as f64 - max).exp();
+            }
+        }
+        let mut sums = [-0.0f64; SOFTMAX_GROUP];
+        for j in 0..n {
+            for (s, er) in sums.iter_mut().zip(&e) {
+                *s += er[j];
+            }
+        }
+        for ((row, er), &sum) in group.chunks_mut(n).zip(&e).zip(&sums) {
+            simd::normalize(row, &er[..n], sum);
+        }
+    }
+}
+
+/// Rows up to this length use the small stack buffer of [`softmax_groups`].
+const SOFTMAX_SMALL: usize = 32;
+
 /// Rows up to this length keep their exponentials on the stack.
 const SOFTMAX_STACK: usize = 256;
+
+/// Rows of the softmax summed side by side.
+const SOFTMAX_GROUP: usize = 4;
 
 pub(crate) fn softmax_rows(logits: &mut CpuBuffer) -> Result<()> {
     let n = logits.cols();
@@ -254,35 +299,36 @@ pub(crate) fn softmax_rows(logits: &mut CpuBuffer) -> Result<()> {
             format!("{} x {}", logits.rows(), n),
         ));
     }
-    for (i, row) in logits.as_mut_slice().chunks_mut(n.max(1)).enumerate() {
-        if let Some(j) = row.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                name: "flow log-weights".into(),
-                location: format!("member {i}, pair {j}"),
-                value: row[j] as f64,
-                hint: "the ensemble or the observation contains NaN/Inf or overflowed; \
-                       reduce guidance_scale or check the inputs"
-                    .into(),
-            });
-        }
-        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-        // Each exponential once (kept on the stack) for the usual ensemble sizes.
-        let mut e = [0.0f64; SOFTMAX_STACK];
-        if n <= SOFTMAX_STACK {
-            let e = &mut e[..n];
-            for (ej, &l) in e.iter_mut().zip(row.iter()) {
-                *ej = (l as f64 - max).exp();
-            }
-            let sum: f64 = e.iter().sum();
-            for (l, &ej) in row.iter_mut().zip(e.iter()) {
-                *l = (ej / sum) as f32;
-            }
-        } else {
+    let data = logits.as_mut_slice();
+    if !simd::all_finite(data) {
+        let k = data.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        return Err(Error::NonFinite {
+            name: "flow log-weights".into(),
+            location: format!("member {}, pair {}", k / n.max(1), k % n.max(1)),
+            value: data[k] as f64,
+            hint: "the ensemble or the observation contains NaN/Inf or overflowed; \
+                   reduce guidance_scale or check the inputs"
+                .into(),
+        });
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let max_of = |row: &[f32]| row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    if n > SOFTMAX_STACK {
+        for row in data.chunks_mut(n) {
+            let max = max_of(row);
             let sum: f64 = row.iter().map(|&l| (l as f64 - max).exp()).sum();
             for l in row.iter_mut() {
                 *l = ((*l as f64 - max).exp() / sum) as f32;
             }
         }
+        return Ok(());
+    }
+    if n <= SOFTMAX_SMALL {
+        softmax_groups::<SOFTMAX_SMALL>(data, n);
+    } else {
+        softmax_groups::<SOFTMAX_STACK>(data, n);
     }
     Ok(())
 }
@@ -521,6 +567,9 @@ pub(crate) fn flow_update(
     })
 }
 
+/// Floats in a 64-byte cache line.
+const CACHE_LINE_FLOATS: usize = 16;
+
 /// The inputs of the Monte-Carlo velocity `v_i = cx·x_i + Σ_j W_ij (ua·x_f^(j) + ub·x_src^(j))`.
 struct Velocity<'a> {
     n: usize,
@@ -569,9 +618,14 @@ fn velocity_blocks<F>(
             f64b,
             ..
         } = slot;
-        // f32a: shared U block or next means; f32b: velocity row; f32c: updated state block.
+        // f32a: shared U block or next means; f32b: velocity rows (two); f32c: updated state
+        // block.
         let u = grow(f32a, n * BLOCK);
-        let vbuf = grow(f32b, BLOCK);
+        // The velocity rows start on a cache line, so that their vector loads and stores
+        // never straddle two (whatever alignment the allocator gave the scratch).
+        let vraw = grow(f32b, 2 * BLOCK + CACHE_LINE_FLOATS);
+        let off = vraw.as_ptr().align_offset(64).min(CACHE_LINE_FLOATS);
+        let vbuf = &mut vraw[off..off + 2 * BLOCK];
         let xblk = grow(f32c, if next.is_some() { n * BLOCK } else { 0 });
         let acc = grow(f64b, if next.is_some() { n * n } else { 0 });
         acc.iter_mut().for_each(|v| *v = 0.0);
@@ -583,45 +637,90 @@ fn velocity_blocks<F>(
                 simd::mix_block(u, &vel.target[kb..], sb, vel.ua, vel.ub, n, d, w);
             }
             let (nb, nw) = (kb + w, BLOCK.min(k1.saturating_sub(kb + w)));
-            for i in 0..n {
-                if nw > 0 {
-                    let r = i * d + nb..i * d + nb + nw;
-                    simd::prefetch(&vel.target[r.clone()]);
-                    if let Some(s) = vel.source {
-                        simd::prefetch(&s[r.clone()]);
-                    }
-                    // SAFETY: read-only view of this worker's columns of row i, not aliased
-                    // by any live mutable slice (the state slice below covers block kb only).
-                    let next_state =
-                        unsafe { std::slice::from_raw_parts(state_ptr.get().add(i * d + nb), nw) };
-                    simd::prefetch(next_state);
+            let src = if shared_u {
+                simd::Sources {
+                    a: u,
+                    ca: 1.0,
+                    b: None,
+                    cb: 0.0,
+                    stride: w,
                 }
-                let v = &mut vbuf[..w];
-                // SAFETY: this worker owns columns k0..k1 of the state; no other slice of
-                // this block of row i is alive while `st` is.
-                let st =
-                    unsafe { std::slice::from_raw_parts_mut(state_ptr.get().add(i * d + kb), w) };
-                let xe = vel.eval.map(|e| &e[i * d + kb..i * d + kb + w]);
-                let wi = &vel.weights[i * n..(i + 1) * n];
-                let x_now: &[f32] = xe.unwrap_or(st);
-                if shared_u {
-                    simd::combine(v, Some(x_now), vel.cx, wi, u, 1.0, None, 0.0, w);
+            } else {
+                simd::Sources {
+                    a: &vel.target[kb..],
+                    ca: vel.ua,
+                    b: vel.source.map(|s| &s[kb..]),
+                    cb: vel.ub,
+                    stride: d,
+                }
+            };
+            // Short blocks combine two members at a time (shared loads, twice the independent
+            // chains); each member's velocity is the same as alone, and the second member's
+            // inputs are not touched by the first one's `finish`.
+            let rows_at_once = if w <= simd::PAIR_WIDTH { 2 } else { 1 };
+            let mut i = 0;
+            while i < n {
+                let rows = rows_at_once.min(n - i);
+                for r in i..i + rows {
+                    if nw > 0 {
+                        let range = r * d + nb..r * d + nb + nw;
+                        simd::prefetch(&vel.target[range.clone()]);
+                        if let Some(s) = vel.source {
+                            simd::prefetch(&s[range.clone()]);
+                        }
+                        // SAFETY: read-only view of this worker's columns of row r, not
+                        // aliased by any live mutable slice (the state slices below cover
+                        // block kb only).
+                        let next_state = unsafe {
+                            std::slice::from_raw_parts(state_ptr.get().add(r * d + nb), nw)
+                        };
+                        simd::prefetch(next_state);
+                    }
+                }
+                // SAFETY: this worker owns columns k0..k1 of the state; rows i and i + 1 are
+                // distinct, and no other slice of this block of them is alive while these are.
+                let row_state = |r: usize| unsafe {
+                    std::slice::from_raw_parts_mut(state_ptr.get().add(r * d + kb), w)
+                };
+                let eval_at = |r: usize| vel.eval.map(|e| &e[r * d + kb..r * d + kb + w]);
+                let weights_of = |r: usize| &vel.weights[r * n..(r + 1) * n];
+                let (v0, v1) = vbuf.split_at_mut(BLOCK);
+                let (v0, v1) = (&mut v0[..w], &mut v1[..w]);
+                let (st0, xe0) = (row_state(i), eval_at(i));
+                if rows == 2 {
+                    let (st1, xe1) = (row_state(i + 1), eval_at(i + 1));
+                    let x_now: [&[f32]; 2] = [xe0.unwrap_or(st0), xe1.unwrap_or(st1)];
+                    simd::combine2(
+                        [&mut *v0, &mut *v1],
+                        x_now.map(Some),
+                        vel.cx,
+                        [weights_of(i), weights_of(i + 1)],
+                        src,
+                    );
+                    if finish(i, kb, xe0, v0, st0) && next.is_some() {
+                        xblk[i * w..(i + 1) * w].copy_from_slice(st0);
+                    }
+                    if finish(i + 1, kb, xe1, v1, st1) && next.is_some() {
+                        xblk[(i + 1) * w..(i + 2) * w].copy_from_slice(st1);
+                    }
                 } else {
+                    let x_now: &[f32] = xe0.unwrap_or(st0);
                     simd::combine(
-                        v,
+                        v0,
                         Some(x_now),
                         vel.cx,
-                        wi,
-                        &vel.target[kb..],
-                        vel.ua,
-                        vel.source.map(|s| &s[kb..]),
-                        vel.ub,
-                        d,
+                        weights_of(i),
+                        src.a,
+                        src.ca,
+                        src.b,
+                        src.cb,
+                        src.stride,
                     );
+                    if finish(i, kb, xe0, v0, st0) && next.is_some() {
+                        xblk[i * w..(i + 1) * w].copy_from_slice(st0);
+                    }
                 }
-                if finish(i, kb, xe, v, st) && next.is_some() {
-                    xblk[i * w..(i + 1) * w].copy_from_slice(st);
-                }
+                i += rows;
             }
             if let Some(means) = next {
                 means.accumulate(xblk, w, u, n, d, kb, w, acc);
@@ -689,6 +788,40 @@ mod tests {
             clamp: None,
         };
         flow_update(cpu, x, &up, None).unwrap();
+    }
+
+    #[test]
+    fn softmax_equals_the_row_by_row_formula() {
+        // Rows summed in groups of four (with a short last group), the small and the large
+        // stack buffer, and rows longer than the stack buffer.
+        for n in [1usize, 2, 3, 5, 20, 33, 257] {
+            let cpu = Cpu::new();
+            let mut logits = cpu.zeros(n, n).unwrap();
+            let key = NoiseKey::new(9, Stream::User, n as u32);
+            cpu.fill_normal(&mut logits, key, None, 40.0).unwrap();
+            let want: Vec<f32> = logits
+                .as_slice()
+                .chunks(n)
+                .flat_map(|row| {
+                    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+                    let e: Vec<f64> = row.iter().map(|&l| (l as f64 - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    e.into_iter().map(move |ej| (ej / sum) as f32)
+                })
+                .collect();
+            softmax_rows(&mut logits).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(logits.as_slice()), bits(&want), "n {n}");
+        }
+    }
+
+    #[test]
+    fn softmax_names_the_first_non_finite_log_weight() {
+        let cpu = Cpu::new();
+        let mut logits = cpu.upload(3, 3, &[0.0; 9]).unwrap();
+        logits.as_mut_slice()[7] = f32::NAN;
+        let err = softmax_rows(&mut logits).unwrap_err().to_string();
+        assert!(err.contains("member 2, pair 1"), "{err}");
     }
 
     fn pending(cpu: &Cpu) -> Option<NextLogits> {

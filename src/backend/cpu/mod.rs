@@ -1,6 +1,12 @@
 //! The CPU reference backend: every kernel operation in plain Rust, parallel over both cores
 //! with rayon, f64 accumulation for reductions over `d`.
 //!
+//! Small kernels (below [`PARALLEL_THRESHOLD`] multiply-adds: a Lorenz-96 cycle at d = 40)
+//! run on the calling thread and never touch the thread pool: handing a job to rayon from
+//! outside the pool wakes a worker and puts the caller to sleep until it is done, which costs
+//! more than the kernel. Such a run gives the same numbers as the split it replaces (one
+//! part, combined as rayon would).
+//!
 //! Kernels do not allocate once warm: per-thread scratch lives in the backend and grows only
 //! when a larger problem arrives.
 //!
@@ -33,8 +39,17 @@ pub(crate) const BLOCK: usize = 256;
 /// Components of a row drawn at a time by `fill_normal`.
 const NOISE_CHUNK: usize = 2048;
 
-/// Work below this many multiply-adds runs on one thread.
+/// Work below this many multiply-adds runs on one thread: on the calling thread, without
+/// handing it to rayon's pool (a hand-off wakes a worker and blocks the caller until it is
+/// done, which costs more than a small kernel).
 const PARALLEL_THRESHOLD: usize = 1 << 16;
+
+/// Columns per chunk of the metrics' column moments.
+const STATS_CHUNK: usize = 64;
+
+/// Multiply-adds counted per observed value of an observation operator (arctan's
+/// polynomial), for the parallel threshold.
+const OBSERVE_COST: usize = 16;
 
 /// Source of buffer stamps (never 0).
 static NEXT_STAMP: AtomicU64 = AtomicU64::new(1);
@@ -259,6 +274,36 @@ impl Split {
     pub(crate) fn par_iter(self) -> impl IndexedParallelIterator<Item = (usize, usize)> {
         (0..self.count).into_par_iter().map(move |p| self.get(p))
     }
+
+    /// Runs `work` on every range: on the calling thread when there is only one (no hand-off
+    /// to the thread pool, whose wake-up costs more than a small kernel), else in parallel.
+    pub(crate) fn for_each<F>(self, work: F)
+    where
+        F: Fn((usize, usize)) + Sync + Send,
+    {
+        if self.count == 1 {
+            work(self.get(0));
+        } else {
+            self.par_iter().for_each(work);
+        }
+    }
+
+    /// `reduce` over `map` of every range, as rayon's `map(..).reduce(identity, ..)` would
+    /// combine them (the identity folded in first); on the calling thread when there is only
+    /// one range.
+    pub(crate) fn map_reduce<T, M, I, R>(self, map: M, identity: I, reduce: R) -> T
+    where
+        T: Send,
+        M: Fn((usize, usize)) -> T + Sync + Send,
+        I: Fn() -> T + Sync + Send,
+        R: Fn(T, T) -> T + Sync + Send,
+    {
+        if self.count == 1 {
+            reduce(identity(), map(self.get(0)))
+        } else {
+            self.par_iter().map(map).reduce(identity, reduce)
+        }
+    }
 }
 
 impl Backend for Cpu {
@@ -383,7 +428,7 @@ impl Backend for Cpu {
         let inv_n = 1.0 / n as f64;
         let data_ptr = flow::SyncPtr(ensemble.data_mut().as_mut_ptr());
         let parts = self.parts_for(n * d);
-        Split::new(d, parts, 64).par_iter().for_each(|(k0, k1)| {
+        Split::new(d, parts, 64).for_each(|(k0, k1)| {
             for k in k0..k1 {
                 // SAFETY: parts own disjoint column ranges of the matrix.
                 let mut s = 0.0f64;
@@ -443,31 +488,37 @@ impl Backend for Cpu {
         let rows = states.rows;
         let parts = self.parts_for(rows * d * steps * 16).min(rows);
         let row_split = Split::new(rows, parts, 1);
+        let advance_rows = |chunk: &mut [f32], slot: &mut Slot| match &model.system {
+            System::KuramotoSivashinsky(ks) => {
+                let scratch = grow(&mut slot.c32, ks.scratch_len());
+                for row in chunk.chunks_mut(d) {
+                    ks.advance(row, steps, scratch);
+                }
+            }
+            System::NavierStokes2d(ns) => {
+                let scratch = grow(&mut slot.f32a, ns.scratch_len());
+                for row in chunk.chunks_mut(d) {
+                    ns.advance(row, steps, scratch);
+                }
+            }
+            _ => {
+                let scratch = grow(&mut slot.f32a, rk::SCRATCH_VECTORS * d);
+                for row in chunk.chunks_mut(d) {
+                    rk::advance_state(model, row, steps, scratch);
+                }
+            }
+        };
         self.with_slots(|slots| {
-            states
-                .data_mut()
-                .par_chunks_mut(row_split.get(0).1 * d)
-                .zip(slots.par_iter_mut())
-                .for_each(|(chunk, slot)| match &model.system {
-                    System::KuramotoSivashinsky(ks) => {
-                        let scratch = grow(&mut slot.c32, ks.scratch_len());
-                        for row in chunk.chunks_mut(d) {
-                            ks.advance(row, steps, scratch);
-                        }
-                    }
-                    System::NavierStokes2d(ns) => {
-                        let scratch = grow(&mut slot.f32a, ns.scratch_len());
-                        for row in chunk.chunks_mut(d) {
-                            ns.advance(row, steps, scratch);
-                        }
-                    }
-                    _ => {
-                        let scratch = grow(&mut slot.f32a, rk::SCRATCH_VECTORS * d);
-                        for row in chunk.chunks_mut(d) {
-                            rk::advance_state(model, row, steps, scratch);
-                        }
-                    }
-                });
+            if row_split.count() == 1 {
+                // One part: on the calling thread, without waking the pool.
+                advance_rows(states.data_mut(), &mut slots[0]);
+            } else {
+                states
+                    .data_mut()
+                    .par_chunks_mut(row_split.get(0).1 * d)
+                    .zip(slots.par_iter_mut())
+                    .for_each(|(chunk, slot)| advance_rows(chunk, slot));
+            }
         })
     }
 
@@ -482,10 +533,17 @@ impl Backend for Cpu {
         if m == 0 {
             return Ok(());
         }
-        out.data_mut()
-            .par_chunks_mut(m)
-            .zip(x.data.par_chunks(x.cols.max(1)))
-            .for_each(|(y, xi)| operator.apply(xi, y));
+        if self.parts_for(x.rows * m * OBSERVE_COST) > 1 {
+            out.data_mut()
+                .par_chunks_mut(m)
+                .zip(x.data.par_chunks(x.cols.max(1)))
+                .for_each(|(y, xi)| operator.apply(xi, y));
+        } else {
+            out.data_mut()
+                .chunks_mut(m)
+                .zip(x.data.chunks(x.cols.max(1)))
+                .for_each(|(y, xi)| operator.apply(xi, y));
+        }
         Ok(())
     }
 
@@ -506,21 +564,36 @@ impl Backend for Cpu {
             return Ok(());
         }
         // Observe member by member, then reduce each observation in f64 (two passes).
+        let parallel = self.parts_for(n * m * OBSERVE_COST) > 1;
         let mut hx = vec![0.0f32; n * m];
-        hx.par_chunks_mut(m)
-            .zip(x.data.par_chunks(d.max(1)))
-            .for_each(|(y, xi)| operator.apply(xi, y));
+        if parallel {
+            hx.par_chunks_mut(m)
+                .zip(x.data.par_chunks(d.max(1)))
+                .for_each(|(y, xi)| operator.apply(xi, y));
+        } else {
+            hx.chunks_mut(m)
+                .zip(x.data.chunks(d.max(1)))
+                .for_each(|(y, xi)| operator.apply(xi, y));
+        }
+        let moments = |(q, (mu, v)): (usize, (&mut f32, &mut f32))| {
+            let s: f64 = (0..n).map(|k| hx[k * m + q] as f64).sum();
+            let mq = s / n as f64;
+            let ss: f64 = (0..n).map(|k| (hx[k * m + q] as f64 - mq).powi(2)).sum();
+            *mu = mq as f32;
+            *v = (ss / (n.max(2) - 1) as f64) as f32;
+        };
         let (mean, var) = out.data_mut().split_at_mut(m);
-        mean.par_iter_mut()
-            .zip(var.par_iter_mut())
-            .enumerate()
-            .for_each(|(q, (mu, v))| {
-                let s: f64 = (0..n).map(|k| hx[k * m + q] as f64).sum();
-                let mq = s / n as f64;
-                let ss: f64 = (0..n).map(|k| (hx[k * m + q] as f64 - mq).powi(2)).sum();
-                *mu = mq as f32;
-                *v = (ss / (n.max(2) - 1) as f64) as f32;
-            });
+        if parallel {
+            mean.par_iter_mut()
+                .zip(var.par_iter_mut())
+                .enumerate()
+                .for_each(moments);
+        } else {
+            mean.iter_mut()
+                .zip(var.iter_mut())
+                .enumerate()
+                .for_each(moments);
+        }
         Ok(())
     }
 
@@ -659,7 +732,7 @@ impl Backend for Cpu {
         let xs = x.as_slice();
         let ws = weights.as_slice();
         let optr = flow::SyncPtr(out.as_mut_slice().as_mut_ptr());
-        split.par_iter().for_each(|(k0, k1)| {
+        split.for_each(|(k0, k1)| {
             let mut kb = k0;
             while kb < k1 {
                 let w = BLOCK.min(k1 - kb);
@@ -686,6 +759,28 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn observed_products(
+        &self,
+        hx: &CpuBuffer,
+        y: &CpuBuffer,
+        eta: Option<&CpuBuffer>,
+        out: &mut CpuBuffer,
+    ) -> Result<()> {
+        let n = out.cols;
+        let parallel = self.threads() > 1;
+        self.with_slots(|slots| {
+            ensemble_space::observed_products_in(
+                &hx.data,
+                n,
+                &y.data,
+                eta.map(|e| e.as_slice()),
+                out.data_mut(),
+                &mut slots[0].f64a,
+                parallel,
+            )
+        })?
+    }
+
     fn ensemble_stats(&self, ensemble: &CpuBuffer, truth: &CpuBuffer) -> Result<EnsembleStats> {
         let (n, d) = (ensemble.rows, ensemble.cols);
         Cpu::same_shape("truth", truth, 1, d)?;
@@ -698,28 +793,28 @@ impl Backend for Cpu {
         }
         let parts = self.parts_for(n * d);
         let data = &ensemble.data;
-        let (se, var) = Split::new(d, parts, 64)
-            .par_iter()
-            .map(|(k0, k1)| {
+        let (se, var) = Split::new(d, parts, 64).map_reduce(
+            |(k0, k1)| {
                 let mut se = 0.0f64;
                 let mut var = 0.0f64;
-                for k in k0..k1 {
-                    let mut s = 0.0f64;
-                    for i in 0..n {
-                        s += data[i * d + k] as f64;
+                // Column moments a chunk at a time (vectorized over columns), then the sums
+                // over columns in column order.
+                let (mut mean, mut ss) = ([0.0f64; STATS_CHUNK], [0.0f64; STATS_CHUNK]);
+                let mut kb = k0;
+                while kb < k1 {
+                    let w = STATS_CHUNK.min(k1 - kb);
+                    simd::column_moments(data, n, d, kb, &mut mean[..w], &mut ss[..w]);
+                    for c in 0..w {
+                        se += (mean[c] - truth.data[kb + c] as f64).powi(2);
+                        var += ss[c] / (n.max(2) - 1) as f64;
                     }
-                    let mean = s / n as f64;
-                    let mut ss = 0.0f64;
-                    for i in 0..n {
-                        let dv = data[i * d + k] as f64 - mean;
-                        ss += dv * dv;
-                    }
-                    se += (mean - truth.data[k] as f64).powi(2);
-                    var += ss / (n.max(2) - 1) as f64;
+                    kb += w;
                 }
                 (se, var)
-            })
-            .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+            },
+            || (0.0, 0.0),
+            |a, b| (a.0 + b.0, a.1 + b.1),
+        );
         Ok(EnsembleStats {
             rmse: (se / d as f64).sqrt(),
             spread: if n < 2 { 0.0 } else { (var / d as f64).sqrt() },
@@ -758,6 +853,63 @@ mod tests {
                     assert_eq!(collected.len(), s.count());
                 }
             }
+        }
+    }
+
+    #[test]
+    fn one_part_runs_give_the_parallel_results() {
+        for (len, parts) in [(1usize, 1usize), (100, 1), (1000, 3), (5000, 4)] {
+            let split = Split::new(len, parts, 64);
+            let f = |(a, b): (usize, usize)| (a..b).map(|k| (k as f64).sqrt()).sum::<f64>();
+            let got = split.map_reduce(f, || 0.0, |a, b| a + b);
+            let want = split.par_iter().map(f).reduce(|| 0.0, |a, b| a + b);
+            assert_eq!(got.to_bits(), want.to_bits(), "len {len}, parts {parts}");
+            let seen = std::sync::atomic::AtomicUsize::new(0);
+            split.for_each(|(a, b)| {
+                seen.fetch_add(b - a, Ordering::Relaxed);
+            });
+            assert_eq!(seen.into_inner(), len);
+        }
+    }
+
+    #[test]
+    fn ensemble_stats_equal_the_column_by_column_sums() {
+        let cpu = Cpu::new();
+        // One part and (with several threads) parallel parts; chunk edges at 64 columns.
+        for (n, d) in [(1usize, 1usize), (2, 63), (20, 40), (5, 129), (20, 5000)] {
+            let key = NoiseKey::new(5, crate::rng::Stream::User, d as u32);
+            let mut ens = cpu.zeros(n, d).unwrap();
+            cpu.fill_normal(&mut ens, key, None, 1.5).unwrap();
+            let mut truth = cpu.zeros(1, d).unwrap();
+            cpu.fill_normal(&mut truth, key.with_step(1), None, 1.0)
+                .unwrap();
+            let got = cpu.ensemble_stats(&ens, &truth).unwrap();
+            let (x, t) = (ens.as_slice(), truth.as_slice());
+            let (se, var) = Split::new(d, cpu.parts_for(n * d), 64)
+                .par_iter()
+                .map(|(k0, k1)| {
+                    let (mut se, mut var) = (0.0f64, 0.0f64);
+                    for k in k0..k1 {
+                        let mut s = 0.0f64;
+                        for i in 0..n {
+                            s += x[i * d + k] as f64;
+                        }
+                        let mean = s / n as f64;
+                        let mut ss = 0.0f64;
+                        for i in 0..n {
+                            let dv = x[i * d + k] as f64 - mean;
+                            ss += dv * dv;
+                        }
+                        se += (mean - t[k] as f64).powi(2);
+                        var += ss / (n.max(2) - 1) as f64;
+                    }
+                    (se, var)
+                })
+                .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let rmse = (se / d as f64).sqrt();
+            let spread = if n < 2 { 0.0 } else { (var / d as f64).sqrt() };
+            assert_eq!(got.rmse.to_bits(), rmse.to_bits(), "n {n}, d {d}");
+            assert_eq!(got.spread.to_bits(), spread.to_bits(), "n {n}, d {d}");
         }
     }
 

@@ -177,6 +177,102 @@ mod avx2 {
         }
     }
 
+    /// [`super::combine2`] on two rows of `8·V` values: `v_r = cx·x_r + Σ_j w_r[j]·(ca·a_j +
+    /// cb·b_j)`, with the operations of `combine_impl::<true>` (`fma(wb, b, fma(wa, a, e))`, or
+    /// `fma(wa, a, e)` when `b` is absent or `wb = 0`; zero weights skipped) for each row.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA. Slices are bounds-checked: each row `v_r` (and `x_r`)
+    /// must hold `8·V` values, and `a`, `b` every row `j < weights.len()` from `j · stride`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // lane-indexed accumulators of two rows
+    pub(super) unsafe fn combine2<const V: usize>(
+        v: [&mut [f32]; 2],
+        x: [Option<&[f32]>; 2],
+        cx: f32,
+        weights: [&[f32]; 2],
+        src: super::Sources<'_>,
+    ) {
+        let w = 8 * V;
+        let mut acc = [[_mm256_setzero_ps(); V]; 2];
+        let cxv = _mm256_set1_ps(cx);
+        for (accr, xr) in acc.iter_mut().zip(x) {
+            if let Some(xr) = xr {
+                let xr = &xr[..w];
+                for (k, e) in accr.iter_mut().enumerate() {
+                    // SAFETY: 8·k + 8 <= w values of `xr`.
+                    *e = _mm256_mul_ps(cxv, unsafe { _mm256_loadu_ps(xr.as_ptr().add(8 * k)) });
+                }
+            }
+        }
+        let [acc0, acc1] = &mut acc;
+        let (w0s, w1s) = (weights[0], &weights[1][..weights[0].len()]);
+        for (j, (&w0, &w1)) in w0s.iter().zip(w1s).enumerate() {
+            if w0 == 0.0 && w1 == 0.0 {
+                continue;
+            }
+            let at = j * src.stride;
+            let aj = &src.a[at..at + w];
+            let (wa0, wa1) = (_mm256_set1_ps(w0 * src.ca), _mm256_set1_ps(w1 * src.ca));
+            let load = |s: &[f32], k: usize| {
+                // SAFETY: `s` holds w = 8·V values and k < V.
+                unsafe { _mm256_loadu_ps(s.as_ptr().add(8 * k)) }
+            };
+            match src.b {
+                None => match (w0 != 0.0, w1 != 0.0) {
+                    (true, true) => {
+                        for k in 0..V {
+                            let av = load(aj, k);
+                            acc0[k] = _mm256_fmadd_ps(wa0, av, acc0[k]);
+                            acc1[k] = _mm256_fmadd_ps(wa1, av, acc1[k]);
+                        }
+                    }
+                    (true, false) => {
+                        for k in 0..V {
+                            acc0[k] = _mm256_fmadd_ps(wa0, load(aj, k), acc0[k]);
+                        }
+                    }
+                    _ => {
+                        for k in 0..V {
+                            acc1[k] = _mm256_fmadd_ps(wa1, load(aj, k), acc1[k]);
+                        }
+                    }
+                },
+                Some(b) => {
+                    let bj = &b[at..at + w];
+                    let (sb0, sb1) = (w0 * src.cb, w1 * src.cb);
+                    let (wb0, wb1) = (_mm256_set1_ps(sb0), _mm256_set1_ps(sb1));
+                    for (on, two, wa, wb, accr) in [
+                        (w0 != 0.0, sb0 != 0.0, wa0, wb0, &mut *acc0),
+                        (w1 != 0.0, sb1 != 0.0, wa1, wb1, &mut *acc1),
+                    ] {
+                        match (on, two) {
+                            (true, true) => {
+                                for k in 0..V {
+                                    let e = _mm256_fmadd_ps(wa, load(aj, k), accr[k]);
+                                    accr[k] = _mm256_fmadd_ps(wb, load(bj, k), e);
+                                }
+                            }
+                            (true, false) => {
+                                for k in 0..V {
+                                    accr[k] = _mm256_fmadd_ps(wa, load(aj, k), accr[k]);
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        for (vr, accr) in v.into_iter().zip(&acc) {
+            let vr = &mut vr[..w];
+            for (k, e) in accr.iter().enumerate() {
+                // SAFETY: 8·k + 8 <= w values of `vr`.
+                unsafe { _mm256_storeu_ps(vr.as_mut_ptr().add(8 * k), *e) };
+            }
+        }
+    }
+
     /// Register-blocked pairwise distances of one block (see [`super::distance_block`]).
     ///
     /// # Safety
@@ -344,6 +440,12 @@ pub fn mix_block(
 
 /// `v[c] = cx·x[c] + Σ_j weights[j] · (ca·a_j[c] + cb·b_j[c])` over the non-zero weights,
 /// with row `j` of `a` (and `b`) at `j * stride`; `x = None` or `cx = 0` drop the first term.
+///
+/// A short row (at most [`PAIR_WIDTH`] values: a small state, or the last block of a larger
+/// one) is combined as one chunk of whole vectors kept in registers across all the weights
+/// (then its last few values), instead of being loaded and stored once per weight; a longer row
+/// one weight at a time, streaming through L1. Every value sees the same operations in the same
+/// order (`j` ascending) either way.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn combine_impl<const FMA: bool>(
@@ -358,23 +460,183 @@ fn combine_impl<const FMA: bool>(
     stride: usize,
 ) {
     let w = v.len();
+    if w > PAIR_WIDTH {
+        // A long row: one weight at a time.
+        match x {
+            Some(x) if cx != 0.0 => {
+                for (e, &xv) in v.iter_mut().zip(&x[..w]) {
+                    *e = cx * xv;
+                }
+            }
+            _ => v.iter_mut().for_each(|e| *e = 0.0),
+        }
+        for (j, &wij) in weights.iter().enumerate() {
+            if wij == 0.0 {
+                continue;
+            }
+            let (wa, wb) = (wij * ca, wij * cb);
+            let aj = &a[j * stride..j * stride + w];
+            match b {
+                Some(b) if wb != 0.0 => {
+                    let bj = &b[j * stride..j * stride + w];
+                    for ((e, &av), &bv) in v.iter_mut().zip(aj).zip(bj) {
+                        *e = madd::<FMA>(wb, bv, madd::<FMA>(wa, av, *e));
+                    }
+                }
+                _ => {
+                    for (e, &av) in v.iter_mut().zip(aj) {
+                        *e = madd::<FMA>(wa, av, *e);
+                    }
+                }
+            }
+        }
+        return;
+    }
+    let x = x.filter(|_| cx != 0.0);
+    macro_rules! chunk {
+        ($v:literal) => {
+            combine_chunk::<FMA, $v>(v, x, cx, weights, a, ca, b, cb, stride, 0)
+        };
+    }
+    let vectors = w / 8;
+    match vectors {
+        1 => chunk!(1),
+        2 => chunk!(2),
+        3 => chunk!(3),
+        4 => chunk!(4),
+        5 => chunk!(5),
+        6 => chunk!(6),
+        7 => chunk!(7),
+        8 => chunk!(8),
+        _ => {}
+    }
+    let c0 = 8 * vectors;
+    if c0 < w {
+        combine_tail::<FMA>(v, x, cx, weights, a, ca, b, cb, stride, c0);
+    }
+}
+
+/// Most 8-lane vectors of a row kept in registers by [`combine_impl`] and [`combine2`] (eight
+/// AVX2 vectors: enough independent multiply-add chains to keep both units busy).
+const COMBINE_VECTORS: usize = 8;
+
+/// [`combine_impl`] on the `8·V` values from `c0`, accumulated in `V` vectors of 8 lanes
+/// (registers).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn combine_chunk<const FMA: bool, const V: usize>(
+    v: &mut [f32],
+    x: Option<&[f32]>,
+    cx: f32,
+    weights: &[f32],
+    a: &[f32],
+    ca: f32,
+    b: Option<&[f32]>,
+    cb: f32,
+    stride: usize,
+    c0: usize,
+) {
+    let mut acc = [[0.0f32; 8]; V];
+    if let Some(x) = x {
+        for (q, e) in acc.iter_mut().enumerate() {
+            let xs = lanes(x, c0 + 8 * q);
+            for l in 0..8 {
+                e[l] = cx * xs[l];
+            }
+        }
+    }
+    match b {
+        Some(b) => {
+            for (j, &wij) in weights.iter().enumerate() {
+                if wij == 0.0 {
+                    continue;
+                }
+                let (wa, wb) = (wij * ca, wij * cb);
+                let at = j * stride + c0;
+                // Whole-chunk slices: the lane loads below need no further bounds checks.
+                let aj = &a[at..at + 8 * V];
+                if wb != 0.0 {
+                    let bj = &b[at..at + 8 * V];
+                    for (q, e) in acc.iter_mut().enumerate() {
+                        let (av, bv) = (lanes(aj, 8 * q), lanes(bj, 8 * q));
+                        for l in 0..8 {
+                            e[l] = madd::<FMA>(wb, bv[l], madd::<FMA>(wa, av[l], e[l]));
+                        }
+                    }
+                } else {
+                    for (q, e) in acc.iter_mut().enumerate() {
+                        let av = lanes(aj, 8 * q);
+                        for l in 0..8 {
+                            e[l] = madd::<FMA>(wa, av[l], e[l]);
+                        }
+                    }
+                }
+            }
+        }
+        None => {
+            for (j, &wij) in weights.iter().enumerate() {
+                if wij == 0.0 {
+                    continue;
+                }
+                let wa = wij * ca;
+                let at = j * stride + c0;
+                let aj = &a[at..at + 8 * V];
+                for (q, e) in acc.iter_mut().enumerate() {
+                    let av = lanes(aj, 8 * q);
+                    for l in 0..8 {
+                        e[l] = madd::<FMA>(wa, av[l], e[l]);
+                    }
+                }
+            }
+        }
+    }
+    for (q, e) in acc.iter().enumerate() {
+        v[c0 + 8 * q..c0 + 8 * q + 8].copy_from_slice(e);
+    }
+}
+
+/// The 8 values of `s` from `at`.
+#[inline(always)]
+fn lanes(s: &[f32], at: usize) -> &[f32; 8] {
+    s[at..at + 8].try_into().expect("8 values")
+}
+
+/// [`combine_impl`] on the values from `c0` to the end of `v`, one weight at a time (the whole
+/// row when `c0 = 0`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn combine_tail<const FMA: bool>(
+    v: &mut [f32],
+    x: Option<&[f32]>,
+    cx: f32,
+    weights: &[f32],
+    a: &[f32],
+    ca: f32,
+    b: Option<&[f32]>,
+    cb: f32,
+    stride: usize,
+    c0: usize,
+) {
+    let v = &mut v[c0..];
+    let w = v.len();
     match x {
-        Some(x) if cx != 0.0 => {
-            for (e, &xv) in v.iter_mut().zip(&x[..w]) {
+        Some(x) => {
+            for (e, &xv) in v.iter_mut().zip(&x[c0..c0 + w]) {
                 *e = cx * xv;
             }
         }
-        _ => v.iter_mut().for_each(|e| *e = 0.0),
+        None => v.iter_mut().for_each(|e| *e = 0.0),
     }
     for (j, &wij) in weights.iter().enumerate() {
         if wij == 0.0 {
             continue;
         }
         let (wa, wb) = (wij * ca, wij * cb);
-        let aj = &a[j * stride..j * stride + w];
+        let at = j * stride + c0;
+        let aj = &a[at..at + w];
         match b {
             Some(b) if wb != 0.0 => {
-                let bj = &b[j * stride..j * stride + w];
+                let bj = &b[at..at + w];
                 for ((e, &av), &bv) in v.iter_mut().zip(aj).zip(bj) {
                     *e = madd::<FMA>(wb, bv, madd::<FMA>(wa, av, *e));
                 }
@@ -415,10 +677,215 @@ pub fn combine(
     combine_impl::<false>(v, x, cx, weights, a, ca, b, cb, stride)
 }
 
+/// Longest row that [`combine`] keeps in registers and [`combine2`] combines two members at a
+/// time (longer rows take two [`combine`] calls, streaming).
+pub const PAIR_WIDTH: usize = 8 * COMBINE_VECTORS;
+
+/// The rows shared by the weighted combinations of several members: `ca·a_j + cb·b_j` with
+/// row `j` of `a` (and `b`) at `j · stride`.
+#[derive(Clone, Copy, Debug)]
+pub struct Sources<'a> {
+    /// First source rows.
+    pub a: &'a [f32],
+    /// Coefficient of `a`.
+    pub ca: f32,
+    /// Second source rows, if any.
+    pub b: Option<&'a [f32]>,
+    /// Coefficient of `b`.
+    pub cb: f32,
+    /// Distance between consecutive rows of `a` and `b`.
+    pub stride: usize,
+}
+
+/// [`combine`] for two members at once (rows `v[0]`, `v[1]` of the same length, with their
+/// own `x` and weights and the same sources): the same values as two calls. Rows of whole
+/// vectors up to [`PAIR_WIDTH`] values are combined side by side with AVX2 + FMA, sharing every
+/// load of the sources and giving twice the independent chains of one short row; otherwise
+/// (and without AVX2) it makes the two calls.
+pub fn combine2(
+    v: [&mut [f32]; 2],
+    x: [Option<&[f32]>; 2],
+    cx: f32,
+    weights: [&[f32]; 2],
+    src: Sources<'_>,
+) {
+    let [v0, v1] = v;
+    let w = v0.len();
+    let Sources {
+        a,
+        ca,
+        b,
+        cb,
+        stride,
+    } = src;
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() && w % 8 == 0 && (8..=PAIR_WIDTH).contains(&w) && v1.len() == w {
+        let x = x.map(|xr| xr.filter(|_| cx != 0.0));
+        macro_rules! pair {
+            ($v:literal) => {
+                // SAFETY: the processor supports AVX2 and FMA (checked just above); the
+                // kernel checks every slice it reads against its length.
+                unsafe { avx2::combine2::<$v>([v0, v1], x, cx, weights, src) }
+            };
+        }
+        match w / 8 {
+            1 => pair!(1),
+            2 => pair!(2),
+            3 => pair!(3),
+            4 => pair!(4),
+            5 => pair!(5),
+            6 => pair!(6),
+            7 => pair!(7),
+            _ => pair!(8),
+        }
+        return;
+    }
+    combine(v0, x[0], cx, weights[0], a, ca, b, cb, stride);
+    combine(v1, x[1], cx, weights[1], a, ca, b, cb, stride);
+}
+
 /// `v[c] = cx · x[c] + Σ_j weights[j] · u[j*u_stride + c]` for `c < v.len()`, skipping zero
 /// weights.
 pub fn combine_row(v: &mut [f32], x: &[f32], cx: f32, weights: &[f32], u: &[f32], u_stride: usize) {
     combine(v, Some(x), cx, weights, u, 1.0, None, 0.0, u_stride)
+}
+
+// ---- ensemble-space products -----------------------------------------------------------------
+
+/// `acc[r·n + j] += a[j] · b[r]` for every row `r < b.len()` and `j < n = a.len()`, in f64:
+/// a product then a sum in every lane (no fused multiply-add), so each entry rounds exactly as
+/// the scalar `acc += a · b` does; called once per `k`, it sums every entry in `k` order.
+#[inline(always)]
+fn outer_acc_impl<const FMA: bool>(acc: &mut [f64], a: &[f64], b: &[f64]) {
+    let n = a.len();
+    if n == 0 {
+        return;
+    }
+    for (row, &br) in acc.chunks_exact_mut(n).zip(b) {
+        for (o, &aj) in row.iter_mut().zip(a) {
+            *o += aj * br;
+        }
+    }
+}
+
+dispatch!(outer_acc_fma(acc: &mut [f64], a: &[f64], b: &[f64]) => outer_acc_impl);
+
+/// `acc[r·n + j] += a[j] · b[r]` (f64, unfused: bit for bit the scalar loop), best variant.
+pub fn outer_acc(acc: &mut [f64], a: &[f64], b: &[f64]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time just above).
+        unsafe { outer_acc_fma(acc, a, b) };
+        return;
+    }
+    outer_acc_impl::<false>(acc, a, b)
+}
+
+/// `out[j] = (e[j] / sum) as f32`: a row of softmax weights from its exponentials. Correctly
+/// rounded division in every lane, so the vector loop gives the scalar loop's values.
+#[inline(always)]
+fn normalize_impl<const FMA: bool>(out: &mut [f32], e: &[f64], sum: f64) {
+    for (o, &ej) in out.iter_mut().zip(e) {
+        *o = (ej / sum) as f32;
+    }
+}
+
+dispatch!(normalize_fma(out: &mut [f32], e: &[f64], sum: f64) => normalize_impl);
+
+/// `out[j] = (e[j] / sum) as f32` (softmax normalization), best variant.
+pub fn normalize(out: &mut [f32], e: &[f64], sum: f64) {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time just above).
+        unsafe { normalize_fma(out, e, sum) };
+        return;
+    }
+    normalize_impl::<false>(out, e, sum)
+}
+
+/// The mean and the sum of squared deviations, in f64, of columns `k..k + mean.len()` of the
+/// `n × d` row-major `data`: `mean[c] = (Σ_i x_ic)/n`, `ss[c] = Σ_i (x_ic − mean[c])²`, each sum
+/// from 0 in row order (the lanes hold different columns, so the vector loops give the scalar
+/// loops' values).
+#[inline(always)]
+fn column_moments_impl<const FMA: bool>(
+    data: &[f32],
+    n: usize,
+    d: usize,
+    k: usize,
+    mean: &mut [f64],
+    ss: &mut [f64],
+) {
+    let w = mean.len();
+    let ss = &mut ss[..w];
+    mean.iter_mut().for_each(|v| *v = 0.0);
+    for i in 0..n {
+        let row = &data[i * d + k..i * d + k + w];
+        for (s, &x) in mean.iter_mut().zip(row) {
+            *s += x as f64;
+        }
+    }
+    mean.iter_mut().for_each(|v| *v /= n as f64);
+    ss.iter_mut().for_each(|v| *v = 0.0);
+    for i in 0..n {
+        let row = &data[i * d + k..i * d + k + w];
+        for ((s, &x), &mu) in ss.iter_mut().zip(row).zip(mean.iter()) {
+            let dv = x as f64 - mu;
+            *s += dv * dv;
+        }
+    }
+}
+
+dispatch!(column_moments_fma(data: &[f32], n: usize, d: usize, k: usize, mean: &mut [f64], ss: &mut [f64]) => column_moments_impl);
+
+/// Column means and sums of squared deviations of an `n × d` block (see
+/// [`column_moments_impl`]), best variant.
+pub fn column_moments(
+    data: &[f32],
+    n: usize,
+    d: usize,
+    k: usize,
+    mean: &mut [f64],
+    ss: &mut [f64],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time just above).
+        unsafe { column_moments_fma(data, n, d, k, mean, ss) };
+        return;
+    }
+    column_moments_impl::<false>(data, n, d, k, mean, ss)
+}
+
+/// `out[j] = (dist[j] · inv + bias_j) as f32` with `bias_j = bias[j]` or `0.0`: one row of
+/// flow log-weights from its summed pairwise distances (each lane rounds as the scalar code).
+#[inline(always)]
+fn logits_row_impl<const FMA: bool>(out: &mut [f32], dist: &[f64], inv: f64, bias: Option<&[f32]>) {
+    match bias {
+        Some(b) => {
+            for ((o, &s), &bj) in out.iter_mut().zip(dist).zip(b) {
+                *o = (s * inv + bj as f64) as f32;
+            }
+        }
+        None => {
+            for (o, &s) in out.iter_mut().zip(dist) {
+                *o = (s * inv + 0.0) as f32;
+            }
+        }
+    }
+}
+
+dispatch!(logits_row_fma(out: &mut [f32], dist: &[f64], inv: f64, bias: Option<&[f32]>) => logits_row_impl);
+
+/// `out[j] = (dist[j] · inv + bias_j) as f32` (see [`logits_row_impl`]), best variant.
+pub fn logits_row(out: &mut [f32], dist: &[f64], inv: f64, bias: Option<&[f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time just above).
+        unsafe { logits_row_fma(out, dist, inv, bias) };
+        return;
+    }
+    logits_row_impl::<false>(out, dist, inv, bias)
 }
 
 // ---- guidance and the integrator update ------------------------------------------------------
@@ -685,6 +1152,205 @@ mod tests {
 
     fn wave(len: usize, f: f32, phase: f32) -> Vec<f32> {
         (0..len).map(|k| (k as f32 * f + phase).sin()).collect()
+    }
+
+    /// The weighted combination one weight at a time over the whole row (the definition the
+    /// register-blocked [`combine`] must reproduce bit for bit).
+    #[allow(clippy::too_many_arguments)]
+    fn combine_reference<const FMA: bool>(
+        v: &mut [f32],
+        x: Option<&[f32]>,
+        cx: f32,
+        weights: &[f32],
+        a: &[f32],
+        ca: f32,
+        b: Option<&[f32]>,
+        cb: f32,
+        stride: usize,
+    ) {
+        let w = v.len();
+        match x {
+            Some(x) if cx != 0.0 => {
+                for (e, &xv) in v.iter_mut().zip(&x[..w]) {
+                    *e = cx * xv;
+                }
+            }
+            _ => v.iter_mut().for_each(|e| *e = 0.0),
+        }
+        for (j, &wij) in weights.iter().enumerate() {
+            if wij == 0.0 {
+                continue;
+            }
+            let (wa, wb) = (wij * ca, wij * cb);
+            let aj = &a[j * stride..j * stride + w];
+            match b {
+                Some(b) if wb != 0.0 => {
+                    let bj = &b[j * stride..j * stride + w];
+                    for ((e, &av), &bv) in v.iter_mut().zip(aj).zip(bj) {
+                        *e = madd::<FMA>(wb, bv, madd::<FMA>(wa, av, *e));
+                    }
+                }
+                _ => {
+                    for (e, &av) in v.iter_mut().zip(aj) {
+                        *e = madd::<FMA>(wa, av, *e);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blocked_combination_equals_the_weight_by_weight_loop() {
+        let stride = 301;
+        let a = wave(23 * stride, 0.173, 0.3);
+        let b = wave(23 * stride, 0.311, -1.1);
+        let x = wave(stride, 0.07, 0.9);
+        for n in [1usize, 2, 3, 20, 23] {
+            // Dense weights, one-hot, and a few zeros among them.
+            let dense: Vec<f32> = (0..n).map(|j| 0.5 / (j as f32 + 1.5)).collect();
+            let one_hot: Vec<f32> = (0..n).map(|j| if j == n / 2 { 1.0 } else { 0.0 }).collect();
+            let sparse: Vec<f32> = (0..n).map(|j| if j % 3 == 0 { 0.0 } else { 0.3 }).collect();
+            for weights in [&dense, &one_hot, &sparse] {
+                for w in [1usize, 7, 8, 9, 40, 63, 64, 65, 127, 256, 300] {
+                    for (bx, cx, cb) in [(true, 0.7, -0.4), (false, 0.0, 0.0), (true, 0.0, 1.3)] {
+                        let bb = bx.then_some(&b[..]);
+                        let xx = bx.then_some(&x[..]);
+                        let mut got = vec![f32::NAN; w];
+                        let mut want = vec![f32::NAN; w];
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        // The best variant (fused when the CPU has FMA) and the portable one.
+                        combine(&mut got, xx, cx, weights, &a, 1.1, bb, cb, stride);
+                        if has_fma() {
+                            combine_reference::<true>(
+                                &mut want, xx, cx, weights, &a, 1.1, bb, cb, stride,
+                            );
+                        } else {
+                            combine_reference::<false>(
+                                &mut want, xx, cx, weights, &a, 1.1, bb, cb, stride,
+                            );
+                        }
+                        assert_eq!(bits(&got), bits(&want), "n {n}, w {w}, b {bx}");
+                        combine_impl::<false>(&mut got, xx, cx, weights, &a, 1.1, bb, cb, stride);
+                        combine_reference::<false>(
+                            &mut want, xx, cx, weights, &a, 1.1, bb, cb, stride,
+                        );
+                        assert_eq!(bits(&got), bits(&want), "portable: n {n}, w {w}, b {bx}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn paired_combination_equals_two_single_ones() {
+        let stride = 97;
+        let a = wave(21 * stride, 0.173, 0.3);
+        let b = wave(21 * stride, 0.311, -1.1);
+        let x0 = wave(stride, 0.07, 0.9);
+        let x1 = wave(stride, 0.13, -0.4);
+        let n = 21;
+        // Zero weights in different places for the two rows (and some in both).
+        let w0: Vec<f32> = (0..n)
+            .map(|j| {
+                if j % 3 == 0 {
+                    0.0
+                } else {
+                    0.2 + j as f32 * 0.01
+                }
+            })
+            .collect();
+        let w1: Vec<f32> = (0..n)
+            .map(|j| {
+                if j % 4 < 2 {
+                    0.0
+                } else {
+                    0.9 / (j as f32 + 1.0)
+                }
+            })
+            .collect();
+        for w in [7usize, 8, 16, 40, 56, 64, 65, 72] {
+            for (with_b, cx, cb) in [(false, 0.6, 0.0), (true, 0.0, -0.7), (true, 1.2, 0.0)] {
+                let src = Sources {
+                    a: &a,
+                    ca: 0.9,
+                    b: with_b.then_some(&b[..]),
+                    cb,
+                    stride,
+                };
+                let (mut p0, mut p1) = (vec![f32::NAN; w], vec![f32::NAN; w]);
+                combine2(
+                    [&mut p0, &mut p1],
+                    [Some(&x0[..]), Some(&x1[..])],
+                    cx,
+                    [&w0, &w1],
+                    src,
+                );
+                let (mut s0, mut s1) = (vec![f32::NAN; w], vec![f32::NAN; w]);
+                combine(&mut s0, Some(&x0), cx, &w0, &a, 0.9, src.b, cb, stride);
+                combine(&mut s1, Some(&x1), cx, &w1, &a, 0.9, src.b, cb, stride);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&p0), bits(&s0), "row 0, w {w}, b {with_b}");
+                assert_eq!(bits(&p1), bits(&s1), "row 1, w {w}, b {with_b}");
+            }
+        }
+    }
+
+    #[test]
+    fn column_moments_equal_the_column_by_column_sums() {
+        let (n, d) = (7, 150);
+        let data = wave(n * d, 0.377, 0.2);
+        for (k, w) in [(0usize, 1usize), (3, 64), (100, 50), (0, 150)] {
+            let (mut mean, mut ss) = (vec![0.0f64; w], vec![0.0f64; w]);
+            column_moments(&data, n, d, k, &mut mean, &mut ss);
+            for c in 0..w {
+                let mut s = 0.0f64;
+                for i in 0..n {
+                    s += data[i * d + k + c] as f64;
+                }
+                let mu = s / n as f64;
+                let mut q = 0.0f64;
+                for i in 0..n {
+                    let dv = data[i * d + k + c] as f64 - mu;
+                    q += dv * dv;
+                }
+                assert_eq!(
+                    (mean[c].to_bits(), ss[c].to_bits()),
+                    (mu.to_bits(), q.to_bits())
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn vector_row_helpers_round_like_the_scalar_formulas() {
+        let e: Vec<f64> = (0..37).map(|j| (-(j as f64) * 0.61).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        let mut out = vec![0.0f32; 37];
+        normalize(&mut out, &e, sum);
+        for (o, &ej) in out.iter().zip(&e) {
+            assert_eq!(o.to_bits(), ((ej / sum) as f32).to_bits());
+        }
+        let dist: Vec<f64> = (0..37).map(|j| j as f64 * 0.37).collect();
+        let bias = wave(37, 0.5, 0.1);
+        for b in [None, Some(&bias[..])] {
+            logits_row(&mut out, &dist, -12.5, b);
+            for (j, o) in out.iter().enumerate() {
+                let bj = b.map_or(0.0, |b| b[j] as f64);
+                assert_eq!(o.to_bits(), ((dist[j] * -12.5 + bj) as f32).to_bits());
+            }
+        }
+        // A zero distance keeps the sign the scalar `dist · inv + 0.0` gives it (+0).
+        logits_row(&mut out[..1], &[0.0], -12.5, None);
+        assert_eq!(out[0].to_bits(), 0.0f32.to_bits());
+        let mut acc = vec![-0.0f64; 3 * 5];
+        let a: Vec<f64> = (0..5).map(|j| j as f64 * 0.3 - 0.6).collect();
+        outer_acc(&mut acc, &a, &[1.5, -2.0, 0.25]);
+        for r in 0..3 {
+            for j in 0..5 {
+                let want = -0.0 + a[j] * [1.5, -2.0, 0.25][r];
+                assert_eq!(acc[r * 5 + j].to_bits(), want.to_bits());
+            }
+        }
     }
 
     #[test]
