@@ -682,23 +682,6 @@ impl Backend for Cpu {
         )
     }
 
-    fn observed_products(
-        &self,
-        hx: &CpuBuffer,
-        y: &CpuBuffer,
-        eta: Option<&CpuBuffer>,
-        out: &mut CpuBuffer,
-    ) -> Result<()> {
-        let cols = out.cols;
-        ensemble_space::observed_products(
-            hx.as_slice(),
-            cols,
-            y.as_slice(),
-            eta.map(|e| e.as_slice()),
-            out.as_mut_slice(),
-        )
-    }
-
     fn letkf_analysis(
         &self,
         ensemble: &mut CpuBuffer,
