@@ -220,6 +220,20 @@ impl AssimilatorBuilder {
         self
     }
 
+    /// The builder, or the first error met so far (an unknown filter or setting, a value out
+    /// of range), before an ensemble is given: lets a caller refuse a bad configuration up
+    /// front.
+    pub fn validated(self) -> Result<Self> {
+        if let Some(e) = self.deferred {
+            return Err(e);
+        }
+        if let Some(c) = &self.config {
+            c.validate()?;
+            c.filter_kind()?;
+        }
+        Ok(self)
+    }
+
     /// Checks everything and places the ensemble on `backend`.
     pub fn build<B: Backend + 'static>(self, backend: &B) -> Result<Assimilator<'_, B>> {
         let mut config = match (self.deferred, self.config) {
@@ -479,6 +493,41 @@ impl<'b, B: Backend + 'static> Assimilator<'b, B> {
         self.stages.keep_previous()?;
         self.backend
             .write(self.stages.ensemble_mut(), forecast.as_slice())
+    }
+
+    /// Starts afresh from a forecast made elsewhere, as an assimilator just built with it
+    /// would: the ensemble becomes `forecast`, the previous analysis `previous` (default: the
+    /// forecast itself) and the next analysis gets number `cycle`. The buffers and the filter
+    /// are reused, so a caller analysing many forecasts of one shape builds once; the analysis
+    /// that follows equals [`crate::experiment::assimilate::assimilate`] on the same inputs.
+    pub fn restart(
+        &mut self,
+        forecast: &Ensemble,
+        previous: Option<&Ensemble>,
+        cycle: u32,
+    ) -> Result<()> {
+        for (what, e) in [
+            ("forecast ensemble", Some(forecast)),
+            ("previous analysis", previous),
+        ] {
+            let Some(e) = e else { continue };
+            if (e.n(), e.d()) != (self.n, self.d) {
+                return Err(Error::shape(
+                    what,
+                    format!("{} x {}", self.n, self.d),
+                    format!("{} x {}", e.n(), e.d()),
+                ));
+            }
+            check_finite(what, e.as_slice(), self.d, "the ensemble must be finite")?;
+        }
+        self.backend
+            .write(self.stages.ensemble_mut(), forecast.as_slice())?;
+        if let Some(p) = self.stages.previous_mut() {
+            self.backend
+                .write(p, previous.unwrap_or(forecast).as_slice())?;
+        }
+        self.cycle = cycle;
+        Ok(())
     }
 
     /// The analysis for observation `y` (length `m`): replaces the forecast by the analysis

@@ -17,6 +17,7 @@ mod report;
 mod run;
 pub mod seeds;
 pub mod sharded;
+pub mod source;
 pub mod sweep;
 pub mod trace;
 
@@ -27,3 +28,4 @@ pub use presets::{preset, Preset, DEFAULT_PRESET, PRESETS};
 pub use report::{Report, Summary};
 pub use run::{build_filter, CycleState, Experiment, MemoryEstimate, RunOptions};
 pub use sharded::{check_shardable, run_sharded, ShardedReport};
+pub use source::Source;

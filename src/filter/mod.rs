@@ -45,7 +45,7 @@ pub enum InjectedFault {
     Guidance,
 }
 
-pub trait Filter<B: Backend> {
+pub trait Filter<B: Backend>: Send {
     /// Name as used in summaries (`enff-f2p`, `enff-ot` …).
     fn name(&self) -> String;
 

@@ -15,7 +15,7 @@ use enff::experiment::compare::{CompareRow, CompareTables};
 use enff::experiment::trace::{Recorder, Trace, TraceOptions};
 use enff::experiment::{
     file, output, preset, seeds, sweep, Config, Experiment, OnDivergence, Report, RunOptions,
-    DEFAULT_PRESET, PRESETS,
+    Source, DEFAULT_PRESET, PRESETS,
 };
 use enff::filter::FilterKind;
 
@@ -453,71 +453,6 @@ fn default_run_args() -> RunArgs {
         check_every_step: false,
         plots: PlotArgs::default(),
         save_ensembles: None,
-    }
-}
-
-/// An experiment's source: a preset or a TOML file, with the name its results are filed under.
-struct Source {
-    name: String,
-    config: Config,
-    /// The preset whose expected RMSE band applies when the filter settings are its own.
-    preset: Option<enff::experiment::Preset>,
-}
-
-impl Source {
-    /// `arg` is a file when it names an existing path or ends in `.toml`, else a preset.
-    fn load(arg: &str) -> Result<Source> {
-        let path = Path::new(arg);
-        if path.exists() || arg.ends_with(".toml") {
-            let f = file::read_toml(path)?;
-            let name = f.name.clone().unwrap_or_else(|| {
-                path.file_stem()
-                    .map_or("custom".into(), |s| s.to_string_lossy().into_owned())
-            });
-            let preset = preset(&name).ok();
-            Ok(Source {
-                name,
-                config: f.config,
-                preset,
-            })
-        } else {
-            let p = preset(arg)?;
-            Ok(Source {
-                name: p.name.to_string(),
-                config: p.config.clone(),
-                preset: Some(p),
-            })
-        }
-    }
-
-    /// Applies `--filter`, `--set` and `--seed` in that order.
-    fn apply(&mut self, filter: Option<&str>, sets: &[String], seed: Option<u64>) -> Result<()> {
-        if let Some(f) = filter {
-            self.config.set(&format!("filter.kind={f}"))?;
-        }
-        for s in sets {
-            self.config.set(s)?;
-        }
-        if let Some(seed) = seed {
-            self.config.experiment.seed = seed;
-        }
-        Ok(())
-    }
-
-    /// The preset's expected RMSE band, when the filter settings are still the preset's.
-    fn expected(&self, config: &Config) -> Option<(f64, f64)> {
-        self.preset
-            .as_ref()
-            .filter(|p| p.config.filter == config.filter)
-            .map(|p| p.expected_rmse)
-    }
-
-    fn experiment(&self) -> Result<Experiment> {
-        Ok(Experiment::new(
-            &self.name,
-            self.config.clone(),
-            self.expected(&self.config),
-        )?)
     }
 }
 
