@@ -95,19 +95,21 @@ pub fn read(
              pass np.ascontiguousarray({name})"
         )));
     }
+    // `as_slice` gives memory order, which is the row-major order only for C order.
+    let c_order = arr.is_c_contiguous();
     let data: Vec<f32> = match dtype {
         Dtype::F32 => {
             let a = arr.cast::<PyArrayDyn<f32>>()?.readonly();
             match a.as_slice() {
-                Ok(s) => s.to_vec(),
-                Err(_) => a.as_array().iter().copied().collect(),
+                Ok(s) if c_order => s.to_vec(),
+                _ => a.as_array().iter().copied().collect(),
             }
         }
         Dtype::F64 => {
             let a = arr.cast::<PyArrayDyn<f64>>()?.readonly();
             match a.as_slice() {
-                Ok(s) => s.iter().map(|v| *v as f32).collect(),
-                Err(_) => a.as_array().iter().map(|v| *v as f32).collect(),
+                Ok(s) if c_order => s.iter().map(|v| *v as f32).collect(),
+                _ => a.as_array().iter().map(|v| *v as f32).collect(),
             }
         }
     };

@@ -391,6 +391,15 @@ impl Assimilator {
         let host = self.host_ensemble(py)?;
         let e = arrays::write(py, host, &[self.n, self.d], self.dtype)?;
         let out = model.bind(py).call1((e, t, self.dt))?;
+        // A model may return a view or a list: take it as a contiguous array first.
+        let out = py
+            .import("numpy")?
+            .call_method1("ascontiguousarray", (out,))
+            .map_err(|e| {
+                PyTypeError::new_err(format!(
+                    "the model returned something that is not an array: {e}"
+                ))
+            })?;
         let expected = format!("({}, {}), the ensemble's shape", self.n, self.d);
         let next = arrays::read("model(ensemble, t, dt)", &out, &[2], &expected)
             .map_err(|e| PyValueError::new_err(format!("the model's result: {e}")))?;
