@@ -63,6 +63,9 @@ class Filter:
         """The cycle number the next call gets unless it names one."""
     @property
     def settings(self) -> List[str]: ...
+    @property
+    def engine_seconds(self) -> float:
+        """Seconds spent inside the engine over all calls (upload, analysis, read-back)."""
 
 def analyse(
     forecast: FloatArray,

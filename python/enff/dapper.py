@@ -46,7 +46,7 @@ except ImportError as _e:  # pragma: no cover - exercised only without DAPPER
         "(DAPPER 1.7.1 runs on Python 3.9-3.11)"
     ) from _e
 
-from . import Assimilator
+from . import Assimilator, UnsupportedError
 
 __all__ = ["EnFF", "GUIDANCE_SETTINGS", "observation_of"]
 
@@ -167,6 +167,13 @@ class EnFF:
                     # The first analysis (or a new operator): the previous analysis EnFF-F2P
                     # flows from is the last analysis, the forecast itself at the start.
                     previous = None if engine is None else engine.ensemble
+                    observation = observation_of(obs, E.shape[1])
+                    if callable(observation["obs_op"]) and settings.get("guidance") == "covariance":
+                        raise UnsupportedError(
+                            "covariance guidance needs the locations of the observations, which "
+                            "enff knows when DAPPER's operator selects every k-th component; "
+                            "this HMM's operator is another function: use EnFF('local')"
+                        )
                     engine = Assimilator(
                         np.ascontiguousarray(E, dtype=np.float64),
                         _noise_std(obs),
@@ -175,7 +182,7 @@ class EnFF:
                         seed=seed,
                         cycle=int(ko) + 1,
                         backend=self.backend,
-                        **observation_of(obs, E.shape[1]),
+                        **observation,
                         **settings,
                     )
                     obs_seen = obs

@@ -141,6 +141,8 @@ pub struct Filter {
     spec: AnalysisSpec,
     backend: Chosen,
     next_cycle: Mutex<u32>,
+    /// Nanoseconds spent in the engine (upload, analysis, read-back) over all calls.
+    engine_nanos: std::sync::atomic::AtomicU64,
     cpu: Mutex<Option<Assimilator<'static, enff::backend::cpu::Cpu>>>,
     gpu: Mutex<Option<Assimilator<'static, enff::backend::gpu::Gpu>>>,
 }
@@ -163,15 +165,23 @@ impl Filter {
         };
         let spec = &self.spec;
         let data = py
-            .detach(|| match self.backend {
-                Chosen::Cpu(b) => {
-                    let mut g = self.cpu.lock().unwrap_or_else(|p| p.into_inner());
-                    analyse_on(b, &mut g, spec, &inputs, cycle)
-                }
-                Chosen::Gpu(b) => {
-                    let mut g = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
-                    analyse_on(b, &mut g, spec, &inputs, cycle)
-                }
+            .detach(|| {
+                let start = std::time::Instant::now();
+                let r = match self.backend {
+                    Chosen::Cpu(b) => {
+                        let mut g = self.cpu.lock().unwrap_or_else(|p| p.into_inner());
+                        analyse_on(b, &mut g, spec, &inputs, cycle)
+                    }
+                    Chosen::Gpu(b) => {
+                        let mut g = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
+                        analyse_on(b, &mut g, spec, &inputs, cycle)
+                    }
+                };
+                self.engine_nanos.fetch_add(
+                    start.elapsed().as_nanos() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                r
             })
             .py()?;
         Ok(arrays::write(py, data, &inputs.shape, inputs.dtype)?.unbind())
@@ -202,6 +212,7 @@ impl Filter {
             spec,
             backend,
             next_cycle: Mutex::new(cycle),
+            engine_nanos: std::sync::atomic::AtomicU64::new(0),
             cpu: Mutex::new(None),
             gpu: Mutex::new(None),
         })
@@ -241,6 +252,13 @@ impl Filter {
     #[getter]
     fn cycle(&self) -> u32 {
         *self.next_cycle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Seconds spent inside the engine (ensemble upload, analysis, read-back) over all calls:
+    /// a call's wall time less this is the cost of the Python layer.
+    #[getter]
+    fn engine_seconds(&self) -> f64 {
+        self.engine_nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
     }
 
     /// The filter settings given, as `filter.key=value` lines.
