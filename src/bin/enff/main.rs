@@ -1038,7 +1038,7 @@ fn run_experiment_of(args: &RunArgs) -> Result<Experiment> {
     );
     let mut src = Source::load(&args.preset)?;
     src.apply(args.filter.as_deref(), &args.sets, args.seed)?;
-    src.experiment()
+    Ok(src.experiment()?)
 }
 
 /// The output folder of `enff run` (created, or refused when it holds results).
