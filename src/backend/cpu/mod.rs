@@ -1,7 +1,7 @@
 //! The CPU reference backend: every kernel operation in plain Rust, parallel over both cores
 //! with rayon, f64 accumulation for reductions over `d`.
 //!
-//! Small kernels (below [`PARALLEL_THRESHOLD`] multiply-adds: a Lorenz-96 cycle at d = 40)
+//! Small kernels (below `PARALLEL_THRESHOLD` multiply-adds: a Lorenz-96 cycle at d = 40)
 //! run on the calling thread and never touch the thread pool: handing a job to rayon from
 //! outside the pool wakes a worker and puts the caller to sleep until it is done, which costs
 //! more than the kernel. Such a run gives the same numbers as the split it replaces (one

@@ -839,7 +839,7 @@ fn column_moments_impl<const FMA: bool>(
 dispatch!(column_moments_fma(data: &[f32], n: usize, d: usize, k: usize, mean: &mut [f64], ss: &mut [f64]) => column_moments_impl);
 
 /// Column means and sums of squared deviations of an `n × d` block (see
-/// [`column_moments_impl`]), best variant.
+/// `column_moments_impl`), best variant.
 pub fn column_moments(
     data: &[f32],
     n: usize,
@@ -877,7 +877,7 @@ fn logits_row_impl<const FMA: bool>(out: &mut [f32], dist: &[f64], inv: f64, bia
 
 dispatch!(logits_row_fma(out: &mut [f32], dist: &[f64], inv: f64, bias: Option<&[f32]>) => logits_row_impl);
 
-/// `out[j] = (dist[j] · inv + bias_j) as f32` (see [`logits_row_impl`]), best variant.
+/// `out[j] = (dist[j] · inv + bias_j) as f32` (see `logits_row_impl`), best variant.
 pub fn logits_row(out: &mut [f32], dist: &[f64], inv: f64, bias: Option<&[f32]>) {
     #[cfg(target_arch = "x86_64")]
     if has_fma() {
