@@ -1,7 +1,7 @@
 // Ensemble-wide element-wise kernels and reductions: column sums and variances, inflation,
 // ensemble statistics against the truth, finiteness checks, observation operators and
 // per-member log-likelihoods.
-// CPU twins: src/backend/cpu/mod.rs::{inflate, ensemble_stats, check_finite, observe,
+// CPU twins: src/backend/cpu/ensemble.rs::{inflate, ensemble_stats, check_finite, observe,
 // log_likelihoods, observed_moments}.
 // Parity test: tests/gpu_kernels.rs::inflation_statistics_observation_and_likelihood_match.
 

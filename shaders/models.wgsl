@@ -1,5 +1,6 @@
 // Runge–Kutta stages of the forecast models for every member at once (ENFF_SPEC §8.2, §8.3,
-// §8.8). CPU twin: src/model/rk.rs::step with src/model/mod.rs::{Lorenz63, Lorenz96}::rhs.
+// §8.8). CPU twin: src/model/rk.rs::step with src/model/mod.rs::{Lorenz63, Lorenz96}::rhs,
+// run over the members by src/backend/cpu/models.rs::advance.
 //
 // `stage`: kout = f(x + dt·(c1·k1 + c2·k2 + c3·k3)), the argument formed on the fly at every
 // stencil point, so no temporary state is stored.

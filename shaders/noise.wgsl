@@ -1,6 +1,6 @@
 // Philox4x32-10 + Box–Muller normal noise: out = mean + scale · z(key, member, component).
 // CPU twin: src/rng.rs (philox4x32_10, box_muller, fill_normal_row) and
-// src/backend/cpu/mod.rs::fill_normal. Same counter layout, so both draw the same numbers
+// src/backend/cpu/noise.rs::fill_normal. Same counter layout, so both draw the same numbers
 // (Box–Muller is evaluated in f32 here and in f64 on the CPU: they agree to ~1e-6).
 // Parity test: tests/gpu_kernels.rs::fill_normal_matches_the_cpu_philox_stream.
 

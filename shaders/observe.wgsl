@@ -1,7 +1,7 @@
 // Pointwise observation maps, shared by every kernel that observes the state: the source of
 // this file is prepended to those shaders when their modules are built
-// (src/backend/gpu/mod.rs::with_observe). CPU twin: src/observe.rs::Pointwise.
-// Codes (src/backend/gpu/mod.rs::pointwise_code): 0 identity, 1 arctan, 2 tanh.
+// (src/backend/gpu/observe.rs::with_observe). CPU twin: src/observe.rs::Pointwise.
+// Codes (src/backend/gpu/observe.rs::pointwise_code): 0 identity, 1 arctan, 2 tanh.
 // Parity test: tests/gpu_kernels.rs::inflation_statistics_observation_and_likelihood_match.
 
 // h(x)

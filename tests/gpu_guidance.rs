@@ -1,5 +1,5 @@
 //! GPU/CPU parity of the covariance-guidance kernels (the banded-gain step of
-//! `shaders/gain_guidance.wgsl`, the local gains of `shaders/local_gains.wgsl` against their
+//! `shaders/gain_guidance.wgsl`, the local gains of `shaders/gain_local.wgsl` against their
 //! CPU twin and the f64 host reference) and of whole covariance-guided EnFF analyses, on random
 //! inputs with odd sizes.
 

@@ -1,12 +1,12 @@
-//! The grid models on the GPU: the batched Stockham FFT (`shaders/fft.wgsl`) and its CPU twin
+//! The grid models on the GPU: the batched Stockham FFT (`shaders/spectral_fft.wgsl`) and its CPU twin
 //! against rustfft for every size the models use, the Kuramoto–Sivashinsky forecast
-//! (`shaders/ks.wgsl`) and the Navier–Stokes stencils (`shaders/ns.wgsl`) against the CPU
+//! (`shaders/spectral_ks.wgsl`) and the Navier–Stokes stencils (`shaders/stencil_ns.wgsl`) against the CPU
 //! models over a few steps, with odd member counts and split member blocks. The twin tests run
 //! everywhere; the GPU tests skip loudly without an adapter (fail under `ENFF_REQUIRE_GPU=1`).
 
 mod common;
 
-use enff::backend::cpu::fft::{self as twin, FftPlan};
+use enff::backend::cpu::spectral::{self as twin, FftPlan};
 use enff::backend::{cpu::Cpu, Backend};
 use enff::model::fft::{Complex, RealFft};
 use enff::model::{KuramotoSivashinsky, Model, NavierStokes2d, Scheme, System};
@@ -149,7 +149,7 @@ fn twin_ks_forecast_follows_the_cpu_model() {
     let x0 = spun_up_ks(&ks, 3);
     let mut twin_x = x0.clone();
     let plan = FftPlan::new(128).unwrap();
-    twin::ks_advance_twin(&plan, &ks.etdrk4_table(), &mut twin_x, 3, 8).unwrap();
+    ks_advance_twin(&plan, &ks.etdrk4_table(), &mut twin_x, 3, 8).unwrap();
     let mut cpu_x = x0;
     let mut scratch = vec![Complex::new(0.0f32, 0.0); ks.scratch_len()];
     for row in cpu_x.chunks_mut(256) {
@@ -157,6 +157,65 @@ fn twin_ks_forecast_follows_the_cpu_model() {
     }
     let e = rel_err(&twin_x, &cpu_x);
     within(e, 1e-5, "twin vs model");
+}
+
+/// The GPU's Kuramoto–Sivashinsky forecast composed of the CPU twins of its kernels (the
+/// library's one CPU KS forecast is `model::ks`; this composition checks the kernels in the
+/// GPU's order): `batch` states
+/// of `d = 2m` values in `x`, `steps` ETDRK4 steps with the coefficient table `coef` (see
+/// [`etdrk4_stage`]). For parity tests of the whole GPU forecast.
+fn ks_advance_twin(
+    plan: &FftPlan,
+    coef: &[f32],
+    x: &mut [f32],
+    batch: usize,
+    steps: usize,
+) -> enff::Result<()> {
+    let m = plan.len();
+    let bins = m + 1;
+    let real_tw = twin::twiddle_table(2 * m, m + 1);
+    let g = &coef[6 * bins..7 * bins];
+    let mut spec = vec![0.0f32; 7 * 2 * batch * bins];
+    let mut packed = vec![0.0f32; 2 * batch * m];
+    let mut scratch = vec![0.0f32; 2 * batch * m];
+    let slot = 2 * batch * bins;
+    packed.copy_from_slice(x);
+    plan.transform(&mut packed, &mut scratch, false, false)?;
+    twin::unpack_forward(&packed, &mut spec[..slot], m, batch, &real_tw, None);
+    let mut nonlinear = |spec: &mut [f32], from: usize, to: usize| -> enff::Result<()> {
+        twin::pack_inverse(
+            &spec[from * slot..(from + 1) * slot],
+            &mut packed,
+            m,
+            batch,
+            &real_tw,
+        );
+        plan.transform(&mut packed, &mut scratch, true, false)?;
+        plan.transform(&mut packed, &mut scratch, false, true)?;
+        twin::unpack_forward(
+            &packed,
+            &mut spec[to * slot..(to + 1) * slot],
+            m,
+            batch,
+            &real_tw,
+            Some(g),
+        );
+        Ok(())
+    };
+    for _ in 0..steps {
+        nonlinear(&mut spec, 0, 1)?;
+        twin::etdrk4_stage(&mut spec, coef, bins, batch, 0);
+        nonlinear(&mut spec, 5, 2)?;
+        twin::etdrk4_stage(&mut spec, coef, bins, batch, 1);
+        nonlinear(&mut spec, 6, 3)?;
+        twin::etdrk4_stage(&mut spec, coef, bins, batch, 2);
+        nonlinear(&mut spec, 6, 4)?;
+        twin::etdrk4_stage(&mut spec, coef, bins, batch, 3);
+    }
+    twin::pack_inverse(&spec[..slot], &mut packed, m, batch, &real_tw);
+    plan.transform(&mut packed, &mut scratch, true, false)?;
+    x.copy_from_slice(&packed);
+    Ok(())
 }
 
 /// `batch` KS states on the attractor (the reference initial condition plus distinct small
@@ -252,7 +311,7 @@ fn gpu_ks_forecast_matches_the_cpu_model() {
     gpu.advance(&model, &mut buf, steps).unwrap();
     let got = gpu.read(&buf).unwrap();
     let mut want_twin = x0.clone();
-    twin::ks_advance_twin(
+    ks_advance_twin(
         &FftPlan::new(128).unwrap(),
         &ks.etdrk4_table(),
         &mut want_twin,

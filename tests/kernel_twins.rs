@@ -1,7 +1,11 @@
 //! Every WGSL kernel has a CPU twin and a parity test: each shader's header names its twin
 //! (`CPU twin: src/…rs::name`, `::{a, b}` or `(a, b)`) and its parity test
 //! (`Parity test: tests/…rs::name`), and this test fails when a named file or function is
-//! missing, or when a shader names none.
+//! missing, or when a shader names none. Kernels come in families that share one stem in three
+//! places: `shaders/<family>[_<kernel>].wgsl`, its GPU host code `src/backend/gpu/<family>.rs`
+//! and its CPU twins `src/backend/cpu/<family>.rs` — or, for the kernels that run a model or
+//! an observation map, the model's or operator's own definition (`src/model/`, `src/observe.rs`,
+//! `src/rng.rs`), which the CPU backend calls.
 
 use std::path::Path;
 
@@ -165,4 +169,103 @@ fn a_shader_without_twin_or_parity_test_is_reported() {
         bad[3].contains("tests/parity.rs::gone does not exist"),
         "{bad:#?}"
     );
+}
+
+/// The family of shader `stem`: its longest `_`-separated prefix with GPU host code in
+/// `root/src/backend/gpu/<family>.rs`.
+fn family(root: &Path, stem: &str) -> Option<String> {
+    let parts: Vec<&str> = stem.split('_').collect();
+    (1..=parts.len())
+        .rev()
+        .map(|k| parts[..k].join("_"))
+        .find(|f| root.join(format!("src/backend/gpu/{f}.rs")).exists())
+}
+
+/// What breaks the one-stem rule in `root`: a shader whose name starts with no GPU family
+/// file, or whose CPU twins are neither in the family's CPU file nor in a model or
+/// observation description.
+fn family_problems(root: &Path) -> Vec<String> {
+    let mut shaders: Vec<_> = std::fs::read_dir(root.join("shaders"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wgsl"))
+        .collect();
+    shaders.sort();
+    let mut bad = Vec::new();
+    for shader in &shaders {
+        let stem = shader.file_stem().unwrap().to_string_lossy().into_owned();
+        let Some(f) = family(root, &stem) else {
+            bad.push(format!(
+                "{stem}.wgsl: no src/backend/gpu/<family>.rs for any prefix of its name"
+            ));
+            continue;
+        };
+        let head = header(&std::fs::read_to_string(shader).unwrap());
+        let cpu_file = format!("src/backend/cpu/{f}.rs");
+        let described = |file: &str| {
+            file == cpu_file
+                || file.starts_with("src/model/")
+                || file == "src/observe.rs"
+                || file == "src/rng.rs"
+        };
+        if !references(&head, "CPU twin")
+            .iter()
+            .any(|(file, _)| described(file))
+        {
+            bad.push(format!(
+                "{stem}.wgsl: its CPU twins are not in {cpu_file} (nor in the model or \
+                 observation descriptions)"
+            ));
+        }
+    }
+    bad
+}
+
+#[test]
+fn every_kernel_family_shares_one_stem_in_three_places() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bad = family_problems(root);
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    assert_eq!(
+        family(root, "ensemble_space_letkf").as_deref(),
+        Some("ensemble_space")
+    );
+    assert_eq!(family(root, "flow_softmax").as_deref(), Some("flow"));
+}
+
+#[test]
+fn a_kernel_outside_its_family_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for sub in ["shaders", "src/backend/gpu", "src/backend/cpu", "src/model"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    for file in [
+        "src/backend/gpu/flow.rs",
+        "src/backend/cpu/flow.rs",
+        "src/model/m.rs",
+    ] {
+        std::fs::write(root.join(file), "pub fn k() {}\n").unwrap();
+    }
+    let twin = |file: &str| format!("// CPU twin: {file}::k.\n// Parity test: tests/p.rs::t.\n");
+    std::fs::write(
+        root.join("shaders/flow_a.wgsl"),
+        twin("src/backend/cpu/flow.rs"),
+    )
+    .unwrap();
+    std::fs::write(root.join("shaders/flow_b.wgsl"), twin("src/model/m.rs")).unwrap();
+    std::fs::write(
+        root.join("shaders/flow_c.wgsl"),
+        twin("src/backend/cpu/mod.rs"),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("shaders/orphan.wgsl"),
+        twin("src/backend/cpu/flow.rs"),
+    )
+    .unwrap();
+    let bad = family_problems(root);
+    assert_eq!(bad.len(), 2, "{bad:#?}");
+    assert!(bad[0].starts_with("flow_c.wgsl: its CPU twins are not in src/backend/cpu/flow.rs"));
+    assert!(bad[1].starts_with("orphan.wgsl: no src/backend/gpu/<family>.rs"));
 }

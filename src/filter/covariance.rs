@@ -134,7 +134,7 @@
 //!
 //! a `w × w` Cholesky whose entries are tapered forecast covariances `h'_q h'_r P(c_q, c_r)`;
 //! in ensemble space, the `n × n` system above. Both are the same matrix identity. The GPU
-//! kernels (`shaders/local_gains.wgsl`, one workgroup per component, the matrix and a tile
+//! kernels (`shaders/gain_local.wgsl`, one workgroup per component, the matrix and a tile
 //! of anomalies in workgroup memory) make the twin's choice of space
 //! ([`crate::backend::gpu::gain_space`]): observation space for windows of at most
 //! `min(n, 48)` entries, ensemble space for wider windows (a torus, a long radius) with at

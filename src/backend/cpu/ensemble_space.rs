@@ -1,6 +1,6 @@
 //! CPU twins of the ensemble-space kernels: the observed-anomaly products of the ETKF and the
-//! EnKF (`shaders/obs_products.wgsl`) and the batched local analyses of the LETKF
-//! (`shaders/letkf.wgsl`). They follow the kernels' algorithms step for step (the LETKF twin in
+//! EnKF (`shaders/ensemble_space_products.wgsl`) and the batched local analyses of the LETKF
+//! (`shaders/ensemble_space_letkf.wgsl`). They follow the kernels' algorithms step for step (the LETKF twin in
 //! f32, with the same cyclic Jacobi eigen-solver), so the GPU can be checked against them; the
 //! f64 LETKF of `filter::letkf` stays the reference for both.
 
@@ -224,7 +224,7 @@ pub fn jacobi_eigen(a: &mut [f32], v: &mut [f32], n: usize) -> u32 {
     sweeps
 }
 
-/// The batched LETKF (twin of `shaders/letkf.wgsl`): replaces the forecast `x` (`n × d`,
+/// The batched LETKF (twin of `shaders/ensemble_space_letkf.wgsl`): replaces the forecast `x` (`n × d`,
 /// row-major) by its analysis, without inflation. `hx` is `h(x)` (`n × m`), `y` the observation.
 ///
 /// For every cell: `C = Σ_q ρ_q ã_q ã_qᵀ/σ² + (n−1) I` and `b = Σ_q ρ_q ã_q (y_q − ȳ_q)/σ²`
@@ -341,7 +341,7 @@ pub fn observed_products_rows(n: usize, e: usize) -> usize {
 }
 
 /// The ensemble-space products of the observed anomalies `ã_i = h(x_i) − ȳ` (twin of
-/// `shaders/obs_products.wgsl`, accumulated in f64): `out` is `(n + 1 + e) × n` with
+/// `shaders/ensemble_space_products.wgsl`, accumulated in f64): `out` is `(n + 1 + e) × n` with
 /// rows `0..n` the Gram matrix `ã_i · ã_j`, row `n` the projected innovation `ã_j · (y − ȳ)`,
 /// and rows `n + 1 + r` the projected perturbations `ã_j · η_r` (`eta` is `e × m`).
 /// Unscaled: the filters divide by `σ²`.

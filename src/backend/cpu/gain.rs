@@ -1,6 +1,6 @@
 //! CPU twins of the covariance-guidance kernels: the banded-gain step of
 //! `shaders/gain_guidance.wgsl` ([`crate::backend::GainStep`], parallel over members) and the
-//! local gains of `shaders/local_gains.wgsl` ([`crate::backend::LocalGains`], parallel over
+//! local gains of `shaders/gain_local.wgsl` ([`crate::backend::LocalGains`], parallel over
 //! components).
 
 use rayon::prelude::*;
@@ -521,7 +521,7 @@ fn run_block(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch, out: &mut [
     block::<false>(c, i0, lanes, sc, out)
 }
 
-/// CPU twin of the local-gain kernels (`shaders/local_gains.wgsl`): the gains of one
+/// CPU twin of the local-gain kernels (`shaders/gain_local.wgsl`): the gains of one
 /// covariance-guidance stage into `gain` (`d × w`) and the mean observed endpoint into `hbar`
 /// (`m`). Means are summed in f64, the algebra runs in f32 like the kernel's, sixteen
 /// components at a time, one per lane, in whichever space

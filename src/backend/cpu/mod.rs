@@ -27,11 +27,14 @@ use crate::model::{rk, Model, System};
 use crate::observe::ObservationOperator;
 use crate::rng::{self, NoiseKey};
 
+mod ensemble;
 pub mod ensemble_space;
-pub mod fft;
 mod flow;
 pub mod gain;
+mod models;
+mod noise;
 pub mod simd;
+pub mod spectral;
 
 /// Column block size of the blocked flow kernels (values per member per block).
 pub(crate) const BLOCK: usize = 256;
@@ -382,144 +385,19 @@ impl Backend for Cpu {
         mean: Option<&CpuBuffer>,
         scale: f32,
     ) -> Result<()> {
-        let (rows, cols) = (out.rows, out.cols);
-        super::check_noise_mean(out, mean)?;
-        if cols == 0 {
-            return Ok(());
-        }
-        // Chunks of a row are drawn and shifted while they sit in L1.
-        let fill_row = |(i, row): (usize, &mut [f32])| {
-            let mrow = mean.map(|m| if m.rows == 1 { m.row(0) } else { m.row(i) });
-            for (c, chunk) in row.chunks_mut(NOISE_CHUNK).enumerate() {
-                let k0 = c * NOISE_CHUNK;
-                rng::fill_normal_at(&key, i as u32, k0, chunk);
-                match mrow {
-                    Some(mrow) => {
-                        let mu = &mrow[k0..k0 + chunk.len()];
-                        for (v, &m) in chunk.iter_mut().zip(mu) {
-                            *v = m + scale * *v;
-                        }
-                    }
-                    None if scale != 1.0 => chunk.iter_mut().for_each(|v| *v *= scale),
-                    None => {}
-                }
-            }
-        };
-        if self.parts_for(rows * cols * 16) > 1 {
-            out.data_mut()
-                .par_chunks_mut(cols)
-                .enumerate()
-                .for_each(fill_row);
-        } else {
-            out.data_mut()
-                .chunks_mut(cols)
-                .enumerate()
-                .for_each(fill_row);
-        }
-        Ok(())
+        noise::fill_normal(self, out, key, mean, scale)
     }
 
     fn inflate(&self, ensemble: &mut CpuBuffer, gamma: f32) -> Result<()> {
-        super::check_inflation(gamma)?;
-        if gamma == 1.0 || ensemble.rows < 2 {
-            return Ok(());
-        }
-        let (n, d) = (ensemble.rows, ensemble.cols);
-        let inv_n = 1.0 / n as f64;
-        let data_ptr = flow::SyncPtr(ensemble.data_mut().as_mut_ptr());
-        let parts = self.parts_for(n * d);
-        Split::new(d, parts, 64).for_each(|(k0, k1)| {
-            for k in k0..k1 {
-                // SAFETY: parts own disjoint column ranges of the matrix.
-                let mut s = 0.0f64;
-                for i in 0..n {
-                    s += unsafe { *data_ptr.get().add(i * d + k) } as f64;
-                }
-                let mean = s * inv_n;
-                for i in 0..n {
-                    unsafe {
-                        let p = data_ptr.get().add(i * d + k);
-                        *p = (mean + gamma as f64 * (*p as f64 - mean)) as f32;
-                    }
-                }
-            }
-        });
-        Ok(())
+        ensemble::inflate(self, ensemble, gamma)
     }
 
     fn check_finite(&self, buf: &CpuBuffer, name: &str) -> Result<()> {
-        // A vectorized scan (in parallel for large buffers) first; the slow search that names
-        // the first bad entry runs only when there is one.
-        let data = &buf.data;
-        let finite = if self.parts_for(data.len()) > 1 {
-            data.par_chunks(PARALLEL_THRESHOLD).all(simd::all_finite)
-        } else {
-            simd::all_finite(data)
-        };
-        if finite {
-            return Ok(());
-        }
-        crate::error::check_finite(
-            name,
-            data,
-            buf.cols,
-            "check the inputs; a non-finite ensemble usually means the filter diverged",
-        )
+        ensemble::check_finite(self, buf, name)
     }
 
     fn advance(&self, model: &Model, states: &mut CpuBuffer, steps: usize) -> Result<()> {
-        let d = model.dim();
-        if states.cols != d {
-            return Err(Error::shape(
-                "model state",
-                format!("{d} components per member ({})", model.name()),
-                format!("{} components", states.cols),
-            ));
-        }
-        if steps == 0 || states.rows == 0 {
-            return Ok(());
-        }
-        if matches!(model.system, System::Rotation2d(_)) {
-            for row in states.data_mut().chunks_mut(2) {
-                rk::advance_state(model, row, steps, &mut []);
-            }
-            return Ok(());
-        }
-        let rows = states.rows;
-        let parts = self.parts_for(rows * d * steps * 16).min(rows);
-        let row_split = Split::new(rows, parts, 1);
-        let advance_rows = |chunk: &mut [f32], slot: &mut Slot| match &model.system {
-            System::KuramotoSivashinsky(ks) => {
-                let scratch = grow(&mut slot.c32, ks.scratch_len());
-                for row in chunk.chunks_mut(d) {
-                    ks.advance(row, steps, scratch);
-                }
-            }
-            System::NavierStokes2d(ns) => {
-                let scratch = grow(&mut slot.f32a, ns.scratch_len());
-                for row in chunk.chunks_mut(d) {
-                    ns.advance(row, steps, scratch);
-                }
-            }
-            _ => {
-                let scratch = grow(&mut slot.f32a, rk::SCRATCH_VECTORS * d);
-                for row in chunk.chunks_mut(d) {
-                    rk::advance_state(model, row, steps, scratch);
-                }
-            }
-        };
-        self.with_slots(|slots| {
-            if row_split.count() == 1 {
-                // One part: on the calling thread, without waking the pool.
-                advance_rows(states.data_mut(), &mut slots[0]);
-            } else {
-                states
-                    .data_mut()
-                    .par_chunks_mut(row_split.get(0).1 * d)
-                    .zip(slots.par_iter_mut())
-                    .for_each(|(chunk, slot)| advance_rows(chunk, slot));
-            }
-        })
+        models::advance(self, model, states, steps)
     }
 
     fn observe(
@@ -528,23 +406,7 @@ impl Backend for Cpu {
         x: &CpuBuffer,
         out: &mut CpuBuffer,
     ) -> Result<()> {
-        let m = operator.obs_dim(x.cols)?;
-        Cpu::same_shape("observation output", out, x.rows, m)?;
-        if m == 0 {
-            return Ok(());
-        }
-        if self.parts_for(x.rows * m * OBSERVE_COST) > 1 {
-            out.data_mut()
-                .par_chunks_mut(m)
-                .zip(x.data.par_chunks(x.cols.max(1)))
-                .for_each(|(y, xi)| operator.apply(xi, y));
-        } else {
-            out.data_mut()
-                .chunks_mut(m)
-                .zip(x.data.chunks(x.cols.max(1)))
-                .for_each(|(y, xi)| operator.apply(xi, y));
-        }
-        Ok(())
+        ensemble::observe(self, operator, x, out)
     }
 
     fn observed_moments(
@@ -553,48 +415,7 @@ impl Backend for Cpu {
         x: &CpuBuffer,
         out: &mut CpuBuffer,
     ) -> Result<()> {
-        let (n, d) = (x.rows, x.cols);
-        let m = operator.obs_dim(d)?;
-        Cpu::same_shape("observed moments", out, 2, m)?;
-        if m == 0 {
-            return Ok(());
-        }
-        if n == 0 {
-            out.data_mut().fill(0.0);
-            return Ok(());
-        }
-        // Observe member by member, then reduce each observation in f64 (two passes).
-        let parallel = self.parts_for(n * m * OBSERVE_COST) > 1;
-        let mut hx = vec![0.0f32; n * m];
-        if parallel {
-            hx.par_chunks_mut(m)
-                .zip(x.data.par_chunks(d.max(1)))
-                .for_each(|(y, xi)| operator.apply(xi, y));
-        } else {
-            hx.chunks_mut(m)
-                .zip(x.data.chunks(d.max(1)))
-                .for_each(|(y, xi)| operator.apply(xi, y));
-        }
-        let moments = |(q, (mu, v)): (usize, (&mut f32, &mut f32))| {
-            let s: f64 = (0..n).map(|k| hx[k * m + q] as f64).sum();
-            let mq = s / n as f64;
-            let ss: f64 = (0..n).map(|k| (hx[k * m + q] as f64 - mq).powi(2)).sum();
-            *mu = mq as f32;
-            *v = (ss / (n.max(2) - 1) as f64) as f32;
-        };
-        let (mean, var) = out.data_mut().split_at_mut(m);
-        if parallel {
-            mean.par_iter_mut()
-                .zip(var.par_iter_mut())
-                .enumerate()
-                .for_each(moments);
-        } else {
-            mean.iter_mut()
-                .zip(var.iter_mut())
-                .enumerate()
-                .for_each(moments);
-        }
-        Ok(())
+        ensemble::observed_moments(self, operator, x, out)
     }
 
     fn log_likelihoods(
@@ -605,29 +426,7 @@ impl Backend for Cpu {
         obs_noise_std: f32,
         out: &mut CpuBuffer,
     ) -> Result<()> {
-        let (n, d) = (x.rows, x.cols);
-        let m = operator.obs_dim(d)?;
-        Cpu::same_shape("observation", y, 1, m)?;
-        Cpu::same_shape("log-likelihood output", out, 1, n)?;
-        crate::error::check_positive(
-            "observe.noise_std",
-            obs_noise_std as f64,
-            "the observation noise std must be positive",
-        )?;
-        let inv = 1.0 / (2.0 * obs_noise_std as f64 * obs_noise_std as f64);
-        self.with_slots(|slots| {
-            let slot = &mut slots[0];
-            let h = grow(&mut slot.f32a, m);
-            for i in 0..n {
-                operator.apply(x.row(i), h);
-                let e: f64 = h
-                    .iter()
-                    .zip(&y.data)
-                    .map(|(&hk, &yk)| ((yk - hk) as f64).powi(2))
-                    .sum();
-                out.data_mut()[i] = (-e * inv) as f32;
-            }
-        })
+        ensemble::log_likelihoods(self, operator, x, y, obs_noise_std, out)
     }
 
     fn flow_logits(
@@ -705,41 +504,7 @@ impl Backend for Cpu {
         x: &CpuBuffer,
         out: &mut CpuBuffer,
     ) -> Result<()> {
-        let (n, d) = (x.rows, x.cols);
-        Cpu::same_shape("transform weights", weights, n, n)?;
-        Cpu::same_shape("transform output", out, n, d)?;
-        if n == 0 || d == 0 {
-            return Ok(());
-        }
-        let split = Split::new(d, self.parts_for(n * n * d), BLOCK);
-        let xs = x.as_slice();
-        let ws = weights.as_slice();
-        let optr = flow::SyncPtr(out.as_mut_slice().as_mut_ptr());
-        split.for_each(|(k0, k1)| {
-            let mut kb = k0;
-            while kb < k1 {
-                let w = BLOCK.min(k1 - kb);
-                for i in 0..n {
-                    // SAFETY: each part owns columns k0..k1 of `out`, a buffer distinct from
-                    // `x` and `weights` (the borrow checker guarantees it).
-                    let v =
-                        unsafe { std::slice::from_raw_parts_mut(optr.get().add(i * d + kb), w) };
-                    simd::combine(
-                        v,
-                        None,
-                        0.0,
-                        &ws[i * n..(i + 1) * n],
-                        &xs[kb..],
-                        1.0,
-                        None,
-                        0.0,
-                        d,
-                    );
-                }
-                kb += w;
-            }
-        });
-        Ok(())
+        flow::ensemble_transform(self, weights, x, out)
     }
 
     fn observed_products(
@@ -765,43 +530,7 @@ impl Backend for Cpu {
     }
 
     fn ensemble_stats(&self, ensemble: &CpuBuffer, truth: &CpuBuffer) -> Result<EnsembleStats> {
-        let (n, d) = (ensemble.rows, ensemble.cols);
-        Cpu::same_shape("truth", truth, 1, d)?;
-        if n == 0 || d == 0 {
-            return Err(Error::invalid(
-                "ensemble",
-                format!("{n} x {d}"),
-                "metrics need at least one member and one component",
-            ));
-        }
-        let parts = self.parts_for(n * d);
-        let data = &ensemble.data;
-        let (se, var) = Split::new(d, parts, 64).map_reduce(
-            |(k0, k1)| {
-                let mut se = 0.0f64;
-                let mut var = 0.0f64;
-                // Column moments a chunk at a time (vectorized over columns), then the sums
-                // over columns in column order.
-                let (mut mean, mut ss) = ([0.0f64; STATS_CHUNK], [0.0f64; STATS_CHUNK]);
-                let mut kb = k0;
-                while kb < k1 {
-                    let w = STATS_CHUNK.min(k1 - kb);
-                    simd::column_moments(data, n, d, kb, &mut mean[..w], &mut ss[..w]);
-                    for c in 0..w {
-                        se += (mean[c] - truth.data[kb + c] as f64).powi(2);
-                        var += ss[c] / (n.max(2) - 1) as f64;
-                    }
-                    kb += w;
-                }
-                (se, var)
-            },
-            || (0.0, 0.0),
-            |a, b| (a.0 + b.0, a.1 + b.1),
-        );
-        Ok(EnsembleStats {
-            rmse: (se / d as f64).sqrt(),
-            spread: if n < 2 { 0.0 } else { (var / d as f64).sqrt() },
-        })
+        ensemble::ensemble_stats(self, ensemble, truth)
     }
 }
 

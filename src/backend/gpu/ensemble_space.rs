@@ -1,6 +1,6 @@
 //! Ensemble-space kernels of the Kalman-type filters on the GPU: the observed-anomaly products
-//! of the ETKF and EnKF (`shaders/obs_products.wgsl`) and the batched LETKF
-//! (`shaders/letkf.wgsl`). CPU twins: `backend/cpu/ensemble_space.rs`.
+//! of the ETKF and EnKF (`shaders/ensemble_space_products.wgsl`) and the batched LETKF
+//! (`shaders/ensemble_space_letkf.wgsl`). CPU twins: `backend/cpu/ensemble_space.rs`.
 //!
 //! Both need their inputs in single storage bindings; an ensemble split into member blocks
 //! (too large for one binding) falls back to the CPU twins on the host.
@@ -14,7 +14,7 @@ use crate::backend::cpu::ensemble_space as twin;
 use crate::backend::{Backend, LocalAnalysis};
 use crate::error::{Error, Result};
 
-/// Mirror of `ProductParams` in `shaders/obs_products.wgsl`.
+/// Mirror of `ProductParams` in `shaders/ensemble_space_products.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 struct ProductParams {
@@ -24,7 +24,7 @@ struct ProductParams {
     groups_x: u32,
 }
 
-/// Mirror of `LetkfParams` in `shaders/letkf.wgsl`.
+/// Mirror of `LetkfParams` in `shaders/ensemble_space_letkf.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 struct LetkfParams {
@@ -64,9 +64,12 @@ impl EnsembleSpaceKernels {
         };
         let products = module(
             "obs_products",
-            include_str!("../../../shaders/obs_products.wgsl"),
+            include_str!("../../../shaders/ensemble_space_products.wgsl"),
         );
-        let letkf = module("letkf", include_str!("../../../shaders/letkf.wgsl"));
+        let letkf = module(
+            "letkf",
+            include_str!("../../../shaders/ensemble_space_letkf.wgsl"),
+        );
         use Access::*;
         EnsembleSpaceKernels {
             obs_mean: make_kernel(

@@ -1,4 +1,4 @@
-//! The EnFF flow kernels (`shaders/flow_logits.wgsl`, `shaders/softmax.wgsl`,
+//! The EnFF flow kernels (`shaders/flow_logits.wgsl`, `shaders/flow_softmax.wgsl`,
 //! `shaders/flow_update.wgsl`; CPU twins in `backend/cpu/flow.rs`).
 
 use super::*;

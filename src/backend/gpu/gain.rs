@@ -1,5 +1,5 @@
 //! Covariance guidance on the GPU: the banded-gain step (`shaders/gain_guidance.wgsl`) and the
-//! local gains of a stage (`shaders/local_gains.wgsl`); CPU twins in `backend/cpu/gain.rs`.
+//! local gains of a stage (`shaders/gain_local.wgsl`); CPU twins in `backend/cpu/gain.rs`.
 //! The pipelines are built on first use.
 
 use std::sync::Mutex;
@@ -11,11 +11,11 @@ use crate::backend::{check_gain_step, check_local_gains, Backend, GainStep, Loca
 use crate::error::{Error, Result};
 
 /// Widest localization window the observation-space kernel solves (`WMAX` in
-/// `shaders/local_gains.wgsl`): its `w × w` system and a member tile stay within 16 KiB of
+/// `shaders/gain_local.wgsl`): its `w × w` system and a member tile stay within 16 KiB of
 /// workgroup memory. Wider windows go to the ensemble-space kernel.
 pub const GPU_MAX_WINDOW: usize = 48;
 
-/// Largest ensemble the ensemble-space kernel solves (`NMAX` in `shaders/local_gains.wgsl`,
+/// Largest ensemble the ensemble-space kernel solves (`NMAX` in `shaders/gain_local.wgsl`,
 /// an `n × n` system in workgroup memory, any window width). Only a problem with both
 /// `n` and `w` above these limits computes its gains on the host.
 pub const GPU_MAX_ENS_MEMBERS: usize = 48;
@@ -51,7 +51,7 @@ pub(super) struct GainKernels {
     moments_buf: Mutex<Option<wgpu::Buffer>>,
 }
 
-/// Mirror of `LocalGainParams` in `shaders/local_gains.wgsl`.
+/// Mirror of `LocalGainParams` in `shaders/gain_local.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 struct LocalGainParams {
@@ -105,7 +105,7 @@ fn kernels(gpu: &Gpu) -> &GainKernels {
                 })
         };
         let step = module("gain_guidance", with_observe!("gain_guidance.wgsl"));
-        let local = module("local_gains", with_observe!("local_gains.wgsl"));
+        let local = module("local_gains", with_observe!("gain_local.wgsl"));
         use Access::*;
         const LOCAL_BINDINGS: &[(u32, Access)] = &[
             (1, Read),

@@ -31,20 +31,12 @@ use bytemuck::Pod;
 use super::{check_path, Backend, DeviceBuffer, EnsembleStats, FlowUpdate, PathCoefficients};
 use crate::error::{Error, Result};
 use crate::model::{Model, System};
-use crate::observe::{ObservationOperator, Observe, Pointwise};
+use crate::observe::{ObservationOperator, Observe};
 use crate::rng::NoiseKey;
+use observe::pointwise_code;
 
-/// The WGSL source of `shaders/<file>` with the shared observation maps of
-/// `shaders/observe.wgsl` prepended (WGSL has no includes).
-macro_rules! with_observe {
-    ($file:literal) => {
-        concat!(
-            include_str!("../../../shaders/observe.wgsl"),
-            "\n",
-            include_str!(concat!("../../../shaders/", $file))
-        )
-    };
-}
+#[macro_use]
+mod observe;
 
 pub mod context;
 mod ensemble;
@@ -207,14 +199,6 @@ fn groups_2d(count: usize) -> Result<(u32, u32)> {
         });
     }
     Ok((x as u32, y as u32))
-}
-
-fn pointwise_code(p: Pointwise) -> u32 {
-    match p {
-        Pointwise::Identity => 0,
-        Pointwise::Arctan => 1,
-        Pointwise::Tanh => 2,
-    }
 }
 
 fn shape_err(name: &str, b: &GpuBuffer, rows: usize, cols: usize) -> Result<()> {

@@ -23,7 +23,7 @@ pub struct LogitParams {
     pub _pad: [u32; 3],
 }
 
-/// Mirror of `SoftmaxParams` in `shaders/softmax.wgsl`.
+/// Mirror of `SoftmaxParams` in `shaders/flow_softmax.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct SoftmaxParams {

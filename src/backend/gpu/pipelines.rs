@@ -53,7 +53,10 @@ impl Kernels {
             "flow_logits",
             include_str!("../../../shaders/flow_logits.wgsl"),
         );
-        let softmax = module("softmax", include_str!("../../../shaders/softmax.wgsl"));
+        let softmax = module(
+            "softmax",
+            include_str!("../../../shaders/flow_softmax.wgsl"),
+        );
         let update = module("flow_update", with_observe!("flow_update.wgsl"));
         let noise = module("noise", include_str!("../../../shaders/noise.wgsl"));
         let ens = module("ensemble", with_observe!("ensemble.wgsl"));

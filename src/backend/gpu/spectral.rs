@@ -1,5 +1,5 @@
-//! The batched FFT (`shaders/fft.wgsl`) and the Kuramoto–Sivashinsky forecast
-//! (`shaders/ks.wgsl`) on the GPU, for every member at once. CPU twins: `backend/cpu/fft.rs`.
+//! The batched FFT (`shaders/spectral_fft.wgsl`) and the Kuramoto–Sivashinsky forecast
+//! (`shaders/spectral_ks.wgsl`) on the GPU, for every member at once. CPU twins: `backend/cpu/spectral.rs`.
 //!
 //! The ensemble stays on the device for the whole forecast: each chunk of members is copied
 //! into a packed buffer, transformed, stepped in Fourier space (seven spectra per member) and
@@ -13,11 +13,11 @@ use std::sync::Mutex;
 use bytemuck::{Pod, Zeroable};
 
 use super::{groups_1d, make_kernel, u32_of, Access, Gpu, GpuBuffer, Kernel};
-use crate::backend::cpu::fft::{twiddle_table, FftPlan};
+use crate::backend::cpu::spectral::{twiddle_table, FftPlan};
 use crate::error::{Error, Result};
 use crate::model::KuramotoSivashinsky;
 
-/// Mirror of `FftParams` in `shaders/fft.wgsl`.
+/// Mirror of `FftParams` in `shaders/spectral_fft.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub(super) struct FftParams {
@@ -31,7 +31,7 @@ pub(super) struct FftParams {
     _pad: u32,
 }
 
-/// Mirror of `KsParams` in `shaders/ks.wgsl`.
+/// Mirror of `KsParams` in `shaders/spectral_ks.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub(super) struct KsParams {
@@ -48,7 +48,7 @@ const _: () = {
     assert!(std::mem::size_of::<KsParams>().is_multiple_of(16));
 };
 
-/// Spectrum slots of the ETDRK4 step (see `shaders/ks.wgsl`).
+/// Spectrum slots of the ETDRK4 step (see `shaders/spectral_ks.wgsl`).
 const V: u32 = 0;
 const N1: u32 = 1;
 const N2A: u32 = 2;
@@ -93,8 +93,8 @@ impl Spectral {
                 source: wgpu::ShaderSource::Wgsl(src.into()),
             })
         };
-        let fft = module("fft", include_str!("../../../shaders/fft.wgsl"));
-        let ks = module("ks", include_str!("../../../shaders/ks.wgsl"));
+        let fft = module("fft", include_str!("../../../shaders/spectral_fft.wgsl"));
+        let ks = module("ks", include_str!("../../../shaders/spectral_ks.wgsl"));
         use Access::*;
         Spectral {
             fft: make_kernel(

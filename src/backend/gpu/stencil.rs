@@ -1,4 +1,4 @@
-//! The 2-D Navier–Stokes forecast on the GPU (`shaders/ns.wgsl`): the CPU model's Chorin
+//! The 2-D Navier–Stokes forecast on the GPU (`shaders/stencil_ns.wgsl`): the CPU model's Chorin
 //! projection step (`model/ns.rs`), kernel by kernel, for every member and grid cell at once.
 //!
 //! One step is a predictor, a divergence, the configured Jacobi sweeps (warm-started from the
@@ -14,7 +14,7 @@ use super::{groups_1d, make_kernel, u32_of, Access, Gpu, GpuBuffer, Kernel};
 use crate::error::{Error, Result};
 use crate::model::NavierStokes2d;
 
-/// Mirror of `NsParams` in `shaders/ns.wgsl`.
+/// Mirror of `NsParams` in `shaders/stencil_ns.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub(super) struct NsParams {
@@ -57,7 +57,9 @@ impl Stencil {
     pub(super) fn new(device: &wgpu::Device) -> Stencil {
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("ns"),
-            source: wgpu::ShaderSource::Wgsl(include_str!("../../../shaders/ns.wgsl").into()),
+            source: wgpu::ShaderSource::Wgsl(
+                include_str!("../../../shaders/stencil_ns.wgsl").into(),
+            ),
         });
         use Access::*;
         let k = |name: &'static str, entry: &str, binds: &[(u32, Access)]| {

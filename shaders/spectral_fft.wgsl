@@ -1,5 +1,5 @@
 // One pass of the batched Stockham FFT (radix 2 or 4) over every member at once.
-// CPU twin: src/backend/cpu/fft.rs::fft_pass (the algorithm is described there).
+// CPU twin: src/backend/cpu/spectral.rs::fft_pass (the algorithm is described there).
 //
 // Complex data are interleaved f32 pairs, member after member (`batch` sequences of length m).
 // One thread per butterfly: thread t handles member t / (m/R) and butterfly j = t mod (m/R).

@@ -1,6 +1,6 @@
 // Kuramoto–Sivashinsky forecast in Fourier space (ETDRK4, ENFF_SPEC §8.4) for every member at
-// once; the complex FFTs are shaders/fft.wgsl.
-// CPU twins: src/backend/cpu/fft.rs::{unpack_forward, pack_inverse, etdrk4_stage}.
+// once; the complex FFTs are shaders/spectral_fft.wgsl.
+// CPU twins: src/backend/cpu/spectral.rs::{unpack_forward, pack_inverse, etdrk4_stage}.
 //
 // `spec` holds seven spectra per member, slot after slot (v, n1, n2a, n2b, n3, a, bc), each
 // `batch · bins` complex values (bins = m + 1 for real length d = 2m). `packed` is a packed

@@ -1,4 +1,4 @@
-//! CPU twins of `shaders/fft.wgsl` (batched Stockham FFT) and `shaders/ks.wgsl` (the real-FFT
+//! CPU twins of `shaders/spectral_fft.wgsl` (batched Stockham FFT) and `shaders/spectral_ks.wgsl` (the real-FFT
 //! packing and the ETDRK4 stage combinations of the Kuramoto–Sivashinsky forecast), operation
 //! for operation, so that the GPU kernels can be checked against them tightly.
 //!
@@ -158,7 +158,7 @@ fn csub(a: [f32; 2], b: [f32; 2]) -> [f32; 2] {
     [a[0] - b[0], a[1] - b[1]]
 }
 
-/// One Stockham pass over a batch: the CPU twin of `fft.wgsl::pass` (one loop iteration per
+/// One Stockham pass over a batch: the CPU twin of `spectral_fft.wgsl::pass` (one loop iteration per
 /// GPU thread).
 #[allow(clippy::too_many_arguments)]
 pub fn fft_pass(
@@ -224,7 +224,7 @@ pub fn fft_pass(
     }
 }
 
-/// Twin of `ks.wgsl::unpack_forward`: untangles `batch` packed half-length spectra (`m`
+/// Twin of `spectral_ks.wgsl::unpack_forward`: untangles `batch` packed half-length spectra (`m`
 /// complex values each) into `m + 1` real-FFT bins each. `real_tw` holds `e^{−2πik/2m}` for
 /// `k ≤ m` (see [`twiddle_table`]); `g`, when given, turns the bins into the KS nonlinear term
 /// `i·g_k·X_k`.
@@ -260,7 +260,7 @@ pub fn unpack_forward(
     }
 }
 
-/// Twin of `ks.wgsl::pack_inverse`: tangles `batch` spectra of `m + 1` bins into packed
+/// Twin of `spectral_ks.wgsl::pack_inverse`: tangles `batch` spectra of `m + 1` bins into packed
 /// half-length spectra ready for the inverse complex FFT, divided by `2m` (the real length).
 pub fn pack_inverse(spectrum: &[f32], packed: &mut [f32], m: usize, batch: usize, real_tw: &[f32]) {
     let bins = m + 1;
@@ -291,7 +291,7 @@ pub fn pack_inverse(spectrum: &[f32], packed: &mut [f32], m: usize, batch: usize
     }
 }
 
-/// Twin of `ks.wgsl::stage`: one ETDRK4 combination over `batch·bins` bins of the seven spectra
+/// Twin of `spectral_ks.wgsl::stage`: one ETDRK4 combination over `batch·bins` bins of the seven spectra
 /// `spec = [v, n1, n2a, n2b, n3, a, bc]` (each `batch·bins` complex values, slot after slot).
 /// `coef = [e, e2, q, f1, f2, f3, g]` (each `bins` values). Modes: 0: `a = v e2 + n1 q`;
 /// 1: `bc = v e2 + n2a q`; 2: `bc = a e2 + (2 n2b − n1) q`;
@@ -320,63 +320,6 @@ pub fn etdrk4_stage(spec: &mut [f32], coef: &[f32], bins: usize, batch: usize, m
         spec[2 * (target * slot + idx)] = z[0];
         spec[2 * (target * slot + idx) + 1] = z[1];
     }
-}
-
-/// The GPU's Kuramoto–Sivashinsky forecast run on the CPU with the twin kernels: `batch` states
-/// of `d = 2m` values in `x`, `steps` ETDRK4 steps with the coefficient table `coef` (see
-/// [`etdrk4_stage`]). For parity tests of the whole GPU forecast.
-pub fn ks_advance_twin(
-    plan: &FftPlan,
-    coef: &[f32],
-    x: &mut [f32],
-    batch: usize,
-    steps: usize,
-) -> Result<()> {
-    let m = plan.len();
-    let bins = m + 1;
-    let real_tw = twiddle_table(2 * m, m + 1);
-    let g = &coef[6 * bins..7 * bins];
-    let mut spec = vec![0.0f32; 7 * 2 * batch * bins];
-    let mut packed = vec![0.0f32; 2 * batch * m];
-    let mut scratch = vec![0.0f32; 2 * batch * m];
-    let slot = 2 * batch * bins;
-    packed.copy_from_slice(x);
-    plan.transform(&mut packed, &mut scratch, false, false)?;
-    unpack_forward(&packed, &mut spec[..slot], m, batch, &real_tw, None);
-    let mut nonlinear = |spec: &mut [f32], from: usize, to: usize| -> Result<()> {
-        pack_inverse(
-            &spec[from * slot..(from + 1) * slot],
-            &mut packed,
-            m,
-            batch,
-            &real_tw,
-        );
-        plan.transform(&mut packed, &mut scratch, true, false)?;
-        plan.transform(&mut packed, &mut scratch, false, true)?;
-        unpack_forward(
-            &packed,
-            &mut spec[to * slot..(to + 1) * slot],
-            m,
-            batch,
-            &real_tw,
-            Some(g),
-        );
-        Ok(())
-    };
-    for _ in 0..steps {
-        nonlinear(&mut spec, 0, 1)?;
-        etdrk4_stage(&mut spec, coef, bins, batch, 0);
-        nonlinear(&mut spec, 5, 2)?;
-        etdrk4_stage(&mut spec, coef, bins, batch, 1);
-        nonlinear(&mut spec, 6, 3)?;
-        etdrk4_stage(&mut spec, coef, bins, batch, 2);
-        nonlinear(&mut spec, 6, 4)?;
-        etdrk4_stage(&mut spec, coef, bins, batch, 3);
-    }
-    pack_inverse(&spec[..slot], &mut packed, m, batch, &real_tw);
-    plan.transform(&mut packed, &mut scratch, true, false)?;
-    x.copy_from_slice(&packed);
-    Ok(())
 }
 
 #[cfg(test)]
