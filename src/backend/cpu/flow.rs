@@ -730,6 +730,50 @@ fn velocity_blocks<F>(
     });
 }
 
+/// `out_i = Σ_j W_ij x_j` (the ensemble transform of the Kalman-type filters), blocked over
+/// columns like the flow update's combination.
+pub(super) fn ensemble_transform(
+    cpu: &Cpu,
+    weights: &CpuBuffer,
+    x: &CpuBuffer,
+    out: &mut CpuBuffer,
+) -> Result<()> {
+    let (n, d) = (x.rows, x.cols);
+    Cpu::same_shape("transform weights", weights, n, n)?;
+    Cpu::same_shape("transform output", out, n, d)?;
+    if n == 0 || d == 0 {
+        return Ok(());
+    }
+    let split = Split::new(d, cpu.parts_for(n * n * d), BLOCK);
+    let xs = x.as_slice();
+    let ws = weights.as_slice();
+    let optr = SyncPtr(out.as_mut_slice().as_mut_ptr());
+    split.for_each(|(k0, k1)| {
+        let mut kb = k0;
+        while kb < k1 {
+            let w = BLOCK.min(k1 - kb);
+            for i in 0..n {
+                // SAFETY: each part owns columns k0..k1 of `out`, a buffer distinct from
+                // `x` and `weights` (the borrow checker guarantees it).
+                let v = unsafe { std::slice::from_raw_parts_mut(optr.get().add(i * d + kb), w) };
+                simd::combine(
+                    v,
+                    None,
+                    0.0,
+                    &ws[i * n..(i + 1) * n],
+                    &xs[kb..],
+                    1.0,
+                    None,
+                    0.0,
+                    d,
+                );
+            }
+            kb += w;
+        }
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -888,46 +932,4 @@ mod tests {
             }
         }
     }
-}
-
-pub(super) fn ensemble_transform(
-    cpu: &Cpu,
-    weights: &CpuBuffer,
-    x: &CpuBuffer,
-    out: &mut CpuBuffer,
-) -> Result<()> {
-    let (n, d) = (x.rows, x.cols);
-    Cpu::same_shape("transform weights", weights, n, n)?;
-    Cpu::same_shape("transform output", out, n, d)?;
-    if n == 0 || d == 0 {
-        return Ok(());
-    }
-    let split = Split::new(d, cpu.parts_for(n * n * d), BLOCK);
-    let xs = x.as_slice();
-    let ws = weights.as_slice();
-    let optr = SyncPtr(out.as_mut_slice().as_mut_ptr());
-    split.for_each(|(k0, k1)| {
-        let mut kb = k0;
-        while kb < k1 {
-            let w = BLOCK.min(k1 - kb);
-            for i in 0..n {
-                // SAFETY: each part owns columns k0..k1 of `out`, a buffer distinct from
-                // `x` and `weights` (the borrow checker guarantees it).
-                let v = unsafe { std::slice::from_raw_parts_mut(optr.get().add(i * d + kb), w) };
-                simd::combine(
-                    v,
-                    None,
-                    0.0,
-                    &ws[i * n..(i + 1) * n],
-                    &xs[kb..],
-                    1.0,
-                    None,
-                    0.0,
-                    d,
-                );
-            }
-            kb += w;
-        }
-    });
-    Ok(())
 }
