@@ -4,8 +4,9 @@
 # under the 64 MiB a device run carries once compressed). Run from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tests=(gpu_kernels gpu_enff gpu_models gpu_guidance gpu_baselines gpu_ensemble_space
-    gpu_assimilate memory presets)
+tests=(kernels enff ks_ns covariance_guidance baselines ensemble_space assimilate memory
+    presets)
+
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 cargo build --release

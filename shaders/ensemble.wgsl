@@ -3,7 +3,7 @@
 // per-member log-likelihoods.
 // CPU twins: src/backend/cpu/ensemble.rs::{inflate, ensemble_stats, check_finite, observe,
 // log_likelihoods, observed_moments}.
-// Parity test: tests/gpu_kernels.rs::inflation_statistics_observation_and_likelihood_match.
+// Parity test: tests/kernels.rs::inflation_statistics_observation_and_likelihood_match.
 
 // Rust mirror: src/backend/gpu/params.rs::EnsembleParams
 struct EnsembleParams {

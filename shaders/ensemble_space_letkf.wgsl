@@ -8,7 +8,7 @@
 // For the cell: C = Σ_q ρ_q ã_q ã_qᵀ/σ² + (n-1) I, b = Σ_q ρ_q ã_q (y_q - ȳ_q)/σ² over the
 // local observations (Gaspari-Cohn ρ_q > 1e-6 at grid distance ≤ reach), C = V Λ Vᵀ by cyclic
 // Jacobi, w = C⁻¹ b, T = √(n-1) C^{-1/2}; each component: x̄_a = x̄ + w·a, x_a,i = x̄_a + (T a)_i.
-// Parity test: tests/gpu_ensemble_space.rs::batched_letkf_matches_the_cpu_twin.
+// Parity test: tests/ensemble_space.rs::batched_letkf_matches_the_cpu_twin.
 
 // Rust mirror: src/backend/gpu/ensemble_space.rs::LetkfParams
 struct LetkfParams {

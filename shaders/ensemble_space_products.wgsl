@@ -7,7 +7,7 @@
 //   out[r, j] = ã_r · ã_j              for r < n        (Gram matrix)
 //   out[n, j] = ã_j · (y - ȳ)                           (projected innovation)
 //   out[n + 1 + r, j] = ã_j · η_r      for r < e        (projected perturbations, eta e x m)
-// Parity test: tests/gpu_ensemble_space.rs::observed_products_match_the_cpu_twin.
+// Parity test: tests/ensemble_space.rs::observed_products_match_the_cpu_twin.
 
 // Rust mirror: src/backend/gpu/ensemble_space.rs::ProductParams
 struct ProductParams {

@@ -6,7 +6,7 @@
 // differences (never ‖x‖² + ‖μ‖² − 2x·μ), into partial[slab][i][j].
 // Pass 2 (`reduce`): ℓ_ij = −Σ_slab partial / (2 s²) + bias_j.
 // μ_jk = a·target_jk + b·source_jk is formed on the fly while the tile is loaded.
-// Parity test: tests/gpu_kernels.rs::flow_logits_match_the_cpu_twin.
+// Parity test: tests/kernels.rs::flow_logits_match_the_cpu_twin.
 
 // Rust mirror: src/backend/gpu/params.rs::LogitParams
 struct LogitParams {

@@ -3,7 +3,7 @@
 // A non-finite log-weight raises the error flag (slot p.flag_slot) with the first flat index;
 // the host reads the flag once per analysis. Unlike the reference code we never fall back to
 // uniform weights silently.
-// Parity test: tests/gpu_kernels.rs::softmax_rows_match_and_flag_non_finite_logits.
+// Parity test: tests/kernels.rs::softmax_rows_match_and_flag_non_finite_logits.
 
 // Rust mirror: src/backend/gpu/params.rs::SoftmaxParams
 struct SoftmaxParams {

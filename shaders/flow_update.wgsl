@@ -8,7 +8,7 @@
 //   state ← state + h_new·(v + g) + h_old·v_prev;  v_out ← v + g
 // With member-block splitting the sum over j runs over several target chunks: chunks before
 // the last accumulate into `acc` (first = 1 starts from cx·x), the last one finalizes.
-// Parity test: tests/gpu_kernels.rs::flow_update_matches_the_cpu_twin_for_every_variant.
+// Parity test: tests/kernels.rs::flow_update_matches_the_cpu_twin_for_every_variant.
 
 // Rust mirror: src/backend/gpu/params.rs::UpdateParams
 struct UpdateParams {

@@ -6,7 +6,7 @@
 // statistics: the linearized innovation variance).
 // One thread per (member, component) of a member block; zero gain entries are padding.
 // CPU twin: src/backend/cpu/gain.rs::gain_step.
-// Parity test: tests/gpu_guidance.rs::banded_gain_step_agrees_with_the_cpu.
+// Parity test: tests/covariance_guidance.rs::banded_gain_step_agrees_with_the_cpu.
 
 // Rust mirror: src/backend/gpu/gain.rs::GainParams
 struct GainParams {

@@ -18,7 +18,7 @@
 //   Padding entries get s_e = 0: no term in G, gain 0.
 // The host picks the space (src/backend/gpu/gain.rs); a problem neither kernel takes (n and w
 // both above 48, or an ensemble split into member blocks) runs the twin on the host.
-// Parity test: tests/gpu_guidance.rs::local_gains_agree_with_the_cpu_twin_and_the_f64_reference.
+// Parity test: tests/covariance_guidance.rs::local_gains_agree_with_the_cpu_twin_and_the_f64_reference.
 
 // Rust mirror: src/backend/gpu/gain.rs::LocalGainParams
 struct LocalGainParams {

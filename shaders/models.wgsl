@@ -5,7 +5,7 @@
 // `stage`: kout = f(x + dt·(c1·k1 + c2·k2 + c3·k3)), the argument formed on the fly at every
 // stencil point, so no temporary state is stored.
 // `combine`: x ← x + dt·(c1·k1 + c2·k2 + c3·k3 + c4·k4).
-// Parity test: tests/gpu_kernels.rs::model_kernels_match_the_cpu_runge_kutta.
+// Parity test: tests/kernels.rs::model_kernels_match_the_cpu_runge_kutta.
 
 // Rust mirror: src/backend/gpu/params.rs::ModelParams
 struct ModelParams {

@@ -2,7 +2,7 @@
 // CPU twin: src/rng.rs (philox4x32_10, box_muller, fill_normal_row) and
 // src/backend/cpu/noise.rs::fill_normal. Same counter layout, so both draw the same numbers
 // (Box–Muller is evaluated in f32 here and in f64 on the CPU: they agree to ~1e-6).
-// Parity test: tests/gpu_kernels.rs::fill_normal_matches_the_cpu_philox_stream.
+// Parity test: tests/kernels.rs::fill_normal_matches_the_cpu_philox_stream.
 
 // Rust mirror: src/backend/gpu/params.rs::NoiseParams
 struct NoiseParams {

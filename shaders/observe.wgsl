@@ -2,7 +2,7 @@
 // this file is prepended to those shaders when their modules are built
 // (src/backend/gpu/observe.rs::with_observe). CPU twin: src/observe.rs::Pointwise.
 // Codes (src/backend/gpu/observe.rs::pointwise_code): 0 identity, 1 arctan, 2 tanh.
-// Parity test: tests/gpu_kernels.rs::inflation_statistics_observation_and_likelihood_match.
+// Parity test: tests/kernels.rs::inflation_statistics_observation_and_likelihood_match.
 
 // h(x)
 fn obs_value(code: u32, x: f32) -> f32 {

@@ -3,7 +3,7 @@
 //
 // Complex data are interleaved f32 pairs, member after member (`batch` sequences of length m).
 // One thread per butterfly: thread t handles member t / (m/R) and butterfly j = t mod (m/R).
-// Parity test: tests/gpu_models.rs::gpu_fft_matches_its_twin_and_rustfft.
+// Parity test: tests/ks_ns.rs::gpu_fft_matches_its_twin_and_rustfft.
 
 // Rust mirror: src/backend/gpu/spectral.rs::FftParams
 struct FftParams {

@@ -6,7 +6,7 @@
 // `batch · bins` complex values (bins = m + 1 for real length d = 2m). `packed` is a packed
 // half-length spectrum per member (m complex values). `coef` holds e, e2, q, f1, f2, f3, g
 // (bins values each); `rtw` the real-FFT twiddles e^{−2πik/d}, k ≤ m.
-// Parity test: tests/gpu_models.rs::gpu_ks_forecast_matches_the_cpu_model.
+// Parity test: tests/ks_ns.rs::gpu_ks_forecast_matches_the_cpu_model.
 
 // Rust mirror: src/backend/gpu/spectral.rs::KsParams
 struct KsParams {

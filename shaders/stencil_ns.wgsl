@@ -4,7 +4,7 @@
 //
 // Member r's state is (p, u, v) at x[r·3n² ..], channel-major, cell (i, j) at i·n + j (i the
 // x index, j the y index), periodic. Its scratch (u*, v*, b, p_tmp) is at s[r·4n² ..].
-// Parity test: tests/gpu_models.rs::gpu_ns_forecast_matches_the_cpu_model_and_projects.
+// Parity test: tests/ks_ns.rs::gpu_ns_forecast_matches_the_cpu_model_and_projects.
 
 // Rust mirror: src/backend/gpu/stencil.rs::NsParams
 struct NsParams {

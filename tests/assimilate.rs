@@ -1,17 +1,20 @@
 //! One analysis step through `.npy` files (`enff assimilate` and its library call) and the
 //! `Assimilator` builder driven by a user model.
 
-use std::path::Path;
-use std::process::Command;
-use std::sync::Arc;
-
 use enff::backend::cpu::Cpu;
 use enff::experiment::assimilate::{assimilate, assimilate_files, AnalysisSpec, AssimilateFiles};
+use enff::experiment::trace::{Recorder, TraceOptions};
+use enff::experiment::{preset, Experiment};
 use enff::io::npy::{read_npy, write_npy, NpyDtype};
 use enff::model::{Dynamics, Lorenz96, Model, Scheme, System};
 use enff::observe::{ObservationOperator, Observe, Pointwise};
 use enff::rng::{fill_normal_row, NoiseKey, Stream};
 use enff::{Assimilator, Ensemble, Error};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+mod common;
 
 /// `n × d` normal values of std `scale` around `mean`, from the Philox streams.
 fn normal(n: usize, d: usize, seed: u64, mean: f32, scale: f32) -> Vec<f32> {
@@ -41,7 +44,6 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-#[test]
 fn the_command_equals_the_library_call_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let (n, d) = (9, 23);
@@ -124,7 +126,6 @@ fn the_command_equals_the_library_call_bit_for_bit() {
     }
 }
 
-#[test]
 fn float64_files_give_the_same_analysis_and_a_float64_output() {
     let dir = tempfile::tempdir().unwrap();
     let (n, d) = (6, 10);
@@ -162,7 +163,6 @@ fn float64_files_give_the_same_analysis_and_a_float64_output() {
     assert!(dist(&outs[0]) < dist(&forecast));
 }
 
-#[test]
 fn localizing_filters_localize_on_a_ring_of_the_forecasts_components() {
     // A 40-component forecast: the LETKF (and a localized EnKF) localize on a ring of 40, not
     // on the default preset's 1000 components.
@@ -188,7 +188,6 @@ fn localizing_filters_localize_on_a_ring_of_the_forecasts_components() {
     }
 }
 
-#[test]
 fn shapes_that_disagree_are_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
     let (n, d) = (5, 12);
@@ -262,7 +261,6 @@ fn shapes_that_disagree_are_typed_errors() {
     assert!(!dir.path().join("OUT.npy").exists());
 }
 
-#[test]
 fn the_command_reports_bad_files_and_leaves_no_output() {
     let dir = tempfile::tempdir().unwrap();
     let fp = dir.path().join("F.npy");
@@ -354,7 +352,6 @@ fn cpu_vec(cpu: &Cpu, model: &Model, x: Vec<f32>, steps: usize) -> Vec<f32> {
     cpu.read(&b).unwrap()
 }
 
-#[test]
 fn the_builder_tracks_a_truth_with_a_user_model() {
     let d = 20;
     let base = || {
@@ -395,7 +392,6 @@ fn the_builder_tracks_a_truth_with_a_user_model() {
     assert_eq!(by_closure.to_bits(), by_model.to_bits());
 }
 
-#[test]
 fn the_builder_refuses_bad_input_with_typed_errors() {
     let cpu = Cpu::new();
     let ens = Ensemble::from_vec(4, 3, normal(4, 3, 1, 0.0, 1.0)).unwrap();
@@ -452,3 +448,140 @@ fn the_builder_refuses_bad_input_with_typed_errors() {
     da.analyse(&[0.1, 0.2, 0.3]).unwrap();
     assert_eq!(da.cycle(), 2);
 }
+
+// ---- On the GPU, against the CPU ----
+// The Assimilator, `assimilate` and the run recorder on the GPU agree with the CPU.
+#[derive(Debug)]
+struct Decay;
+
+impl Dynamics for Decay {
+    fn dim(&self) -> usize {
+        13
+    }
+    fn rhs(&self, x: &[f32], dx: &mut [f32]) {
+        for (k, (a, b)) in x.iter().zip(dx.iter_mut()).enumerate() {
+            *b = -0.5 * a + 0.1 * (k as f32).sin();
+        }
+    }
+}
+
+fn one_analysis_on_the_gpu_matches_the_cpu() {
+    let Some((_guard, gpu)) = common::gpu() else {
+        return;
+    };
+    let (n, d) = (7, 45);
+    let f = Ensemble::from_vec(n, d, normal(n, d, 1, 0.5, 1.5)).unwrap();
+    let p = Ensemble::from_vec(n, d, normal(n, d, 2, 0.0, 1.5)).unwrap();
+    for (filter, op, every) in [
+        ("enff-f2p", Pointwise::Arctan, 3),
+        ("etkf", Pointwise::Identity, 1),
+    ] {
+        let mut spec = AnalysisSpec::new(filter, 0.3, 9);
+        spec.operator = op;
+        spec.obs_every = every;
+        spec.sets = vec!["filter.flow_steps=4".into()];
+        let m = spec.observation_operator().unwrap().obs_dim(d).unwrap();
+        let y = normal(1, m, 3, 0.2, 0.4);
+        let cpu = assimilate(&Cpu::new(), &f, Some(&p), &y, &spec).unwrap();
+        let g = assimilate(gpu, &f, Some(&p), &y, &spec).unwrap();
+        common::assert_close(g.as_slice(), cpu.as_slice(), 1e-4, 1e-3, filter);
+    }
+}
+
+fn user_models_run_on_the_host_and_user_operators_are_refused() {
+    let Some((_guard, gpu)) = common::gpu() else {
+        return;
+    };
+    let d = 13;
+    let init = Ensemble::from_vec(5, d, normal(5, d, 4, 1.0, 1.0)).unwrap();
+    let build = |b: enff::AssimilatorBuilder| {
+        b.filter("etkf")
+            .obs_noise_std(0.2)
+            .initial_ensemble(init.clone())
+            .dynamics(Decay, 0.05, 4)
+    };
+    let cpu = Cpu::new();
+    let mut on_cpu = build(Assimilator::builder()).build(&cpu).unwrap();
+    let mut on_gpu = build(Assimilator::builder()).build(gpu).unwrap();
+    let y = normal(1, d, 5, 0.0, 0.2);
+    on_cpu.forecast().unwrap();
+    on_gpu.forecast().unwrap();
+    // The forecast is the same host integration on both.
+    assert_eq!(
+        on_cpu.ensemble().unwrap().as_slice(),
+        on_gpu.ensemble().unwrap().as_slice()
+    );
+    on_cpu.analyse(&y).unwrap();
+    on_gpu.analyse(&y).unwrap();
+    common::assert_close(
+        on_gpu.ensemble().unwrap().as_slice(),
+        on_cpu.ensemble().unwrap().as_slice(),
+        1e-4,
+        1e-3,
+        "etkf after a host forecast",
+    );
+
+    #[derive(Debug)]
+    struct Mine;
+    impl ObservationOperator for Mine {
+        fn name(&self) -> String {
+            "mine".into()
+        }
+        fn obs_dim(&self, d: usize) -> enff::Result<usize> {
+            Ok(d)
+        }
+        fn apply(&self, x: &[f32], y: &mut [f32]) {
+            y.copy_from_slice(x);
+        }
+        fn adjoint(&self, _x: &[f32], r: &[f32], out: &mut [f32]) {
+            out.copy_from_slice(r);
+        }
+    }
+    let r = Assimilator::builder()
+        .operator(Mine)
+        .obs_noise_std(0.2)
+        .initial_ensemble(init.clone())
+        .build(gpu);
+    assert!(matches!(r, Err(Error::Unsupported { .. })));
+    let _ = Observe::identity();
+}
+
+fn the_recorder_keeps_the_same_fields_on_the_gpu() {
+    let Some((_guard, gpu)) = common::gpu() else {
+        return;
+    };
+    let p = preset("lorenz96_sakov2008").unwrap();
+    let mut cfg = p.config.clone();
+    for s in [
+        "model.d=61",
+        "experiment.cycles=3",
+        "experiment.burn_in=0",
+        "experiment.spinup=20",
+        "filter.flow_steps=3",
+    ] {
+        cfg.set(s).unwrap();
+    }
+    let exp = Experiment::new(p.name, cfg, None).unwrap();
+    let options = TraceOptions {
+        max_components: 20,
+        ..TraceOptions::default()
+    };
+    let mut rc = Recorder::<Cpu>::new(exp.config(), options.clone()).unwrap();
+    exp.run_observed(&Cpu::new(), |_| {}, |s| rc.observe(s))
+        .unwrap();
+    let mut rg = Recorder::new(exp.config(), options).unwrap();
+    exp.run_observed(gpu, |_| {}, |s| rg.observe(s)).unwrap();
+    let (hc, hg) = (
+        rc.finish().hovmoller.unwrap(),
+        rg.finish().hovmoller.unwrap(),
+    );
+    assert_eq!(hc.components, hg.components);
+    assert_eq!(hc.components.len(), 16); // every 4th of 61
+    common::assert_close(&hg.truth, &hc.truth, 1e-3, 1e-3, "truth");
+    common::assert_close(&hg.mean, &hc.mean, 1e-2, 1e-2, "analysis mean");
+}
+
+test_main!(
+    cpu: [the_command_equals_the_library_call_bit_for_bit, float64_files_give_the_same_analysis_and_a_float64_output, localizing_filters_localize_on_a_ring_of_the_forecasts_components, shapes_that_disagree_are_typed_errors, the_command_reports_bad_files_and_leaves_no_output, the_builder_tracks_a_truth_with_a_user_model, the_builder_refuses_bad_input_with_typed_errors],
+    gpu: [one_analysis_on_the_gpu_matches_the_cpu, user_models_run_on_the_host_and_user_operators_are_refused, the_recorder_keeps_the_same_fields_on_the_gpu],
+);

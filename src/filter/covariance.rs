@@ -154,7 +154,7 @@
 //! converges to the population Kalman mean as `n` grows (20 → 320 members);
 //! the constant schedule misses it (`tests/covariance_guidance.rs`). The backends' local gains
 //! agree with the f64 reference [`local_gains`] on odd rings and tori, in both spaces
-//! (`tests/covariance_guidance.rs` for the CPU twin, `tests/gpu_guidance.rs` for the kernels and
+//! (`tests/covariance_guidance.rs` for the CPU twin, `tests/covariance_guidance.rs` for the kernels and
 //! their host fallbacks).
 
 use rayon::prelude::*;

@@ -45,6 +45,7 @@ pub fn gpu_available() -> bool {
 pub fn run_tests(
     cpu: &[(&'static str, fn())],
     gpu: &[(&'static str, fn())],
+    ignored: &[(&'static str, fn())],
 ) -> std::process::ExitCode {
     use libtest_mimic::{Arguments, Trial};
     let args = Arguments::from_args();
@@ -65,18 +66,50 @@ pub fn run_tests(
         .iter()
         .map(|t| trial(t, false))
         .chain(gpu.iter().map(|t| trial(t, skip)))
+        .chain(ignored.iter().map(|t| trial(t, true)))
         .collect();
     libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// A test written once for every backend: `backend_test!(name<B>(b) { … })` with a body
+/// generic over `B: Backend` defines `name::cpu` (on the CPU reference) and `name::gpu` (on
+/// the shared GPU; without an adapter it is reported as ignored), to be listed in
+/// `test_main!(cpu: [name::cpu], gpu: [name::gpu])`.
+#[macro_export]
+macro_rules! backend_test {
+    ($(#[$meta:meta])* $name:ident<$B:ident>($b:ident) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn body<$B: enff::backend::Backend + 'static>($b: &$B) $body
+
+            pub fn cpu() {
+                body(&enff::backend::cpu::Cpu::new())
+            }
+
+            pub fn gpu() {
+                if let Some((_lock, g)) = common::gpu() {
+                    body(g)
+                }
+            }
+        }
+    };
 }
 
 /// `fn main` for [`run_tests`]: `test_main!(cpu: [a, b], gpu: [c, d]);`
 #[macro_export]
 macro_rules! test_main {
-    (cpu: [$($c:ident),* $(,)?], gpu: [$($g:ident),* $(,)?] $(,)?) => {
+    (cpu: [$($c:path),* $(,)?], gpu: [$($g:path),* $(,)?] $(,)?) => {
+        $crate::test_main!(cpu: [$($c),*], gpu: [$($g),*], ignored: []);
+    };
+    (cpu: [$($c:path),* $(,)?], gpu: [$($g:path),* $(,)?], ignored: [$($i:path),* $(,)?] $(,)?) => {
         fn main() -> std::process::ExitCode {
             common::run_tests(
                 &[$((stringify!($c), $c as fn())),*],
                 &[$((stringify!($g), $g as fn())),*],
+                &[$((stringify!($i), $i as fn())),*],
             )
         }
     };

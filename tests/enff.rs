@@ -40,65 +40,67 @@ fn golden<B: Backend>(
     b.read(&ens).unwrap()
 }
 
-fn golden_vectors_g1_g2_hold_on_the_gpu() {
-    let Some((_lock, g)) = gpu() else { return };
-    let z = [0.3, -0.2, -0.5, 0.1, 0.05, 0.4];
-    let g1 = golden(
-        g,
-        EnffConfig::ot(0.1, 0.3, 2),
-        [0.5, 0.2],
-        0.5,
-        Observe::identity(),
-        None,
-        z,
-    );
-    let want1 = [
-        0.521_863_1_f32,
-        0.19912087,
-        0.38476144,
-        0.24178224,
-        0.47208513,
-        0.289_074_2,
-    ];
-    assert_close(&g1, &want1, 1e-5, 0.0, "G1 on the GPU");
-    let prev = [0.8, 0.1, 0.1, 0.7, -0.7, -0.9];
-    let eps = [0.1, -0.3, 0.2, 0.2, -0.1, 0.05];
-    let g2 = golden(
-        g,
-        EnffConfig::f2p(0.05, 0.02, 3),
-        [0.6, 0.3],
-        0.1,
-        Observe::arctan(),
-        Some(prev),
-        eps,
-    );
-    let want2 = [
-        0.840_687_2_f32,
-        0.290_094_6,
-        0.587_280_7,
-        0.554_145_2,
-        0.45437655,
-        0.10638593,
-    ];
-    // arctan on the GPU carries a few ulp more error than the CPU's.
-    assert_close(&g2, &want2, 2e-5, 0.0, "G2 on the GPU");
-    let g2u = golden(
-        g,
-        EnffConfig::f2p(0.05, 0.0, 3),
-        [0.6, 0.3],
-        0.1,
-        Observe::arctan(),
-        Some(prev),
-        eps,
-    );
-    assert_close(
-        &g2u,
-        &[1.005, -0.015, 0.01, 1.01, -1.005, -0.9975],
-        1e-5,
-        0.0,
-        "G2 without guidance",
-    );
-}
+backend_test!(
+    /// EnFF golden vectors G1 (OT path) and G2 (F2P path), on every backend.
+    golden_vectors_g1_g2_hold<B>(b) {
+        let z = [0.3, -0.2, -0.5, 0.1, 0.05, 0.4];
+        let g1 = golden(
+            b,
+            EnffConfig::ot(0.1, 0.3, 2),
+            [0.5, 0.2],
+            0.5,
+            Observe::identity(),
+            None,
+            z,
+        );
+        let want1 = [
+            0.521_863_1_f32,
+            0.19912087,
+            0.38476144,
+            0.24178224,
+            0.47208513,
+            0.289_074_2,
+        ];
+        assert_close(&g1, &want1, 1e-5, 0.0, "G1 on the GPU");
+        let prev = [0.8, 0.1, 0.1, 0.7, -0.7, -0.9];
+        let eps = [0.1, -0.3, 0.2, 0.2, -0.1, 0.05];
+        let g2 = golden(
+            b,
+            EnffConfig::f2p(0.05, 0.02, 3),
+            [0.6, 0.3],
+            0.1,
+            Observe::arctan(),
+            Some(prev),
+            eps,
+        );
+        let want2 = [
+            0.840_687_2_f32,
+            0.290_094_6,
+            0.587_280_7,
+            0.554_145_2,
+            0.45437655,
+            0.10638593,
+        ];
+        // arctan on the GPU carries a few ulp more error than the CPU's.
+        assert_close(&g2, &want2, 2e-5, 0.0, "G2 on the GPU");
+        let g2u = golden(
+            b,
+            EnffConfig::f2p(0.05, 0.0, 3),
+            [0.6, 0.3],
+            0.1,
+            Observe::arctan(),
+            Some(prev),
+            eps,
+        );
+        assert_close(
+            &g2u,
+            &[1.005, -0.015, 0.01, 1.01, -1.005, -0.9975],
+            1e-5,
+            0.0,
+            "G2 without guidance",
+        );
+    }
+);
 
 /// One analysis with the filter's own Philox source noise on both backends.
 fn analysis<B: Backend>(b: &B, cfg: EnffConfig, n: usize, d: usize, op: &Observe) -> Vec<f32> {
@@ -179,74 +181,83 @@ fn split_and_unsplit_gpu_analyses_agree() {
     assert_close(&b, &a, 1e-5, 1e-5, "member-block split analysis");
 }
 
-fn bad_input_is_rejected_on_the_gpu_like_on_the_cpu() {
-    let Some((_lock, g)) = gpu() else { return };
-    let (n, d) = (5, 40);
-    let mut ens = g.upload(n, d, &vec![0.5; n * d]).unwrap();
-    let prev = g.upload(n, d, &vec![0.4; n * d]).unwrap();
-    let op = Observe::identity();
-    let mut y = vec![0.1f32; d];
-    y[7] = f32::NAN;
-    let yb = g.upload(1, d, &y).unwrap();
-    let obs = Observation {
-        y: &yb,
-        operator: &op,
-        noise_std: 0.3,
-    };
-    let mut f = Enff::<Gpu>::new(EnffConfig::f2p(0.1, 0.1, 3)).unwrap();
-    match f.analyse(g, &mut ens, Some(&prev), &obs, 1) {
-        Err(Error::NonFinite { name, location, .. }) => {
-            assert_eq!(name, "observation");
-            assert_eq!(location, "member 0, component 7");
+backend_test!(
+    /// Non-finite observations and mismatched shapes are typed errors naming the input, on every backend.
+    bad_input_is_rejected<B>(b) {
+        let (n, d) = (5, 40);
+        let mut ens = b.upload(n, d, &vec![0.5; n * d]).unwrap();
+        let prev = b.upload(n, d, &vec![0.4; n * d]).unwrap();
+        let op = Observe::identity();
+        let mut y = vec![0.1f32; d];
+        y[7] = f32::NAN;
+        let yb = b.upload(1, d, &y).unwrap();
+        let obs = Observation {
+            y: &yb,
+            operator: &op,
+            noise_std: 0.3,
+        };
+        let mut f = Enff::<B>::new(EnffConfig::f2p(0.1, 0.1, 3)).unwrap();
+        match f.analyse(b, &mut ens, Some(&prev), &obs, 1) {
+            Err(Error::NonFinite { name, location, .. }) => {
+                assert_eq!(name, "observation");
+                // The CPU names the index of the observation vector, the GPU its row and column.
+                assert!(
+                    location == "index 7" || location == "member 0, component 7",
+                    "{location}"
+                );
+            }
+            other => panic!("expected NonFinite for a NaN observation, got {other:?}"),
         }
-        other => panic!("expected NonFinite for a NaN observation, got {other:?}"),
+        // A wrong observation length is a shape error before any work.
+        let short = b.upload(1, d - 1, &vec![0.0; d - 1]).unwrap();
+        let obs = Observation {
+            y: &short,
+            operator: &op,
+            noise_std: 0.3,
+        };
+        assert!(matches!(
+            f.analyse(b, &mut ens, Some(&prev), &obs, 2),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        // A user-defined operator: the CPU runs it; on the GPU it has no kernel, a typed
+        // Unsupported error, no panic.
+        #[derive(Debug)]
+        struct Mine;
+        impl enff::observe::ObservationOperator for Mine {
+            fn name(&self) -> String {
+                "mine".into()
+            }
+            fn obs_dim(&self, d: usize) -> enff::Result<usize> {
+                Ok(d)
+            }
+            fn apply(&self, x: &[f32], y: &mut [f32]) {
+                y.copy_from_slice(x)
+            }
+            fn adjoint(&self, _x: &[f32], r: &[f32], out: &mut [f32]) {
+                out.copy_from_slice(r)
+            }
+        }
+        let yb = b.upload(1, d, &vec![0.1; d]).unwrap();
+        let obs = Observation {
+            y: &yb,
+            operator: &Mine,
+            noise_std: 0.3,
+        };
+        let r = f.analyse(b, &mut ens, Some(&prev), &obs, 3);
+        if b.name() == "gpu" {
+            assert!(matches!(r, Err(Error::Unsupported { .. })), "{r:?}");
+        } else {
+            r.unwrap();
+        }
+        // And the backend is still usable afterwards.
+        let obs = Observation {
+            y: &yb,
+            operator: &op,
+            noise_std: 0.3,
+        };
+        f.analyse(b, &mut ens, Some(&prev), &obs, 4).unwrap();
     }
-    // A wrong observation length is a shape error before any work.
-    let short = g.upload(1, d - 1, &vec![0.0; d - 1]).unwrap();
-    let obs = Observation {
-        y: &short,
-        operator: &op,
-        noise_std: 0.3,
-    };
-    assert!(matches!(
-        f.analyse(g, &mut ens, Some(&prev), &obs, 2),
-        Err(Error::ShapeMismatch { .. })
-    ));
-    // A user-defined operator has no kernel: a typed Unsupported error, no panic.
-    #[derive(Debug)]
-    struct Mine;
-    impl enff::observe::ObservationOperator for Mine {
-        fn name(&self) -> String {
-            "mine".into()
-        }
-        fn obs_dim(&self, d: usize) -> enff::Result<usize> {
-            Ok(d)
-        }
-        fn apply(&self, x: &[f32], y: &mut [f32]) {
-            y.copy_from_slice(x)
-        }
-        fn adjoint(&self, _x: &[f32], r: &[f32], out: &mut [f32]) {
-            out.copy_from_slice(r)
-        }
-    }
-    let yb = g.upload(1, d, &vec![0.1; d]).unwrap();
-    let obs = Observation {
-        y: &yb,
-        operator: &Mine,
-        noise_std: 0.3,
-    };
-    assert!(matches!(
-        f.analyse(g, &mut ens, Some(&prev), &obs, 3),
-        Err(Error::Unsupported { .. })
-    ));
-    // And the backend is still usable afterwards.
-    let obs = Observation {
-        y: &yb,
-        operator: &op,
-        noise_std: 0.3,
-    };
-    f.analyse(g, &mut ens, Some(&prev), &obs, 4).unwrap();
-}
+);
 
 /// Three cycles of the paper's Lorenz-96 setting on both backends. Everything is drawn from
 /// the same Philox streams, so the runs differ only by f32 rounding (model RK stages, kernel
@@ -312,6 +323,6 @@ fn device_loss_mid_run_is_a_typed_error() {
 }
 
 test_main!(
-    cpu: [],
-    gpu: [golden_vectors_g1_g2_hold_on_the_gpu, full_analysis_agrees_with_the_cpu_to_1e4, split_and_unsplit_gpu_analyses_agree, bad_input_is_rejected_on_the_gpu_like_on_the_cpu, three_cycle_twin_runs_agree_on_both_backends, device_loss_mid_run_is_a_typed_error],
+    cpu: [bad_input_is_rejected::cpu, golden_vectors_g1_g2_hold::cpu],
+    gpu: [golden_vectors_g1_g2_hold::gpu, full_analysis_agrees_with_the_cpu_to_1e4, split_and_unsplit_gpu_analyses_agree, bad_input_is_rejected::gpu, three_cycle_twin_runs_agree_on_both_backends, device_loss_mid_run_is_a_typed_error],
 );
