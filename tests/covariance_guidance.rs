@@ -144,7 +144,7 @@ fn analyses(g: &Gaussian, fc: &[f32], n: usize, stages: usize) -> (Vec<f64>, Vec
     let cfg = EnffConfig {
         guidance: GuidanceKind::Covariance,
         // A radius far beyond the ring: no localization, the global Kalman gain.
-        loc_radius: 1e4,
+        loc_radius: Some(1e4),
         gain_stages: stages,
         // The Kalman limit is exact for unclipped innovations; the bound (2 standard
         // deviations by default) would clamp a few of a Gaussian ensemble's.
@@ -198,6 +198,46 @@ fn one_analysis_reproduces_the_kalman_mean_as_n_grows() {
     assert!(prior_err > 0.3, "the test must move the mean: {prior_err}");
 }
 
+backend_test!(
+    /// The global gain (`filter.loc_radius = none`, or a model without a spatial geometry):
+    /// with linear h and λ = 1 one analysis moves the mean to the ETKF mean of the same
+    /// ensemble, on every backend, with one or four stages.
+    global_gain_gives_the_etkf_mean<B>(b) {
+        let g = Gaussian::new();
+        let (n, d) = (40, g.d);
+        let fc = g.sample(n, 11);
+        let y = b.upload(1, g.y.len(), &g.y).unwrap();
+        let obs = Observation {
+            y: &y,
+            operator: &g.op,
+            noise_std: g.sigma as f32,
+        };
+        let mut etkf = Etkf::<B>::new(1.0).unwrap();
+        let mut ens = b.upload(n, d, &fc).unwrap();
+        etkf.analyse(b, &mut ens, None, &obs, 1).unwrap();
+        let want = mean_of(&b.read(&ens).unwrap(), n, d);
+        for geometry in [Geometry::None, Geometry::Ring { len: d }] {
+            for stages in [1usize, 4] {
+                let cfg = EnffConfig {
+                    guidance: GuidanceKind::Covariance,
+                    loc_radius: None,
+                    gain_stages: stages,
+                    innovation_clip: 0.0,
+                    ..EnffConfig::f2p(1e-4, 1.0, 8)
+                };
+                let mut enff = Enff::<B>::new(cfg).unwrap().with_geometry(geometry);
+                let prev = b.upload(n, d, &fc).unwrap();
+                let mut ens = b.upload(n, d, &fc).unwrap();
+                enff.analyse(b, &mut ens, Some(&prev), &obs, 1).unwrap();
+                let got = mean_of(&b.read(&ens).unwrap(), n, d);
+                let gap = rms(&got, &want);
+                assert!(gap < 2e-3, "{geometry:?}, {stages} stages: EnFF vs ETKF mean gap {gap}");
+                assert!(rms(&got, &mean_of(&fc, n, d)) > 0.1, "the analysis must move the mean");
+            }
+        }
+    }
+);
+
 /// The plain constant-gain form with innovation feedback under-corrects: it stays further from
 /// the Kalman mean than the tempered stages (why they are the default).
 fn the_constant_schedule_under_corrects_strong_observations() {
@@ -215,7 +255,7 @@ fn the_constant_schedule_under_corrects_strong_observations() {
     let run = |schedule| {
         let cfg = EnffConfig {
             guidance: GuidanceKind::Covariance,
-            loc_radius: 1e4,
+            loc_radius: Some(1e4),
             gain_schedule: schedule,
             // The exact Kalman limit (no innovation bound).
             innovation_clip: 0.0,
@@ -295,27 +335,38 @@ fn bad_input_is_a_typed_error_naming_the_parameter() {
         let msg = config_error("lorenz96_sakov2008", &sets);
         assert!(msg.contains(key), "{sets:?}: {msg}");
     }
-    // A model without geometry (Lorenz-63) is refused, naming the option.
-    let msg = config_error("lorenz63_spantini2022", &[cov]);
-    assert!(msg.contains("filter.guidance"), "{msg}");
-    // A filter built without a geometry says so instead of guessing.
+    // A model without a geometry (Lorenz-63) takes the global gain.
+    let mut l63 = preset("lorenz63_spantini2022").unwrap().config;
+    l63.set(cov).unwrap();
+    l63.validate().unwrap();
+    // A global gain table beyond its limit is refused, naming the radius that localizes it.
+    let e = enff::filter::covariance::global_windows(&Observe::identity(), 5000).unwrap_err();
+    assert!(e.to_string().contains("filter.loc_radius"), "{e}");
+    let w =
+        enff::filter::covariance::global_windows(&Observe::identity().subsample(2, 1).unwrap(), 5)
+            .unwrap();
+    assert_eq!((w.w, w.index.len()), (2, 10));
+    assert_eq!(&w.index[..4], &[0.0, 1.0, 0.0, 1.0]);
+    assert!(w.taper.iter().all(|&t| t == 1.0));
+    // A filter built without a geometry uses the global gain too.
     let cpu = Cpu::new();
     let cfg = EnffConfig {
         guidance: GuidanceKind::Covariance,
         ..EnffConfig::f2p(0.1, 1.0, 4)
     };
     let mut f = Enff::<Cpu>::new(cfg).unwrap();
-    let x = cpu.upload(3, 8, &[0.5; 24]).unwrap();
-    let mut ens = cpu.upload(3, 8, &[0.25; 24]).unwrap();
-    let y = cpu.upload(1, 8, &[0.0; 8]).unwrap();
+    let x: Vec<f32> = (0..24).map(|k| (k % 5) as f32 * 0.1).collect();
+    let prev = cpu.upload(3, 8, &x).unwrap();
+    let mut ens = cpu.upload(3, 8, &x).unwrap();
+    let y = cpu.upload(1, 8, &[1.0; 8]).unwrap();
     let op = Observe::identity();
     let obs = Observation {
         y: &y,
         operator: &op,
         noise_std: 1.0,
     };
-    let e = f.analyse(&cpu, &mut ens, Some(&x), &obs, 0).unwrap_err();
-    assert!(e.to_string().contains("filter.guidance"), "{e}");
+    f.analyse(&cpu, &mut ens, Some(&prev), &obs, 0).unwrap();
+    assert_ne!(cpu.read(&ens).unwrap(), x);
     assert_eq!(op.obs_dim(8).unwrap(), 8);
 }
 
@@ -840,7 +891,7 @@ fn observed_moments_agree_with_the_cpu() {
 fn analysis<B: Backend>(b: &B, n: usize, d: usize, op: &Observe) -> Vec<f32> {
     let cfg = EnffConfig {
         guidance: GuidanceKind::Covariance,
-        loc_radius: 2.5,
+        loc_radius: Some(2.5),
         gain_stages: 3,
         inflation: 1.1,
         // Both safeguards on (the clip is on by default): the same on both backends.
@@ -1181,6 +1232,6 @@ fn wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path() {
 }
 
 test_main!(
-    cpu: [one_analysis_reproduces_the_kalman_mean_as_n_grows, the_constant_schedule_under_corrects_strong_observations, bad_input_is_a_typed_error_naming_the_parameter, cold_start_arctan_lorenz96_runs_80_cycles_and_converges, sakov2008_covariance_guidance_matches_the_etkf, half_observed_cold_start_converges_with_the_safeguards, the_innovation_bound_limits_a_stage_step, adaptive_inflation_inflates_an_under_dispersed_forecast_only, backend_local_gains_match_the_f64_reference, banded_gains_are_localized],
-    gpu: [banded_gain_step_agrees_with_the_cpu, observed_moments_agree_with_the_cpu, covariance_guided_analysis_agrees_with_the_cpu, local_gains_agree_with_the_cpu_twin_and_the_f64_reference, wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path],
+    cpu: [global_gain_gives_the_etkf_mean::cpu, one_analysis_reproduces_the_kalman_mean_as_n_grows, the_constant_schedule_under_corrects_strong_observations, bad_input_is_a_typed_error_naming_the_parameter, cold_start_arctan_lorenz96_runs_80_cycles_and_converges, sakov2008_covariance_guidance_matches_the_etkf, half_observed_cold_start_converges_with_the_safeguards, the_innovation_bound_limits_a_stage_step, adaptive_inflation_inflates_an_under_dispersed_forecast_only, backend_local_gains_match_the_f64_reference, banded_gains_are_localized],
+    gpu: [global_gain_gives_the_etkf_mean::gpu, banded_gain_step_agrees_with_the_cpu, observed_moments_agree_with_the_cpu, covariance_guided_analysis_agrees_with_the_cpu, local_gains_agree_with_the_cpu_twin_and_the_f64_reference, wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path],
 );

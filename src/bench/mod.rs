@@ -308,7 +308,7 @@ fn bench_enff_config(filter: &str) -> Option<EnffConfig> {
     Some(EnffConfig {
         guidance: crate::flow::GuidanceKind::Covariance,
         guidance_scale: 2.0,
-        loc_radius: BENCH_LOC_RADIUS,
+        loc_radius: Some(BENCH_LOC_RADIUS),
         gain_stages: stages,
         inflation: 1.05,
         ..plain

@@ -327,17 +327,8 @@ impl Config {
             }
         }
         if self.filter_kind()?.is_enff() {
+            // Covariance guidance without a spatial geometry uses the global gain.
             self.enff_config()?.validate()?;
-            if self.filter.guidance == GuidanceKind::Covariance
-                && !self.model()?.geometry().is_spatial()
-            {
-                return Err(Error::invalid(
-                    "filter.guidance",
-                    "covariance",
-                    "covariance guidance localizes on the model's geometry and this model has \
-                     none (Lorenz-63, Rotation2D): use filter.guidance=local",
-                ));
-            }
         }
         if self.filter_kind()? == FilterKind::Ensf {
             self.ensf_config().validate()?;
@@ -456,7 +447,7 @@ impl Config {
             guidance: self.filter.guidance,
             inflation: self.filter.inflation,
             seed: self.experiment.seed,
-            loc_radius: self.filter.loc_radius.unwrap_or(4.0),
+            loc_radius: self.filter.loc_radius,
             gain_stages: self.filter.gain_stages,
             gain_schedule: self.filter.gain_schedule,
             innovation_clip: self.filter.innovation_clip,

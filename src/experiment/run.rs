@@ -240,17 +240,27 @@ impl Experiment {
             // The static windows (observation index and taper) and the gain table of a stage,
             // d × w each, w the observations inside the Gaspari–Cohn support (2 · 1.82 ·
             // radius) of a component.
-            let reach = 2.0 * 1.82 * cfg.filter.loc_radius.unwrap_or(4.0);
+            // The global gain (no radius, or no spatial geometry) sees all m observations.
             let every = cfg.observe.every.max(1) as f64;
-            let near = match cfg.model.system {
-                super::config::SystemKind::Ns => {
-                    let side = cfg.model.d as f64;
-                    let cells = std::f64::consts::PI * reach * reach + 4.0 * reach + 1.0;
-                    3.0 * cells.min(side * side)
+            let spatial = !matches!(
+                cfg.model.system,
+                super::config::SystemKind::Lorenz63 | super::config::SystemKind::Rotation2d
+            );
+            let w = match cfg.filter.loc_radius.filter(|_| spatial) {
+                None => m.max(1),
+                Some(radius) => {
+                    let reach = 2.0 * 1.82 * radius;
+                    let near = match cfg.model.system {
+                        super::config::SystemKind::Ns => {
+                            let side = cfg.model.d as f64;
+                            let cells = std::f64::consts::PI * reach * reach + 4.0 * reach + 1.0;
+                            3.0 * cells.min(side * side)
+                        }
+                        _ => (2.0 * reach.floor() + 1.0).min(d as f64),
+                    };
+                    (near / every).ceil().max(1.0) as u64
                 }
-                _ => (2.0 * reach.floor() + 1.0).min(d as f64),
             };
-            let w = (near / every).ceil().max(1.0) as u64;
             parts.push((
                 "covariance-guidance gains (index, taper, table)".to_string(),
                 3 * 4 * d * w,

@@ -55,7 +55,16 @@ pub fn check_shardable(config: &Config, ranks: usize) -> Result<()> {
         local_observe(&op, &Slab::of(d, rank, ranks), ranks)?;
     }
     if enff.guidance == GuidanceKind::Covariance && ranks > 1 {
-        halo::check(d, ranks, &op, enff.loc_radius)?;
+        let radius = enff.loc_radius.ok_or_else(|| {
+            crate::partition::refuse(
+                ranks,
+                "global covariance guidance (filter.loc_radius = none) needs every observation \
+                 on every rank"
+                    .to_string(),
+                "set filter.loc_radius (4 is typical) to localize the gains on the ring",
+            )
+        })?;
+        halo::check(d, ranks, &op, radius)?;
     }
     Ok(())
 }

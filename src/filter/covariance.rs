@@ -295,6 +295,44 @@ pub fn gain_windows(
     Ok(GainWindows { w, index, taper })
 }
 
+/// Most entries of a global gain table (`d × m`): 2²⁴, 64 MiB of f32 per table.
+pub const MAX_GLOBAL_GAIN_ENTRIES: usize = 1 << 24;
+
+/// The windows of the global gain (`filter.loc_radius = none`, or a model without a spatial
+/// geometry): every component sees every observation, untapered, so each component's gain is
+/// the ensemble-space Kalman gain `K(τ) = A (I + τ BᵀB)⁻¹ Bᵀ / σ_y` of the whole ensemble — the
+/// ETKF's gain for linear `h` and `λ = 1`. The table is `d × m`; a problem larger than
+/// [`MAX_GLOBAL_GAIN_ENTRIES`] is refused (localize it instead).
+pub fn global_windows(op: &Observe, d: usize) -> Result<GainWindows> {
+    let m = crate::observe::ObservationOperator::obs_dim(op, d)?;
+    if m > MAX_GAIN_OBS {
+        return Err(Error::TooLarge {
+            detail: format!("covariance guidance indexes at most {MAX_GAIN_OBS} observations"),
+        });
+    }
+    if d.saturating_mul(m) > MAX_GLOBAL_GAIN_ENTRIES {
+        return Err(Error::invalid(
+            "filter.loc_radius",
+            "none",
+            format!(
+                "global covariance guidance keeps a d × m = {d} × {m} gain table, more than \
+                 {MAX_GLOBAL_GAIN_ENTRIES} entries: set filter.loc_radius (4 is typical) to \
+                 localize the gains"
+            ),
+        ));
+    }
+    let w = m.max(1);
+    let mut index = vec![0.0f32; d * w];
+    let mut taper = vec![0.0f32; d * w];
+    for i in 0..d {
+        for q in 0..m {
+            index[i * w + q] = q as f32;
+            taper[i * w + q] = 1.0;
+        }
+    }
+    Ok(GainWindows { w, index, taper })
+}
+
 /// The f64 host reference of the local gains (the backends compute them with
 /// [`Backend::local_gains`]; the tests compare against this).
 ///
@@ -476,7 +514,7 @@ fn cholesky_solve(l: &[f64], n: usize, v: &mut [f64]) {
 /// and the mean observed endpoint `h̄`, reused from stage to stage and cycle to cycle while the
 /// state dimension, operator, geometry and radius stay the same.
 pub(crate) struct DeviceGains<B: Backend> {
-    key: (usize, Observe, u64, Geometry),
+    key: (usize, Observe, Option<u64>, Geometry),
     /// Window observation indices (`d × w`).
     pub(crate) index: B::Buffer,
     /// Window tapers (`d × w`).
@@ -498,15 +536,18 @@ impl<B: Backend> DeviceGains<B> {
         op: Observe,
         d: usize,
         geometry: Geometry,
-        radius: f64,
+        radius: Option<f64>,
         old: Option<Self>,
     ) -> Result<Self> {
-        let key = (d, op, radius.to_bits(), geometry);
+        let key = (d, op, radius.map(f64::to_bits), geometry);
         let host_logged = old.as_ref().is_some_and(|o| o.host_logged);
         if let Some(o) = old.filter(|o| o.key == key) {
             return Ok(o);
         }
-        let win = gain_windows(&op, d, geometry, radius)?;
+        let win = match radius {
+            Some(r) => gain_windows(&op, d, geometry, r)?,
+            None => global_windows(&op, d)?,
+        };
         let m = crate::observe::ObservationOperator::obs_dim(&op, d)?;
         Ok(DeviceGains {
             key,

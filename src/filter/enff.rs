@@ -35,9 +35,11 @@ pub struct EnffConfig {
     pub inflation: f32,
     /// Seed of the source noise (combined with the cycle number).
     pub seed: u64,
-    /// Covariance guidance: Gaspari–Cohn localization radius in grid spacings.
+    /// Covariance guidance: Gaspari–Cohn localization radius in grid spacings; `None` is the
+    /// global gain (every component sees every observation, no taper), which is also used for
+    /// models without a spatial geometry.
     #[serde(default = "default_loc_radius")]
-    pub loc_radius: f64,
+    pub loc_radius: Option<f64>,
     /// Covariance guidance: number of guidance stages (gains computed per analysis), at most
     /// `flow_steps`; 0 = one per flow step.
     #[serde(default = "default_gain_stages")]
@@ -69,8 +71,8 @@ fn default_adaptive_inflation() -> f32 {
 /// Default bound of covariance guidance's innovations, in standard deviations.
 pub const DEFAULT_INNOVATION_CLIP: f32 = 2.0;
 
-fn default_loc_radius() -> f64 {
-    4.0
+fn default_loc_radius() -> Option<f64> {
+    Some(4.0)
 }
 
 fn default_gain_stages() -> usize {
@@ -161,7 +163,9 @@ impl EnffConfig {
                     "covariance guidance needs λ > 0 (λ = 1 reproduces the Kalman mean)",
                 ));
             }
-            covariance::check_radius(self.loc_radius)?;
+            if let Some(r) = self.loc_radius {
+                covariance::check_radius(r)?;
+            }
             if self.gain_stages > self.flow_steps {
                 return Err(Error::invalid(
                     "filter.gain_stages",
@@ -542,14 +546,9 @@ impl<B: Backend> Enff<B> {
             ),
             fix: "covariance guidance needs observation locations: use a built-in operator".into(),
         })?;
-        let geometry = self.geometry.ok_or_else(|| {
-            Error::invalid(
-                "filter.guidance",
-                "covariance",
-                "covariance guidance needs the model geometry: build the filter with \
-                 Enff::with_geometry (the experiment does this)",
-            )
-        })?;
+        // Without a spatial geometry (or a radius) the gain is global: no geometry needed.
+        let geometry = self.geometry.unwrap_or(Geometry::None);
+        let radius = cfg.loc_radius.filter(|_| geometry.is_spatial());
         let mut stage_at: Vec<Option<(f64, f32)>> = vec![None; cfg.flow_steps];
         let count = cfg.stage_count();
         let stages = covariance::stages(cfg.gain_schedule, count, cfg.guidance_scale as f64);
@@ -568,7 +567,16 @@ impl<B: Backend> Enff<B> {
                         "sharded covariance guidance localizes on a ring (Lorenz-96)",
                     ));
                 }
-                let plan = HaloPlan::new(&s.slab, s.comm.size(), &op, cfg.loc_radius)?;
+                let Some(radius) = radius else {
+                    return Err(crate::partition::refuse(
+                        s.comm.size(),
+                        "global covariance guidance (filter.loc_radius = none) needs every \
+                         observation on every rank"
+                            .to_string(),
+                        "set filter.loc_radius (4 is typical) to localize the gains on the ring",
+                    ));
+                };
+                let plan = HaloPlan::new(&s.slab, s.comm.size(), &op, radius)?;
                 let mut h = HaloBuffers::prepare(backend, plan, n, self.halo.take())?;
                 let fc = plan.extend(s, &backend.read(ensemble)?, n)?;
                 backend.write(&mut h.forecast, &fc)?;
@@ -579,7 +587,7 @@ impl<B: Backend> Enff<B> {
                     plan.op,
                     plan.ext_len,
                     Geometry::Ring { len: plan.ext_len },
-                    cfg.loc_radius,
+                    Some(radius),
                     self.gains.take(),
                 )?);
                 self.halo = Some(h);
@@ -591,7 +599,7 @@ impl<B: Backend> Enff<B> {
                     op,
                     d,
                     geometry,
-                    cfg.loc_radius,
+                    radius,
                     self.gains.take(),
                 )?);
             }
