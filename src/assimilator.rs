@@ -91,6 +91,8 @@ pub struct AssimilatorBuilder {
     initial: Option<Ensemble>,
     previous: Option<Ensemble>,
     first_cycle: u32,
+    /// The `filter.*` settings given, in order (a change of guidance resolves against them).
+    sets: Vec<String>,
 }
 
 impl Default for AssimilatorBuilder {
@@ -115,6 +117,7 @@ impl AssimilatorBuilder {
             initial: None,
             previous: None,
             first_cycle: 1,
+            sets: Vec::new(),
         }
         .seed(0)
     }
@@ -136,14 +139,16 @@ impl AssimilatorBuilder {
     }
 
     /// The filter: `enff-f2p` (default), `enff-ot`, `ensf`, `etkf`, `letkf`, `enkf` or `bpf`.
-    pub fn filter(self, name: &str) -> Self {
+    pub fn filter(mut self, name: &str) -> Self {
         let assignment = format!("filter.kind={name}");
+        self.sets.push(assignment.clone());
         self.with_config(|c| c.set(&assignment))
     }
 
     /// One `filter.key=value` setting, as `--set` on the command line (e.g.
     /// `filter.sigma_min=0.05`, `filter.inflation=1.02`). Errors surface at [`Self::build`].
-    pub fn set(self, assignment: &str) -> Self {
+    pub fn set(mut self, assignment: &str) -> Self {
+        self.sets.push(assignment.to_string());
         self.with_config(|c| {
             check_filter_key(assignment, c)?;
             c.set(assignment)
@@ -228,6 +233,8 @@ impl AssimilatorBuilder {
             return Err(e);
         }
         if let Some(c) = &self.config {
+            let mut c = c.clone();
+            c.resolve_guidance(base_guidance(), &self.sets);
             c.validate()?;
             c.filter_kind()?;
         }
@@ -258,6 +265,10 @@ impl AssimilatorBuilder {
             ));
         }
         config.ensemble.n = n;
+        // A guidance chosen here brings its own defaults for the settings not given.
+        for w in config.resolve_guidance(base_guidance(), &self.sets) {
+            log::warn!("{w}");
+        }
         config.validate()?;
         let noise_std = self.noise_std.ok_or_else(|| {
             Error::invalid(
@@ -342,6 +353,13 @@ impl AssimilatorBuilder {
             m,
         })
     }
+}
+
+/// The guidance of the builder's starting configuration (the default preset's).
+fn base_guidance() -> crate::flow::GuidanceKind {
+    preset(DEFAULT_PRESET).map_or(crate::flow::GuidanceKind::Local, |p| {
+        p.config.filter.guidance
+    })
 }
 
 /// Accepts `filter.*` settings other than the filter's name, which has its own call.

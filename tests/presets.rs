@@ -189,3 +189,73 @@ fn memory_estimate_counts_the_covariance_gains() {
         .iter()
         .all(|(name, _)| !name.starts_with("covariance")));
 }
+
+/// Switching the guidance of any EnFF preset brings the new guidance's own defaults for the
+/// settings not named, keeps the ones named, and warns about settings the guidance ignores.
+#[test]
+fn switching_guidance_takes_the_guidance_defaults() {
+    use enff::experiment::config::GuidanceDefaults;
+    use enff::experiment::Source;
+    use enff::flow::GuidanceKind;
+    for name in PRESETS {
+        let mut src = Source::load(name).unwrap();
+        if !src.config.filter_kind().unwrap().is_enff() {
+            continue;
+        }
+        let spatial = src.config.model().unwrap().geometry().is_spatial();
+        let before = src.config.filter.guidance;
+        let to = if before == GuidanceKind::Covariance {
+            "local"
+        } else {
+            "covariance"
+        };
+        let warnings = src
+            .apply(None, &[format!("filter.guidance={to}")], None)
+            .unwrap();
+        assert!(warnings.is_empty(), "{name}: {warnings:?}");
+        let f = &src.config.filter;
+        let d = GuidanceDefaults::of(f.guidance);
+        assert_eq!(f.guidance_scale, d.guidance_scale, "{name}");
+        assert_eq!(f.adaptive_inflation, d.adaptive_inflation, "{name}");
+        assert_eq!(f.innovation_clip, d.innovation_clip, "{name}");
+        assert_eq!(f.gain_stages, d.gain_stages, "{name}");
+        assert_eq!(f.loc_radius, d.loc_radius.filter(|_| spatial), "{name}");
+        src.config.validate().unwrap();
+    }
+    // Named settings are kept; the same guidance as the preset's changes nothing.
+    let mut src = Source::load("lorenz96_bao2024").unwrap();
+    src.apply(
+        None,
+        &[
+            "filter.guidance_scale=0.7".into(),
+            "filter.guidance=covariance".into(),
+            "filter.loc_radius=6".into(),
+        ],
+        None,
+    )
+    .unwrap();
+    assert_eq!(src.config.filter.guidance_scale, 0.7);
+    assert_eq!(src.config.filter.loc_radius, Some(6.0));
+    assert_eq!(src.config.filter.adaptive_inflation, 1.3);
+    // lorenz96_bao2024 switched to covariance guidance is lorenz96_bao2024_covariance.
+    let mut a = Source::load("lorenz96_bao2024").unwrap();
+    a.apply(None, &["filter.guidance=covariance".into()], None)
+        .unwrap();
+    let b = Source::load("lorenz96_bao2024_covariance").unwrap();
+    assert_eq!(a.config.filter, b.config.filter);
+    let mut same = Source::load("lorenz96_sakov2008").unwrap();
+    let before = same.config.clone();
+    same.apply(None, &["filter.guidance=local".into()], None)
+        .unwrap();
+    assert_eq!(same.config.filter, before.filter);
+    // A covariance-only setting under local guidance draws a warning naming it.
+    let mut w = Source::load("lorenz96_sakov2008").unwrap();
+    let warnings = w
+        .apply(None, &["filter.innovation_clip=3".into()], None)
+        .unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("filter.innovation_clip"),
+        "{warnings:?}"
+    );
+}

@@ -153,6 +153,65 @@ fn default_adaptive_inflation() -> f32 {
     1.0
 }
 
+/// The settings that belong to one EnFF guidance: the values a configuration gets when it
+/// selects that guidance without setting them (`--set filter.guidance=covariance` on a preset
+/// of another guidance gives the Kalman-consistent setting, not the old guidance's λ).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GuidanceDefaults {
+    /// λ (`filter.guidance_scale`).
+    pub guidance_scale: f32,
+    /// `filter.gain_stages`.
+    pub gain_stages: usize,
+    /// `filter.innovation_clip`.
+    pub innovation_clip: f32,
+    /// `filter.adaptive_inflation`.
+    pub adaptive_inflation: f32,
+    /// `filter.loc_radius` on a model with a spatial geometry (without one the gain is global).
+    pub loc_radius: Option<f64>,
+}
+
+/// Keys whose values belong to the guidance (reset to its defaults when the guidance changes
+/// and they were not set).
+pub const GUIDANCE_KEYS: [&str; 5] = [
+    "filter.guidance_scale",
+    "filter.gain_stages",
+    "filter.innovation_clip",
+    "filter.adaptive_inflation",
+    "filter.loc_radius",
+];
+
+/// Keys that only covariance guidance reads (EnFF filters).
+const COVARIANCE_ONLY_KEYS: [&str; 4] = [
+    "filter.gain_stages",
+    "filter.gain_schedule",
+    "filter.innovation_clip",
+    "filter.loc_radius",
+];
+
+impl GuidanceDefaults {
+    /// The defaults of `guidance`.
+    pub fn of(guidance: GuidanceKind) -> Self {
+        match guidance {
+            // Kalman-consistent λ = 1 with the safeguards of lorenz96_bao2024_covariance.
+            GuidanceKind::Covariance => GuidanceDefaults {
+                guidance_scale: 1.0,
+                gain_stages: crate::filter::enff::DEFAULT_GAIN_STAGES,
+                innovation_clip: crate::filter::enff::DEFAULT_INNOVATION_CLIP,
+                adaptive_inflation: 1.3,
+                loc_radius: Some(4.0),
+            },
+            // The paper's λ for Lorenz-96 (ENFF_SPEC §3.1), no adaptive inflation.
+            _ => GuidanceDefaults {
+                guidance_scale: 0.05,
+                gain_stages: crate::filter::enff::DEFAULT_GAIN_STAGES,
+                innovation_clip: crate::filter::enff::DEFAULT_INNOVATION_CLIP,
+                adaptive_inflation: 1.0,
+                loc_radius: None,
+            },
+        }
+    }
+}
+
 /// An optional radius written as a number or `"none"` (TOML has no null).
 mod optional_radius {
     use serde::de::Error as _;
@@ -453,6 +512,64 @@ impl Config {
             innovation_clip: self.filter.innovation_clip,
             adaptive_inflation: self.filter.adaptive_inflation,
         })
+    }
+
+    /// After a configuration of guidance `before` had the `key=value` settings `sets`
+    /// applied: when they changed an EnFF filter's guidance, the guidance-owned settings they
+    /// did not name take the new guidance's defaults ([`GuidanceDefaults`]). Returns a warning
+    /// for every setting named that the resolved guidance does not read.
+    pub fn resolve_guidance(&mut self, before: GuidanceKind, sets: &[String]) -> Vec<String> {
+        let named: Vec<String> = sets
+            .iter()
+            .map(|s| {
+                s.split_once('=')
+                    .map_or(s.as_str(), |(k, _)| k)
+                    .trim()
+                    .to_string()
+            })
+            .collect();
+        let enff = self.filter_kind().is_ok_and(|k| k.is_enff());
+        if !enff {
+            return Vec::new();
+        }
+        let guidance = self.filter.guidance;
+        if guidance != before {
+            let d = GuidanceDefaults::of(guidance);
+            let spatial = self.model().is_ok_and(|m| m.geometry().is_spatial());
+            let f = &mut self.filter;
+            let unset = |k: &str| !named.iter().any(|n| n == k);
+            if unset("filter.guidance_scale") {
+                f.guidance_scale = d.guidance_scale;
+            }
+            if unset("filter.gain_stages") {
+                f.gain_stages = d.gain_stages;
+            }
+            if unset("filter.innovation_clip") {
+                f.innovation_clip = d.innovation_clip;
+            }
+            if unset("filter.adaptive_inflation") {
+                f.adaptive_inflation = d.adaptive_inflation;
+            }
+            if unset("filter.loc_radius") {
+                f.loc_radius = d.loc_radius.filter(|_| spatial);
+            }
+        }
+        let mut warnings = Vec::new();
+        if guidance != GuidanceKind::Covariance {
+            for k in named
+                .iter()
+                .filter(|k| COVARIANCE_ONLY_KEYS.contains(&k.as_str()))
+            {
+                warnings.push(format!(
+                    "{k} is read by covariance guidance only; filter.guidance = {} ignores it",
+                    serde_json::to_value(guidance)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                ));
+            }
+        }
+        warnings
     }
 
     /// Applies one `section.key=value` override (e.g. `model.d=100000`).

@@ -44,13 +44,17 @@ impl Source {
         }
     }
 
-    /// Applies a filter name, `key=value` settings and a seed, in that order.
+    /// Applies a filter name, `key=value` settings and a seed, in that order. A change of
+    /// EnFF guidance brings that guidance's own defaults for the settings not named
+    /// ([`super::config::GuidanceDefaults`]); a setting the resolved guidance does not read
+    /// is logged as a warning. Returns the warnings.
     pub fn apply(
         &mut self,
         filter: Option<&str>,
         sets: &[String],
         seed: Option<u64>,
-    ) -> Result<()> {
+    ) -> Result<Vec<String>> {
+        let before = self.config.filter.guidance;
         if let Some(f) = filter {
             self.config.set(&format!("filter.kind={f}"))?;
         }
@@ -60,7 +64,11 @@ impl Source {
         if let Some(seed) = seed {
             self.config.experiment.seed = seed;
         }
-        Ok(())
+        let warnings = self.config.resolve_guidance(before, sets);
+        for w in &warnings {
+            log::warn!("{w}");
+        }
+        Ok(warnings)
     }
 
     /// The preset's expected RMSE band, when the filter settings of `config` are still the
