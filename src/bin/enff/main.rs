@@ -828,19 +828,19 @@ fn compare(args: CompareArgs, ui: Ui) -> Result<()> {
             config: src.config.clone(),
             preset: src.preset.clone(),
         };
-        s.apply(Some(f), &[], args.seed)?;
+        // The settings for this filter (all, and those prefixed `FILTER:`), applied together so
+        // that a change of EnFF guidance resolves its defaults.
+        let sets: Vec<String> = args
+            .sets
+            .iter()
+            .filter_map(|set| match set.split_once(':') {
+                Some((only, rest)) if !only.contains('=') => (only == f).then(|| rest.to_string()),
+                _ => Some(set.clone()),
+            })
+            .collect();
+        s.apply(Some(f), &sets, args.seed)?;
         if FilterKind::parse(f)? == FilterKind::Kf {
             s.config.set("ensemble.n=1")?;
-        }
-        for set in &args.sets {
-            match set.split_once(':') {
-                Some((only, rest)) if !only.contains('=') => {
-                    if only == f {
-                        s.config.set(rest)?;
-                    }
-                }
-                _ => s.config.set(set)?,
-            }
         }
         experiments.push((f.clone(), s.experiment()?));
     }
