@@ -12,6 +12,7 @@ use enff::flow::GuidanceKind;
 use enff::model::Geometry;
 use enff::observe::{ObservationOperator, Observe, Pointwise};
 use enff::rng::{NoiseKey, Stream};
+use enff::Error;
 mod common;
 
 /// The population of the linear-Gaussian test: mean, covariance square root (lower
@@ -237,6 +238,38 @@ backend_test!(
         }
     }
 );
+
+/// An ensemble-space matrix that overflows (observations of noise std 1e-25, so the scaled
+/// anomalies are ~1e25 and their products beyond f32) is a typed divergence naming the flow
+/// step, the guidance stage and the component, not NaN members.
+fn an_overflowing_gain_names_its_stage_and_component() {
+    let cpu = Cpu::new();
+    let (n, d) = (6, 8);
+    let x: Vec<f32> = (0..n * d).map(|k| (k * 7 % 11) as f32 - 5.0).collect();
+    let prev = cpu.upload(n, d, &x).unwrap();
+    let mut ens = cpu.upload(n, d, &x).unwrap();
+    let y = cpu.upload(1, d, &vec![0.0; d]).unwrap();
+    let op = Observe::identity();
+    let obs = Observation {
+        y: &y,
+        operator: &op,
+        noise_std: 1e-25,
+    };
+    let cfg = EnffConfig {
+        guidance: GuidanceKind::Covariance,
+        loc_radius: None,
+        innovation_clip: 0.0,
+        ..EnffConfig::f2p(0.1, 1.0, 4)
+    };
+    let mut f = Enff::<Cpu>::new(cfg).unwrap();
+    match f.analyse(&cpu, &mut ens, Some(&prev), &obs, 1) {
+        Err(Error::Diverged { stage, detail, .. }) => {
+            assert!(stage.contains("covariance guidance stage 1"), "{stage}");
+            assert!(detail.contains("component"), "{detail}");
+        }
+        other => panic!("expected a divergence naming the stage, got {other:?}"),
+    }
+}
 
 /// The plain constant-gain form with innovation feedback under-corrects: it stays further from
 /// the Kalman mean than the tempered stages (why they are the default).
@@ -1232,6 +1265,6 @@ fn wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path() {
 }
 
 test_main!(
-    cpu: [global_gain_gives_the_etkf_mean::cpu, one_analysis_reproduces_the_kalman_mean_as_n_grows, the_constant_schedule_under_corrects_strong_observations, bad_input_is_a_typed_error_naming_the_parameter, cold_start_arctan_lorenz96_runs_80_cycles_and_converges, sakov2008_covariance_guidance_matches_the_etkf, half_observed_cold_start_converges_with_the_safeguards, the_innovation_bound_limits_a_stage_step, adaptive_inflation_inflates_an_under_dispersed_forecast_only, backend_local_gains_match_the_f64_reference, banded_gains_are_localized],
+    cpu: [an_overflowing_gain_names_its_stage_and_component, global_gain_gives_the_etkf_mean::cpu, one_analysis_reproduces_the_kalman_mean_as_n_grows, the_constant_schedule_under_corrects_strong_observations, bad_input_is_a_typed_error_naming_the_parameter, cold_start_arctan_lorenz96_runs_80_cycles_and_converges, sakov2008_covariance_guidance_matches_the_etkf, half_observed_cold_start_converges_with_the_safeguards, the_innovation_bound_limits_a_stage_step, adaptive_inflation_inflates_an_under_dispersed_forecast_only, backend_local_gains_match_the_f64_reference, banded_gains_are_localized],
     gpu: [global_gain_gives_the_etkf_mean::gpu, banded_gain_step_agrees_with_the_cpu, observed_moments_agree_with_the_cpu, covariance_guided_analysis_agrees_with_the_cpu, local_gains_agree_with_the_cpu_twin_and_the_f64_reference, wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path],
 );

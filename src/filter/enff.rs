@@ -424,6 +424,7 @@ impl<B: Backend> Enff<B> {
             },
         );
         let grid = time_grid(cfg.flow_steps);
+        let mut stage_no = 0usize;
         for k in 0..cfg.flow_steps {
             let (t0, t1) = (grid[k], grid[k + 1]);
             if fault == Some(super::InjectedFault::FlowStep(k + 1)) {
@@ -447,6 +448,7 @@ impl<B: Backend> Enff<B> {
                     local.as_ref(),
                 )?,
                 (Integrator::Euler, Some((x_hat, v)), Some((op, (tau, weight)))) => {
+                    stage_no += 1;
                     let gains = gains_owned.as_mut().expect("prepared with the stages");
                     let stage = CovarianceStep {
                         observe: op,
@@ -465,7 +467,10 @@ impl<B: Backend> Enff<B> {
                         &stage,
                         gains,
                         halo_owned.as_mut(),
-                    )?
+                    )
+                    .map_err(|e| {
+                        ctx.at_step(k, &format!("covariance guidance stage {stage_no}"), e)
+                    })?
                 }
                 _ => ctx.euler_step(&mut w.x, &w.weights, (t0, t1), local.as_ref())?,
             }
