@@ -93,6 +93,8 @@ pub struct AssimilatorBuilder {
     first_cycle: u32,
     /// The `filter.*` settings given, in order (a change of guidance resolves against them).
     sets: Vec<String>,
+    /// The guidance of the starting configuration (the default preset's).
+    base_guidance: crate::flow::GuidanceKind,
 }
 
 impl Default for AssimilatorBuilder {
@@ -108,6 +110,9 @@ impl AssimilatorBuilder {
             Ok(p) => (Some(p.config), None),
             Err(e) => (None, Some(e)),
         };
+        let base_guidance = config
+            .as_ref()
+            .map_or(crate::flow::GuidanceKind::Local, |c| c.filter.guidance);
         AssimilatorBuilder {
             config,
             deferred,
@@ -118,6 +123,7 @@ impl AssimilatorBuilder {
             previous: None,
             first_cycle: 1,
             sets: Vec::new(),
+            base_guidance,
         }
         .seed(0)
     }
@@ -234,7 +240,7 @@ impl AssimilatorBuilder {
         }
         if let Some(c) = &self.config {
             let mut c = c.clone();
-            c.resolve_guidance(base_guidance(), &self.sets);
+            c.resolve_guidance(self.base_guidance, &self.sets);
             c.validate()?;
             c.filter_kind()?;
         }
@@ -266,7 +272,7 @@ impl AssimilatorBuilder {
         }
         config.ensemble.n = n;
         // A guidance chosen here brings its own defaults for the settings not given.
-        for w in config.resolve_guidance(base_guidance(), &self.sets) {
+        for w in config.resolve_guidance(self.base_guidance, &self.sets) {
             log::warn!("{w}");
         }
         config.validate()?;
@@ -353,13 +359,6 @@ impl AssimilatorBuilder {
             m,
         })
     }
-}
-
-/// The guidance of the builder's starting configuration (the default preset's).
-fn base_guidance() -> crate::flow::GuidanceKind {
-    preset(DEFAULT_PRESET).map_or(crate::flow::GuidanceKind::Local, |p| {
-        p.config.filter.guidance
-    })
 }
 
 /// Accepts `filter.*` settings other than the filter's name, which has its own call.

@@ -27,10 +27,7 @@ impl CompareRow {
     pub fn new(experiment: &Experiment) -> CompareRow {
         let cfg = experiment.config();
         let guidance = if cfg.filter_kind().is_ok_and(|k| k.is_enff()) {
-            serde_json::to_value(cfg.filter.guidance)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_else(|| "-".into())
+            cfg.filter.guidance.name().to_string()
         } else {
             "-".into()
         };

@@ -170,16 +170,6 @@ pub struct GuidanceDefaults {
     pub loc_radius: Option<f64>,
 }
 
-/// Keys whose values belong to the guidance (reset to its defaults when the guidance changes
-/// and they were not set).
-pub const GUIDANCE_KEYS: [&str; 5] = [
-    "filter.guidance_scale",
-    "filter.gain_stages",
-    "filter.innovation_clip",
-    "filter.adaptive_inflation",
-    "filter.loc_radius",
-];
-
 /// Keys that only covariance guidance reads (EnFF filters).
 const COVARIANCE_ONLY_KEYS: [&str; 4] = [
     "filter.gain_stages",
@@ -562,10 +552,7 @@ impl Config {
             {
                 warnings.push(format!(
                     "{k} is read by covariance guidance only; filter.guidance = {} ignores it",
-                    serde_json::to_value(guidance)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default()
+                    guidance.name()
                 ));
             }
         }

@@ -242,10 +242,7 @@ impl Experiment {
             // radius) of a component.
             // The global gain (no radius, or no spatial geometry) sees all m observations.
             let every = cfg.observe.every.max(1) as f64;
-            let spatial = !matches!(
-                cfg.model.system,
-                super::config::SystemKind::Lorenz63 | super::config::SystemKind::Rotation2d
-            );
+            let spatial = cfg.model().is_ok_and(|m| m.geometry().is_spatial());
             let w = match cfg.filter.loc_radius.filter(|_| spatial) {
                 None => m.max(1),
                 Some(radius) => {

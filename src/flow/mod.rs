@@ -92,6 +92,18 @@ pub enum GuidanceKind {
     Covariance,
 }
 
+impl GuidanceKind {
+    /// The name settings and files use (`local`, `monte_carlo`, `none`, `covariance`).
+    pub fn name(self) -> &'static str {
+        match self {
+            GuidanceKind::Local => "local",
+            GuidanceKind::MonteCarlo => "monte_carlo",
+            GuidanceKind::None => "none",
+            GuidanceKind::Covariance => "covariance",
+        }
+    }
+}
+
 /// How covariance guidance spreads the assimilation over the flow
 /// ([`crate::filter::covariance`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
