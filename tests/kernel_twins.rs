@@ -87,14 +87,20 @@ fn defines(source: &str, item: &str) -> bool {
         })
 }
 
-/// What is wrong with the twin and parity references of every shader in `root/shaders`.
-fn problems(root: &Path) -> Vec<String> {
+/// The `.wgsl` files of `root/shaders`, sorted.
+fn shaders(root: &Path) -> Vec<std::path::PathBuf> {
     let mut shaders: Vec<_> = std::fs::read_dir(root.join("shaders"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "wgsl"))
         .collect();
     shaders.sort();
+    shaders
+}
+
+/// What is wrong with the twin and parity references of every shader in `root/shaders`.
+fn problems(root: &Path) -> Vec<String> {
+    let shaders = shaders(root);
     let mut bad = Vec::new();
     for shader in &shaders {
         let name = shader.file_name().unwrap().to_string_lossy().into_owned();
@@ -185,12 +191,7 @@ fn family(root: &Path, stem: &str) -> Option<String> {
 /// file, or whose CPU twins are neither in the family's CPU file nor in a model or
 /// observation description.
 fn family_problems(root: &Path) -> Vec<String> {
-    let mut shaders: Vec<_> = std::fs::read_dir(root.join("shaders"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "wgsl"))
-        .collect();
-    shaders.sort();
+    let shaders = shaders(root);
     let mut bad = Vec::new();
     for shader in &shaders {
         let stem = shader.file_stem().unwrap().to_string_lossy().into_owned();

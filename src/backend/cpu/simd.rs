@@ -438,6 +438,53 @@ pub fn mix_block(
 
 // ---- weighted combination --------------------------------------------------------------------
 
+/// The weighted combination one weight at a time over the whole row: how a long row is
+/// combined, and the definition the register-blocked short-row path must reproduce bit for
+/// bit (tested).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn combine_by_weight<const FMA: bool>(
+    v: &mut [f32],
+    x: Option<&[f32]>,
+    cx: f32,
+    weights: &[f32],
+    a: &[f32],
+    ca: f32,
+    b: Option<&[f32]>,
+    cb: f32,
+    stride: usize,
+) {
+    let w = v.len();
+    match x {
+        Some(x) if cx != 0.0 => {
+            for (e, &xv) in v.iter_mut().zip(&x[..w]) {
+                *e = cx * xv;
+            }
+        }
+        _ => v.iter_mut().for_each(|e| *e = 0.0),
+    }
+    for (j, &wij) in weights.iter().enumerate() {
+        if wij == 0.0 {
+            continue;
+        }
+        let (wa, wb) = (wij * ca, wij * cb);
+        let aj = &a[j * stride..j * stride + w];
+        match b {
+            Some(b) if wb != 0.0 => {
+                let bj = &b[j * stride..j * stride + w];
+                for ((e, &av), &bv) in v.iter_mut().zip(aj).zip(bj) {
+                    *e = madd::<FMA>(wb, bv, madd::<FMA>(wa, av, *e));
+                }
+            }
+            _ => {
+                for (e, &av) in v.iter_mut().zip(aj) {
+                    *e = madd::<FMA>(wa, av, *e);
+                }
+            }
+        }
+    }
+}
+
 /// `v[c] = cx·x[c] + Σ_j weights[j] · (ca·a_j[c] + cb·b_j[c])` over the non-zero weights,
 /// with row `j` of `a` (and `b`) at `j * stride`; `x = None` or `cx = 0` drop the first term.
 ///
@@ -462,34 +509,7 @@ fn combine_impl<const FMA: bool>(
     let w = v.len();
     if w > PAIR_WIDTH {
         // A long row: one weight at a time.
-        match x {
-            Some(x) if cx != 0.0 => {
-                for (e, &xv) in v.iter_mut().zip(&x[..w]) {
-                    *e = cx * xv;
-                }
-            }
-            _ => v.iter_mut().for_each(|e| *e = 0.0),
-        }
-        for (j, &wij) in weights.iter().enumerate() {
-            if wij == 0.0 {
-                continue;
-            }
-            let (wa, wb) = (wij * ca, wij * cb);
-            let aj = &a[j * stride..j * stride + w];
-            match b {
-                Some(b) if wb != 0.0 => {
-                    let bj = &b[j * stride..j * stride + w];
-                    for ((e, &av), &bv) in v.iter_mut().zip(aj).zip(bj) {
-                        *e = madd::<FMA>(wb, bv, madd::<FMA>(wa, av, *e));
-                    }
-                }
-                _ => {
-                    for (e, &av) in v.iter_mut().zip(aj) {
-                        *e = madd::<FMA>(wa, av, *e);
-                    }
-                }
-            }
-        }
+        combine_by_weight::<FMA>(v, x, cx, weights, a, ca, b, cb, stride);
         return;
     }
     let x = x.filter(|_| cx != 0.0);
@@ -1154,51 +1174,6 @@ mod tests {
         (0..len).map(|k| (k as f32 * f + phase).sin()).collect()
     }
 
-    /// The weighted combination one weight at a time over the whole row (the definition the
-    /// register-blocked [`combine`] must reproduce bit for bit).
-    #[allow(clippy::too_many_arguments)]
-    fn combine_reference<const FMA: bool>(
-        v: &mut [f32],
-        x: Option<&[f32]>,
-        cx: f32,
-        weights: &[f32],
-        a: &[f32],
-        ca: f32,
-        b: Option<&[f32]>,
-        cb: f32,
-        stride: usize,
-    ) {
-        let w = v.len();
-        match x {
-            Some(x) if cx != 0.0 => {
-                for (e, &xv) in v.iter_mut().zip(&x[..w]) {
-                    *e = cx * xv;
-                }
-            }
-            _ => v.iter_mut().for_each(|e| *e = 0.0),
-        }
-        for (j, &wij) in weights.iter().enumerate() {
-            if wij == 0.0 {
-                continue;
-            }
-            let (wa, wb) = (wij * ca, wij * cb);
-            let aj = &a[j * stride..j * stride + w];
-            match b {
-                Some(b) if wb != 0.0 => {
-                    let bj = &b[j * stride..j * stride + w];
-                    for ((e, &av), &bv) in v.iter_mut().zip(aj).zip(bj) {
-                        *e = madd::<FMA>(wb, bv, madd::<FMA>(wa, av, *e));
-                    }
-                }
-                _ => {
-                    for (e, &av) in v.iter_mut().zip(aj) {
-                        *e = madd::<FMA>(wa, av, *e);
-                    }
-                }
-            }
-        }
-    }
-
     #[test]
     fn blocked_combination_equals_the_weight_by_weight_loop() {
         let stride = 301;
@@ -1221,17 +1196,17 @@ mod tests {
                         // The best variant (fused when the CPU has FMA) and the portable one.
                         combine(&mut got, xx, cx, weights, &a, 1.1, bb, cb, stride);
                         if has_fma() {
-                            combine_reference::<true>(
+                            combine_by_weight::<true>(
                                 &mut want, xx, cx, weights, &a, 1.1, bb, cb, stride,
                             );
                         } else {
-                            combine_reference::<false>(
+                            combine_by_weight::<false>(
                                 &mut want, xx, cx, weights, &a, 1.1, bb, cb, stride,
                             );
                         }
                         assert_eq!(bits(&got), bits(&want), "n {n}, w {w}, b {bx}");
                         combine_impl::<false>(&mut got, xx, cx, weights, &a, 1.1, bb, cb, stride);
-                        combine_reference::<false>(
+                        combine_by_weight::<false>(
                             &mut want, xx, cx, weights, &a, 1.1, bb, cb, stride,
                         );
                         assert_eq!(bits(&got), bits(&want), "portable: n {n}, w {w}, b {bx}");
