@@ -261,30 +261,31 @@ impl Gpu {
         };
         drop(s);
         let g = groups_1d(d as u64)?;
-        for (c, buf) in x.chunks.iter().enumerate() {
+        // The parameters of member block `c` (both passes read the blocks the same way).
+        let params = |c: usize| {
             let (r0, r1) = x.chunk_rows(c);
-            let p = EnsembleParams {
+            EnsembleParams {
                 rows: (r1 - r0) as u32,
                 cols: d as u32,
                 first: (c == 0) as u32,
                 inv_n: 1.0 / n as f32,
                 ..Default::default()
-            };
-            self.dispatch(&self.kernels.colsum, &p, &[buf, &colsum], (g.0, g.1, 1))?;
+            }
+        };
+        for (c, buf) in x.chunks.iter().enumerate() {
+            self.dispatch(
+                &self.kernels.colsum,
+                &params(c),
+                &[buf, &colsum],
+                (g.0, g.1, 1),
+            )?;
         }
+        // The squared deviations need the complete means: a second pass over the blocks.
         if let Some(colsq) = colsq {
             for (c, buf) in x.chunks.iter().enumerate() {
-                let (r0, r1) = x.chunk_rows(c);
-                let p = EnsembleParams {
-                    rows: (r1 - r0) as u32,
-                    cols: d as u32,
-                    first: (c == 0) as u32,
-                    inv_n: 1.0 / n as f32,
-                    ..Default::default()
-                };
                 self.dispatch(
                     &self.kernels.colsq,
-                    &p,
+                    &params(c),
                     &[buf, &colsum, &colsq],
                     (g.0, g.1, 1),
                 )?;
