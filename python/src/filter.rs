@@ -139,12 +139,24 @@ fn analyse_on<B: Backend + 'static>(
 #[pyclass(module = "enff")]
 pub struct Filter {
     spec: AnalysisSpec,
-    backend: Chosen,
+    /// `cpu` or `gpu` (read without the engine's lock).
+    backend: &'static str,
     next_cycle: Mutex<u32>,
     /// Nanoseconds spent in the engine (upload, analysis, read-back) over all calls.
     engine_nanos: std::sync::atomic::AtomicU64,
-    cpu: Mutex<Option<Assimilator<'static, enff::backend::cpu::Cpu>>>,
-    gpu: Mutex<Option<Assimilator<'static, enff::backend::gpu::Gpu>>>,
+    engine: Mutex<Engine>,
+}
+
+/// The backend and the assimilator built on it for the last ensemble shape.
+enum Engine {
+    Cpu(
+        &'static enff::backend::cpu::Cpu,
+        Option<Assimilator<'static, enff::backend::cpu::Cpu>>,
+    ),
+    Gpu(
+        &'static enff::backend::gpu::Gpu,
+        Option<Assimilator<'static, enff::backend::gpu::Gpu>>,
+    ),
 }
 
 impl Filter {
@@ -167,15 +179,10 @@ impl Filter {
         let data = py
             .detach(|| {
                 let start = std::time::Instant::now();
-                let r = match self.backend {
-                    Chosen::Cpu(b) => {
-                        let mut g = self.cpu.lock().unwrap_or_else(|p| p.into_inner());
-                        analyse_on(b, &mut g, spec, &inputs, cycle)
-                    }
-                    Chosen::Gpu(b) => {
-                        let mut g = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
-                        analyse_on(b, &mut g, spec, &inputs, cycle)
-                    }
+                let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+                let r = match &mut *engine {
+                    Engine::Cpu(b, cached) => analyse_on(*b, cached, spec, &inputs, cycle),
+                    Engine::Gpu(b, cached) => analyse_on(*b, cached, spec, &inputs, cycle),
                 };
                 self.engine_nanos.fetch_add(
                     start.elapsed().as_nanos() as u64,
@@ -207,14 +214,16 @@ impl Filter {
     ) -> PyResult<Self> {
         let sets = backends::settings("filter.", settings)?;
         let spec = spec_of(filter, obs_noise_std, obs_op, every, offset, seed, sets)?;
-        let backend = backends::choose(py, backend)?;
+        let (engine, backend) = match backends::choose(py, backend)? {
+            Chosen::Cpu(b) => (Engine::Cpu(b, None), "cpu"),
+            Chosen::Gpu(b) => (Engine::Gpu(b, None), "gpu"),
+        };
         Ok(Filter {
             spec,
             backend,
             next_cycle: Mutex::new(cycle),
             engine_nanos: std::sync::atomic::AtomicU64::new(0),
-            cpu: Mutex::new(None),
-            gpu: Mutex::new(None),
+            engine: Mutex::new(engine),
         })
     }
 
@@ -242,10 +251,7 @@ impl Filter {
     /// The backend the analyses run on: `cpu` or `gpu`.
     #[getter]
     fn backend(&self) -> &'static str {
-        match self.backend {
-            Chosen::Cpu(_) => "cpu",
-            Chosen::Gpu(_) => "gpu",
-        }
+        self.backend
     }
 
     /// The cycle number the next call gets unless it names one.
