@@ -8,7 +8,7 @@ use numpy::{
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::errors::IntoPy;
+use crate::errors::EngineResultExt;
 
 /// The floating-point type of an array handed in, which results keep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use pyo3::types::PyDict;
 
 use crate::arrays::{self, Dtype};
 use crate::backends::{self, Chosen};
-use crate::errors::{invalid, IntoPy};
+use crate::errors::{invalid, EngineResultExt};
 
 /// An observation operator written in Python: `h(x) -> y` of one state (float64 arrays) and,
 /// for the filters that follow its gradient, `adjoint(x, r) -> J_h(x)^T r`.

@@ -59,12 +59,12 @@ pub fn invalid(name: &str, problem: impl std::fmt::Display, fix: &str) -> PyErr 
 }
 
 /// Engine results as Python results.
-pub trait IntoPy<T> {
+pub trait EngineResultExt<T> {
     /// The result with an engine error turned into its Python exception.
     fn py(self) -> PyResult<T>;
 }
 
-impl<T> IntoPy<T> for enff::Result<T> {
+impl<T> EngineResultExt<T> for enff::Result<T> {
     fn py(self) -> PyResult<T> {
         self.map_err(to_py)
     }

@@ -12,7 +12,7 @@ use pyo3::types::PyDict;
 
 use crate::arrays::{self, HostArray};
 use crate::backends::{self, Chosen};
-use crate::errors::{invalid, IntoPy};
+use crate::errors::{invalid, EngineResultExt};
 
 /// Settings of an analysis, checked.
 fn spec_of(

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use crate::backends::{self, Chosen};
-use crate::errors::{to_py, IntoPy};
+use crate::errors::{to_py, EngineResultExt};
 
 /// `overrides`: a dict `{"model.d": 80}` or a list of `"key=value"` texts.
 fn override_lines(overrides: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
