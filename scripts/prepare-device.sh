@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests=(kernels enff ks_ns covariance_guidance baselines ensemble_space assimilate memory
-    presets)
+    presets properties reliability)
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
