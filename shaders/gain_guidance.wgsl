@@ -1,5 +1,5 @@
 // Covariance guidance with a banded Kalman gain (one flow step):
-//   state[k,i] += h_vel·velocity[k,i] + h_gain·Σ_c gain[i,c]·(y[q] − h(endpoint[k, comp(q)])),
+//   state[k,i] += h_vel·velocity[k,i] + h_gain·Σ_c gain[table·d + i, c]·(y[q] − h(endpoint[k, comp(q)])),
 //   q = index[i,c], comp(q) = offset + q·every.
 // With has_mean, the innovation is split: (y − hbar) − alpha·(h(endpoint) − hbar).
 // With has_clip, it is clamped to ±clip_scale·√ivar[m + q] (row 1 of the stage's observation
@@ -17,7 +17,7 @@ struct GainParams {
     every: u32,
     offset: u32,
     pointwise: u32,  // 0 identity, 1 arctan, 2 tanh
-    _pad0: u32,
+    table: u32,      // gain table applied (rows table·d ..)
     h_vel: f32,
     h_gain: f32,
     has_mean: u32,   // 1: split the innovation about hbar
@@ -51,8 +51,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     var acc = 0.0;
     if (p.h_gain != 0.0) {
         let base = i * p.w;
+        let gbase = (p.table * p.d + i) * p.w;
         for (var c = 0u; c < p.w; c = c + 1u) {
-            let g = gain[base + c];
+            let g = gain[gbase + c];
             if (g != 0.0) {
                 let q = min(u32(index[base + c]), p.m - 1u);
                 let hx = obs_value(p.pointwise, endpoint[k * p.d + p.offset + q * p.every]);

@@ -1,4 +1,4 @@
-// Local Kalman gains of one covariance-guidance stage (src/filter/covariance.rs), on the device.
+// Local Kalman gains of covariance-guidance stages (src/filter/covariance.rs), on the device.
 // CPU twin: src/backend/cpu/gain.rs::local_gains.
 //
 // `moments`: one thread per state component c: the forecast mean x̄_c, the endpoint mean
@@ -7,14 +7,16 @@
 // `gains`: one workgroup per component i, in observation space (the Woodbury form). With the
 //   window entries e < w (observation q_e at component c_e, taper ρ_e, 0 = padding) and
 //   s_e = √ρ_e·h'(x̄̂₁[c_e])/σ:
-//     M = I + τ·S,  S_ef = s_e s_f·P(c_e, c_f),  r_e = s_e·P(c_e, i),
-//     gain[i, e] = (√ρ_e/σ)·(M⁻¹ r)_e,
-//   P the forecast covariance (sums over members in tiles of TK, in workgroup memory), M
-//   factored by a workgroup Cholesky. Padding entries get s_e = 0: an identity row, gain 0.
+//     M_s = I + τ_s·S,  S_ef = s_e s_f·P(c_e, c_f),  r_e = s_e·P(c_e, i),
+//     gain[s, i, e] = (√ρ_e/σ)·(M_s⁻¹ r)_e   for every stage s < stages (table s = rows s·d ..),
+//   P the forecast covariance (sums over members in tiles of TK, in workgroup memory). S and r
+//   are built once; each stage factors its M_s by a workgroup Cholesky (S kept packed in
+//   `tile` meanwhile). Padding entries get s_e = 0: an identity row, gain 0.
 // `gains_ens`: the same gains in ensemble space, for windows wider than the ensemble (n ≤ NMAX,
 //   any w), the twin's choice as well. With a_e the anomalies of component c_e:
 //     G = Σ_e s_e²·a_e a_eᵀ/(n − 1)  (n × n, summed over tiles of TE window entries),
-//     v = (I + τ·G)⁻¹ a_i/√(n − 1),   gain[i, e] = (√ρ_e/σ)·s_e·a_eᵀv/√(n − 1).
+//     v_s = (I + τ_s·G)⁻¹ a_i/√(n − 1),   gain[s, i, e] = (√ρ_e/σ)·s_e·a_eᵀv_s/√(n − 1),
+//   G built once, one factorization per stage.
 //   Padding entries get s_e = 0: no term in G, gain 0.
 // The host picks the space (src/backend/gpu/gain.rs); a problem neither kernel takes (n and w
 // both above 48, or an ensemble split into member blocks) runs the twin on the host.
@@ -31,13 +33,14 @@ struct LocalGainParams {
     pointwise: u32,   // 0 identity, 1 arctan, 2 tanh
     groups_x: u32,    // workgroups along x of the `gains` dispatch
     inv_sigma: f32,
-    tau: f32,
+    stages: u32,      // stages of this dispatch (at most 32)
     inv_n: f32,       // 1 / n
     inv_n1: f32,      // 1 / (n − 1)
     with_var: u32,    // 1: hbar is 2 × m, row 1 receives h'(x̄̂₁)²·var(x_f) + σ²
-    _pad0: u32,
+    table0: u32,      // gain table of this dispatch's first stage
     _pad1: u32,
     _pad2: u32,
+    taus: array<vec4<f32>, 8>,    // τ_s of stage s at taus[s / 4][s % 4] (at most 32 stages)
 }
 
 @group(0) @binding(0) var<uniform> p: LocalGainParams;
@@ -59,8 +62,10 @@ const TE: u32 = 16u;      // window entries per tile of `gains_ens`
 
 // Shared by both gain kernels (`gains_ens` in brackets).
 var<workgroup> mat: array<f32, 2401>;   // LD × LD: lower triangle of M, then r in row w (n)
-var<workgroup> tile: array<f32, 784>;   // TK × LD anomalies: window columns, then column i
-                                        // (TE × LD scaled anomalies s_e·a_e of a tile)
+var<workgroup> tile: array<f32, 1176>;  // TK × LD anomalies: window columns, then column i
+                                        // (TE × LD scaled anomalies s_e·a_e of a tile);
+                                        // then the stage-independent matrix, packed
+                                        // lower triangle (WMAX·(WMAX + 1)/2)
 var<workgroup> scl: array<f32, 48>;     // s_e (of the tile's entries)
 var<workgroup> col: array<u32, 49>;     // c_e, then i (of the tile's entries)
 var<workgroup> zv: array<f32, 48>;      // M⁻¹ r
@@ -155,14 +160,14 @@ fn gains_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
         workgroupBarrier();
     }
 
-    // M = I + τ·S and r.
+    // S (packed into `tile`) and r (row w of `mat`, untouched by the factorization).
     for (var idx = t; idx < ww * w; idx = idx + GT) {
         let e = idx / w;
         let f = idx - e * w;
         if (f <= e) {
             let cv = mat[e * LD + f] * p.inv_n1;
             if (e < w) {
-                mat[e * LD + f] = p.tau * scl[e] * scl[f] * cv + select(0.0, 1.0, e == f);
+                tile[e * (e + 1u) / 2u + f] = scl[e] * scl[f] * cv;
             } else {
                 mat[e * LD + f] = scl[f] * cv;
             }
@@ -170,14 +175,26 @@ fn gains_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     }
     workgroupBarrier();
 
-    factor_and_solve(w, t);
-    for (var e = t; e < w; e = e + GT) {
-        let rho = taper[base + e];
-        var g = 0.0;
-        if (rho > 0.0) {
-            g = sqrt(rho) * p.inv_sigma * zv[e];
+    for (var s = 0u; s < p.stages; s = s + 1u) {
+        let tau = p.taus[s / 4u][s % 4u];
+        for (var idx = t; idx < w * w; idx = idx + GT) {
+            let e = idx / w;
+            let f = idx - e * w;
+            if (f <= e) {
+                mat[e * LD + f] = tau * tile[e * (e + 1u) / 2u + f] + select(0.0, 1.0, e == f);
+            }
         }
-        gain[base + e] = g;
+        workgroupBarrier();
+        factor_and_solve(w, t);
+        let out = (p.table0 + s) * p.d * w + base;
+        for (var e = t; e < w; e = e + GT) {
+            let rho = taper[base + e];
+            var g = 0.0;
+            if (rho > 0.0) {
+                g = sqrt(rho) * p.inv_sigma * zv[e];
+            }
+            gain[out + e] = g;
+        }
     }
 }
 
@@ -278,35 +295,50 @@ fn gains_ens_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
         workgroupBarrier();
     }
 
-    // M = I + τ·G and the right-hand side a_i/√(n − 1) in row n.
+    // G/(n − 1) packed into `tile` (free once the sums are done) and the right-hand side
+    // a_i/√(n − 1) in row n of `mat` (untouched by the factorization).
     for (var idx = t; idx < n * n; idx = idx + GT) {
         let r = idx / n;
         let c = idx - r * n;
         if (c <= r) {
-            mat[r * LD + c] = p.tau * mat[r * LD + c] * p.inv_n1 + select(0.0, 1.0, r == c);
+            tile[r * (r + 1u) / 2u + c] = mat[r * LD + c] * p.inv_n1;
         }
     }
     for (var k = t; k < n; k = k + GT) {
         mat[n * LD + k] = (fc[k * p.d + i] - moments[i]) * isq;
     }
     workgroupBarrier();
-    factor_and_solve(n, t);
 
-    // gain[i, e] = (√ρ_e/σ)·s_e·a_eᵀv/√(n − 1), one thread per entry.
-    for (var e = t; e < w; e = e + GT) {
-        let rho = taper[base + e];
-        var g = 0.0;
-        if (rho > 0.0) {
-            let q = min(u32(index[base + e]), p.m - 1u);
-            let c = p.offset + q * p.every;
-            let s = sqrt(rho) * obs_derivative(p.pointwise, moments[p.d + c]) * p.inv_sigma;
-            let mc = moments[c];
-            var acc = 0.0;
-            for (var k = 0u; k < n; k = k + 1u) {
-                acc = fma(fc[k * p.d + c] - mc, zv[k], acc);
+    for (var st = 0u; st < p.stages; st = st + 1u) {
+        let tau = p.taus[st / 4u][st % 4u];
+        // M_s = I + τ_s·G/(n − 1).
+        for (var idx = t; idx < n * n; idx = idx + GT) {
+            let r = idx / n;
+            let c = idx - r * n;
+            if (c <= r) {
+                mat[r * LD + c] = tau * tile[r * (r + 1u) / 2u + c] + select(0.0, 1.0, r == c);
             }
-            g = sqrt(rho) * p.inv_sigma * s * acc * isq;
         }
-        gain[base + e] = g;
+        workgroupBarrier();
+        factor_and_solve(n, t);
+
+        // gain[s, i, e] = (√ρ_e/σ)·s_e·a_eᵀv_s/√(n − 1), one thread per entry.
+        let out = (p.table0 + st) * p.d * w + base;
+        for (var e = t; e < w; e = e + GT) {
+            let rho = taper[base + e];
+            var g = 0.0;
+            if (rho > 0.0) {
+                let q = min(u32(index[base + e]), p.m - 1u);
+                let c = p.offset + q * p.every;
+                let s = sqrt(rho) * obs_derivative(p.pointwise, moments[p.d + c]) * p.inv_sigma;
+                let mc = moments[c];
+                var acc = 0.0;
+                for (var k = 0u; k < n; k = k + 1u) {
+                    acc = fma(fc[k * p.d + c] - mc, zv[k], acc);
+                }
+                g = sqrt(rho) * p.inv_sigma * s * acc * isq;
+            }
+            gain[out + e] = g;
+        }
     }
 }

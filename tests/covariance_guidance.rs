@@ -512,6 +512,7 @@ fn the_innovation_bound_limits_a_stage_step() {
                 observe: op,
                 y: &y,
                 gain: &gain,
+                table: 0,
                 index: &index,
                 endpoint: &endpoint,
                 velocity: &zeros,
@@ -626,6 +627,7 @@ fn backend_local_gains_match_the_f64_reference() {
         ),
     ] {
         let d = geometry.dim().unwrap();
+        let taus = [tau, 0.3 * tau, 0.05 + tau * 1.7];
         let seed = (n * d) as u64;
         let x = normals(n, d, seed, 1.3);
         let xh: Vec<f32> = normals(n, d, seed + 1, 0.4)
@@ -645,7 +647,7 @@ fn backend_local_gains_match_the_f64_reference() {
             sigma as f64,
             geometry,
             radius,
-            &[tau as f64],
+            &taus.iter().map(|&t| t as f64).collect::<Vec<_>>(),
             Some(&lin),
         )
         .unwrap();
@@ -655,7 +657,7 @@ fn backend_local_gains_match_the_f64_reference() {
         let buf = |r, c, v: &[f32]| cpu.upload(r, c, v).unwrap();
         let (xb, xhb) = (buf(n, d, &x), buf(n, d, &xh));
         let (index, taper) = (buf(d, win.w, &win.index), buf(d, win.w, &win.taper));
-        let mut gain = cpu.zeros(d, win.w).unwrap();
+        let mut gain = cpu.zeros(taus.len() * d, win.w).unwrap();
         let mut hbar = cpu.zeros(2, m).unwrap();
         let call = LocalGains {
             observe: op,
@@ -664,19 +666,34 @@ fn backend_local_gains_match_the_f64_reference() {
             index: &index,
             taper: &taper,
             noise_std: sigma,
-            tau,
+            taus: &taus,
         };
         cpu.local_gains(&call, &mut gain, &mut hbar).unwrap();
         let got = cpu.read(&gain).unwrap();
-        let peak = want.tables[0].iter().fold(0.0f32, |a, b| a.max(b.abs()));
-        assert!(peak > 0.05, "{geometry:?}: trivial gains");
-        for (e, (g, r)) in got.iter().zip(&want.tables[0]).enumerate() {
-            assert!(
-                (g - r).abs() <= 1e-4 * peak + 1e-3 * r.abs(),
-                "{geometry:?} n={n} w={}: entry {e}: {g} vs {r}",
-                win.w
-            );
+        // Every stage's table of the one call equals that exponent's reference gains.
+        for (s, (table, want)) in got.chunks(d * win.w).zip(&want.tables).enumerate() {
+            let peak = want.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+            assert!(peak > 0.05, "{geometry:?}: trivial gains");
+            for (e, (g, r)) in table.iter().zip(want).enumerate() {
+                assert!(
+                    (g - r).abs() <= 1e-4 * peak + 1e-3 * r.abs(),
+                    "{geometry:?} n={n} w={} stage {s}: entry {e}: {g} vs {r}",
+                    win.w
+                );
+            }
         }
+        // The one-stage call gives the same table as the shared one for its exponent.
+        let mut one = cpu.zeros(d, win.w).unwrap();
+        cpu.local_gains(
+            &LocalGains {
+                taus: &taus[1..2],
+                ..call
+            },
+            &mut one,
+            &mut hbar,
+        )
+        .unwrap();
+        assert_eq!(cpu.read(&one).unwrap(), got[d * win.w..2 * d * win.w]);
         let hb = cpu.read(&hbar).unwrap();
         for (q, v) in hb[..m].iter().enumerate() {
             let c = op.component(q);
@@ -700,12 +717,27 @@ fn backend_local_gains_match_the_f64_reference() {
             );
         }
         // Bad scalars and shapes are typed errors naming what is wrong.
-        for (bad, key) in [(-1.0, "τ"), (f32::NAN, "τ")] {
+        for (bad, key) in [
+            (vec![-1.0, 1.0, 1.0], "τ"),
+            (vec![1.0, f32::NAN, 1.0], "τ"),
+            (vec![], "filter.gain_stages"),
+        ] {
             let e = cpu
-                .local_gains(&LocalGains { tau: bad, ..call }, &mut gain, &mut hbar)
+                .local_gains(&LocalGains { taus: &bad, ..call }, &mut gain, &mut hbar)
                 .unwrap_err();
             assert!(e.to_string().contains(key), "{e}");
         }
+        let e = cpu
+            .local_gains(
+                &LocalGains {
+                    taus: &taus[..1],
+                    ..call
+                },
+                &mut gain,
+                &mut hbar,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("banded gain"), "{e}");
         let e = cpu
             .local_gains(
                 &LocalGains {
@@ -744,34 +776,54 @@ fn gain_step<B: Backend>(
     let [state, vel, endpoint, y, gain_index, hbar] = data;
     let m = y.len();
     let clip_bufs = clip.map(|(stats, scale)| (b.upload(2, m, stats).unwrap(), scale));
-    let mut st = b.upload(n, d, state).unwrap();
     let v = b.upload(n, d, vel).unwrap();
     let e = b.upload(n, d, endpoint).unwrap();
     let yb = b.upload(1, m, y).unwrap();
     let gain = b.upload(d, w, &gain_index[..d * w]).unwrap();
+    // The same gains as table 1 of two (table 0 holds other values): the step applies the
+    // table it is given.
+    let two: Vec<f32> = gain_index[..d * w]
+        .iter()
+        .map(|g| -3.0 * g + 0.5)
+        .chain(gain_index[..d * w].iter().copied())
+        .collect();
+    let two = b.upload(2 * d, w, &two).unwrap();
     let index = b.upload(d, w, &gain_index[d * w..]).unwrap();
     let hb = b.upload(1, m, hbar).unwrap();
-    b.gain_step(
-        &mut st,
-        &GainStep {
-            observe: op,
-            y: &yb,
-            gain: &gain,
-            index: &index,
-            endpoint: &e,
-            velocity: &v,
-            h_velocity: h.0,
-            h_gain: h.1,
-            mean_obs: h.2.map(|a| (&hb, a)),
-            clip: clip_bufs.as_ref().map(|(stats, scale)| InnovationClip {
-                innovation_var: stats,
-                scale: *scale,
-            }),
-        },
-    )
-    .unwrap();
-    b.sync().unwrap();
-    b.read(&st).unwrap()
+    let mut out = Vec::new();
+    // (A backend whose kernel arguments hold one table only takes the first.)
+    let fits_two = b.max_binding_bytes() >= (2 * d * w * 4) as u64;
+    let cases = [(&gain, 0), (&two, 1)];
+    for (gain, table) in &cases[..if fits_two { 2 } else { 1 }] {
+        let (gain, table) = (*gain, *table);
+        let mut st = b.upload(n, d, state).unwrap();
+        b.gain_step(
+            &mut st,
+            &GainStep {
+                observe: op,
+                y: &yb,
+                gain,
+                table,
+                index: &index,
+                endpoint: &e,
+                velocity: &v,
+                h_velocity: h.0,
+                h_gain: h.1,
+                mean_obs: h.2.map(|a| (&hb, a)),
+                clip: clip_bufs.as_ref().map(|(stats, scale)| InnovationClip {
+                    innovation_var: stats,
+                    scale: *scale,
+                }),
+            },
+        )
+        .unwrap();
+        b.sync().unwrap();
+        out.push(b.read(&st).unwrap());
+    }
+    if fits_two {
+        assert_eq!(out[0], out[1], "table 1 of two tables = the one table");
+    }
+    out.pop().unwrap()
 }
 
 fn banded_gain_step_agrees_with_the_cpu() {
@@ -1021,7 +1073,8 @@ struct GainCase {
     geometry: Geometry,
     radius: f64,
     sigma: f32,
-    tau: f32,
+    /// The exponents of the stages computed in one call.
+    taus: Vec<f32>,
     x: Vec<f32>,
     xh: Vec<f32>,
 }
@@ -1042,7 +1095,7 @@ impl GainCase {
             geometry,
             radius,
             sigma: 0.4,
-            tau: 0.75,
+            taus: vec![0.75, 0.25, 2.0],
             x,
             xh,
         }
@@ -1062,7 +1115,7 @@ impl GainCase {
         let xh = b.upload(self.n, self.d, &self.xh).unwrap();
         let index = b.upload(self.d, win.w, &win.index).unwrap();
         let taper = b.upload(self.d, win.w, &win.taper).unwrap();
-        let mut gain = b.zeros(self.d, win.w).unwrap();
+        let mut gain = b.zeros(self.taus.len() * self.d, win.w).unwrap();
         // Both rows of the stage's observation statistics: h̄ and the innovation variances.
         let mut hbar = b.zeros(2, m).unwrap();
         let inputs = LocalGains {
@@ -1072,7 +1125,7 @@ impl GainCase {
             index: &index,
             taper: &taper,
             noise_std: self.sigma,
-            tau: self.tau,
+            taus: &self.taus,
         };
         if host {
             enff::backend::local_gains_on_host(b, &inputs, &mut gain, &mut hbar)?;
@@ -1097,7 +1150,7 @@ impl GainCase {
             self.sigma as f64,
             self.geometry,
             self.radius,
-            &[self.tau as f64],
+            &self.taus.iter().map(|&t| t as f64).collect::<Vec<_>>(),
             Some(&lin),
         )
         .unwrap();
@@ -1123,7 +1176,7 @@ impl GainCase {
             let s = self.sigma as f64;
             hbar.push((dh * dh * var + s * s) as f32);
         }
-        (g.tables[0].clone(), hbar)
+        (g.tables.concat(), hbar)
     }
 }
 
@@ -1166,6 +1219,14 @@ fn gain_cases() -> Vec<(&'static str, GainCase)> {
         (
             "ring identity wide",
             GainCase::new(6, Observe::identity(), Geometry::Ring { len: 71 }, 8.0, 61),
+        ),
+        // More stages than one GPU dispatch takes (32): the tables come from two dispatches.
+        (
+            "ring arctan, 35 stages",
+            GainCase {
+                taus: (1..=35).map(|s| s as f32 / 35.0).collect(),
+                ..GainCase::new(8, Observe::arctan(), Geometry::Ring { len: 23 }, 1.5, 81)
+            },
         ),
         (
             "torus arctan wide",

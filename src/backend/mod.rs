@@ -112,8 +112,11 @@ pub struct GainStep<'a, B: Backend + ?Sized> {
     pub observe: Observe,
     /// The observation `y` (`1 × m`).
     pub y: &'a B::Buffer,
-    /// Banded gain (`d × w`).
+    /// Banded gains (`(S·d) × w`: `S ≥ 1` tables of `d` rows, as [`Backend::local_gains`]
+    /// writes them for `S` stages).
     pub gain: &'a B::Buffer,
+    /// The table of `gain` this step applies (rows `table·d ..`).
+    pub table: usize,
     /// Observation index of every gain entry (`d × w`, exact integers stored as f32, `< 2²⁴`).
     pub index: &'a B::Buffer,
     /// Where the innovation is evaluated, the predicted endpoint `x̂₁` (`n × d`).
@@ -145,20 +148,22 @@ pub struct InnovationClip<'a, B: Backend + ?Sized> {
     pub scale: f32,
 }
 
-/// The local Kalman gains of one covariance-guidance stage, computed where the ensemble lives
-/// (see [`crate::filter::covariance`]): for every state component `i`, with the window of
-/// observations `q = index[i, e]` and Gaspari–Cohn tapers `ρ_e = taper[i, e]` (`ρ = 0` marks
-/// padding),
+/// The local Kalman gains of one or more covariance-guidance stages, computed where the
+/// ensemble lives (see [`crate::filter::covariance`]): for every state component `i`, with the
+/// window of observations `q = index[i, e]` and Gaspari–Cohn tapers `ρ_e = taper[i, e]`
+/// (`ρ = 0` marks padding), and every exponent `τ_s` of [`LocalGains::taus`],
 ///
-/// `gain[i, e] = (ρ_e/σ_y) · b_qᵀ (I + τ·G_i)⁻¹ a_i`, `G_i = Σ_e ρ_e b_q b_qᵀ`,
+/// `gain[s·d + i, e] = (ρ_e/σ_y) · b_qᵀ (I + τ_s·G_i)⁻¹ a_i`, `G_i = Σ_e ρ_e b_q b_qᵀ`,
 ///
 /// where `a_c` are the forecast anomalies of component `c` scaled by `1/√(n − 1)` and
 /// `b_q = h'(x̄̂₁[comp(q)])·a_comp(q)/σ_y`, linearized at the mean of the predicted endpoints
-/// `x̂₁`. The same call writes `h̄` (`1 × m`), the ensemble mean of `h(x̂₁)`, for the
-/// innovation split of [`GainStep::mean_obs`]; when that buffer is `2 × m`, row 1 receives the
-/// linearized innovation variances `s_q² = h'(x̄̂₁[c])²·var(x_f[c]) + σ_y²` (`c = comp(q)`) for
-/// [`GainStep::clip`]. Only the `d × w` gain table and these `m`-vectors are written; nothing
-/// of size `n × d` leaves the backend.
+/// `x̂₁`. `G_i` (the `O(n²·w)` part) is built once per component and shared by the stages;
+/// each stage adds one `n × n` (or `w × w`) factorization. The same call writes `h̄` (`1 × m`),
+/// the ensemble mean of `h(x̂₁)`, for the innovation split of [`GainStep::mean_obs`]; when that
+/// buffer is `2 × m`, row 1 receives the linearized innovation variances
+/// `s_q² = h'(x̄̂₁[c])²·var(x_f[c]) + σ_y²` (`c = comp(q)`) for [`GainStep::clip`]. Only the
+/// `S` gain tables and these `m`-vectors are written; nothing of size `n × d` leaves the
+/// backend.
 pub struct LocalGains<'a, B: Backend + ?Sized> {
     /// The built-in observation operator (pointwise map and subsampling).
     pub observe: Observe,
@@ -172,8 +177,9 @@ pub struct LocalGains<'a, B: Backend + ?Sized> {
     pub taper: &'a B::Buffer,
     /// Observation noise std `σ_y > 0`.
     pub noise_std: f32,
-    /// Tempering exponent `τ ≥ 0` of the stage.
-    pub tau: f32,
+    /// Tempering exponents `τ_s ≥ 0` of the stages (at least one): `gain` holds one `d × w`
+    /// table per exponent, in this order.
+    pub taus: &'a [f32],
 }
 
 /// Ensemble statistics against the truth, reduced where the ensemble lives.
@@ -201,6 +207,13 @@ pub trait Backend: Send + Sync {
     /// with it before allocating anything.
     fn memory_capacity(&self) -> Option<u64> {
         None
+    }
+
+    /// The largest buffer, in bytes, one kernel argument can hold whole (a GPU's storage
+    /// binding; unlimited on the CPU). Operations that need a table in one piece, like the
+    /// banded gains of [`Backend::gain_step`], size their tables by it.
+    fn max_binding_bytes(&self) -> u64 {
+        u64::MAX
     }
 
     // ---- memory ------------------------------------------------------------------------------
@@ -310,9 +323,9 @@ pub trait Backend: Send + Sync {
     /// The banded-gain guidance step described on [`GainStep`] (covariance guidance).
     fn gain_step(&self, state: &mut Self::Buffer, step: &GainStep<'_, Self>) -> Result<()>;
 
-    /// The local gains of one covariance-guidance stage described on [`LocalGains`], into
-    /// `gain` (`d × w`) and `hbar` (`1 × m`), where the ensembles live (CPU twin:
-    /// [`cpu::gain::local_gains`]).
+    /// The local gains of the covariance-guidance stages described on [`LocalGains`], into
+    /// `gain` (`(S·d) × w`, one table per stage) and `hbar` (`1 × m` or `2 × m`), where the
+    /// ensembles live (CPU twin: [`cpu::gain::local_gains`]).
     fn local_gains(
         &self,
         g: &LocalGains<'_, Self>,
@@ -428,9 +441,17 @@ pub(crate) fn check_gain_step<B: Backend + ?Sized>(
     let (n, d) = (state.rows(), state.cols());
     let m = observe.obs_dim(d)?;
     let w = gain.cols();
+    let tables = if d == 0 { 1 } else { gain.rows() / d };
+    if step.table >= tables.max(1) {
+        return Err(crate::Error::invalid(
+            "gain table",
+            step.table,
+            format!("the banded gain holds {tables} table(s) of {d} rows; pick one of them"),
+        ));
+    }
     for (name, b, rows, cols) in [
         ("observation", y, 1, m),
-        ("banded gain", gain, d, w),
+        ("banded gain", gain, tables.max(1) * d, w),
         ("gain observation index", index, d, w),
         ("guidance endpoint", endpoint, n, d),
         ("guidance velocity", velocity, n, d),
@@ -511,7 +532,7 @@ pub fn local_gains_on_host<B: Backend + ?Sized>(
             shape,
             observe: g.observe,
             noise_std: g.noise_std,
-            tau: g.tau,
+            taus: g.taus,
         },
         &mut k,
         &mut hb,
@@ -534,13 +555,20 @@ pub(crate) fn check_local_gains<B: Backend + ?Sized>(
             "a covariance needs at least 2 members",
         ));
     }
+    if g.taus.is_empty() {
+        return Err(crate::Error::invalid(
+            "filter.gain_stages",
+            0,
+            "a local-gain call computes the gains of at least one stage",
+        ));
+    }
     let m = g.observe.obs_dim(d)?;
     let w = g.index.cols();
     for (name, b, rows, cols) in [
         ("guidance endpoint", g.endpoint, n, d),
         ("gain observation index", g.index, d, w),
         ("gain window taper", g.taper, d, w),
-        ("banded gain", gain, d, w),
+        ("banded gain", gain, g.taus.len() * d, w),
         ("mean observed endpoint", hbar, hbar.rows().clamp(1, 2), m),
     ] {
         if b.rows() != rows || b.cols() != cols {
@@ -565,10 +593,10 @@ pub(crate) fn check_local_gains<B: Backend + ?Sized>(
             "the observation noise std σ_y must be positive",
         ));
     }
-    if !(g.tau.is_finite() && g.tau >= 0.0) {
+    if let Some(&tau) = g.taus.iter().find(|t| !(t.is_finite() && **t >= 0.0)) {
         return Err(crate::Error::invalid(
             "tempering exponent τ",
-            g.tau,
+            tau,
             "a guidance stage's exponent is finite and non-negative (λ·s/S)",
         ));
     }

@@ -134,6 +134,11 @@ pub struct FilterConfig {
     /// EnFF covariance guidance: number of guidance stages (0 = one per flow step).
     #[serde(default = "default_gain_stages")]
     pub gain_stages: usize,
+    /// EnFF covariance guidance: recompute the gains at every stage, re-linearized at that
+    /// stage's endpoint mean (`true`), or build every stage's gains in one pass from the
+    /// first stage's linearization (`false`); the same for linear `h`.
+    #[serde(default = "default_relinearize")]
+    pub relinearize: bool,
     /// EnFF covariance guidance: `homotopy` or `constant`.
     #[serde(default)]
     pub gain_schedule: crate::flow::GainSchedule,
@@ -171,8 +176,9 @@ pub struct GuidanceDefaults {
 }
 
 /// Keys that only covariance guidance reads (EnFF filters).
-const COVARIANCE_ONLY_KEYS: [&str; 4] = [
+const COVARIANCE_ONLY_KEYS: [&str; 5] = [
     "filter.gain_stages",
+    "filter.relinearize",
     "filter.gain_schedule",
     "filter.innovation_clip",
     "filter.loc_radius",
@@ -236,6 +242,10 @@ mod optional_radius {
 
 fn default_gain_stages() -> usize {
     crate::filter::enff::DEFAULT_GAIN_STAGES
+}
+
+fn default_relinearize() -> bool {
+    crate::filter::enff::DEFAULT_RELINEARIZE
 }
 
 fn default_eps_alpha() -> f32 {
@@ -498,6 +508,7 @@ impl Config {
             seed: self.experiment.seed,
             loc_radius: self.filter.loc_radius,
             gain_stages: self.filter.gain_stages,
+            relinearize: self.filter.relinearize,
             gain_schedule: self.filter.gain_schedule,
             innovation_clip: self.filter.innovation_clip,
             adaptive_inflation: self.filter.adaptive_inflation,

@@ -63,6 +63,7 @@ fn enff_f2p(sigma_min: f32, guidance_scale: f32, flow_steps: usize) -> FilterCon
         loc_radius: None,
         loc_distance: Default::default(),
         gain_stages: crate::filter::enff::DEFAULT_GAIN_STAGES,
+        relinearize: crate::filter::enff::DEFAULT_RELINEARIZE,
         gain_schedule: Default::default(),
         innovation_clip: crate::filter::enff::DEFAULT_INNOVATION_CLIP,
         adaptive_inflation: 1.0,

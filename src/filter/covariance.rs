@@ -218,6 +218,22 @@ pub fn stages(schedule: GainSchedule, stages: usize, lambda: f64) -> Vec<(f64, f
     }
 }
 
+/// The exponents whose gain tables the stages of `stages` ([`stages`]) share one
+/// linearization of, and the table of every stage: consecutive equal exponents (the constant
+/// schedule's) share one table.
+pub fn stage_tables(stages: &[(f64, f64)]) -> (Vec<f32>, Vec<usize>) {
+    let mut taus: Vec<f32> = Vec::new();
+    let mut table = Vec::with_capacity(stages.len());
+    for &(tau, _) in stages {
+        let tau = tau as f32;
+        if taus.last() != Some(&tau) {
+            taus.push(tau);
+        }
+        table.push(taus.len() - 1);
+    }
+    (taus, table)
+}
+
 /// The flow step at which stage `s` of `stages` is applied, for `flow_steps ≥ stages` steps:
 /// spread evenly, the first stage at the first step.
 pub fn stage_step(s: usize, stages: usize, flow_steps: usize) -> usize {
@@ -514,47 +530,70 @@ fn cholesky_solve(l: &[f64], n: usize, v: &mut [f64]) {
 /// and the mean observed endpoint `h̄`, reused from stage to stage and cycle to cycle while the
 /// state dimension, operator, geometry and radius stay the same.
 pub(crate) struct DeviceGains<B: Backend> {
-    key: (usize, Observe, Option<u64>, Geometry),
+    key: (usize, Observe, Option<u64>, Geometry, usize),
     /// Window observation indices (`d × w`).
     pub(crate) index: B::Buffer,
     /// Window tapers (`d × w`).
     pub(crate) taper: B::Buffer,
-    /// The gain table of the current stage (`d × w`).
+    /// The gain tables (`(G·d) × w`): `G` of the stages' exponents when the stages share one
+    /// linearization (all of them when they fit one kernel argument, else a group at a time),
+    /// else the current stage's alone.
     pub(crate) gain: B::Buffer,
-    /// The observation statistics of the current stage (`2 × m`): the mean observed endpoint
-    /// `h̄` and the linearized innovation variances of the innovation bound.
+    /// Tables held by `gain` (`G`).
+    pub(crate) group: usize,
+    /// The group of exponents whose tables `gain` holds now (shared linearization).
+    pub(crate) loaded: Option<usize>,
+    /// The first stage's endpoints, kept when the shared tables come in several groups: every
+    /// group is linearized where the first was.
+    pub(crate) lin_endpoint: Option<B::Buffer>,
+    /// The observation statistics of the gains' linearization (`2 × m`): the mean observed
+    /// endpoint `h̄` and the linearized innovation variances of the innovation bound.
     pub(crate) hbar: B::Buffer,
+    /// The observed moments of a later stage's endpoints (`2 × m`, row 0 its `h̄`) when the
+    /// stages share one linearization.
+    pub(crate) stage_hbar: B::Buffer,
     /// Whether the host path of the gains has been reported (once per filter).
     pub(crate) host_logged: bool,
 }
 
 impl<B: Backend> DeviceGains<B> {
     /// `old` when it was built for the same problem; otherwise builds the windows on the host
-    /// and uploads them (the only host work of covariance guidance).
+    /// and uploads them (the only host work of covariance guidance), with room for up to
+    /// `tables` gain tables (as many as fit one kernel argument of `backend`).
     pub(crate) fn prepare(
         backend: &B,
         op: Observe,
         d: usize,
         geometry: Geometry,
         radius: Option<f64>,
+        tables: usize,
         old: Option<Self>,
     ) -> Result<Self> {
-        let key = (d, op, radius.map(f64::to_bits), geometry);
+        let key = (d, op, radius.map(f64::to_bits), geometry, tables);
         let host_logged = old.as_ref().is_some_and(|o| o.host_logged);
-        if let Some(o) = old.filter(|o| o.key == key) {
+        if let Some(mut o) = old.filter(|o| o.key == key) {
+            o.loaded = None;
             return Ok(o);
         }
         let win = match radius {
             Some(r) => gain_windows(&op, d, geometry, r)?,
             None => global_windows(&op, d)?,
         };
+        let table_bytes = (d.max(1) * win.w * 4) as u64;
+        let group = tables
+            .min((backend.max_binding_bytes() / table_bytes) as usize)
+            .max(1);
         let m = crate::observe::ObservationOperator::obs_dim(&op, d)?;
         Ok(DeviceGains {
             key,
             index: backend.upload(d, win.w, &win.index)?,
             taper: backend.upload(d, win.w, &win.taper)?,
-            gain: backend.zeros(d, win.w)?,
+            gain: backend.zeros(group * d, win.w)?,
+            group,
+            loaded: None,
+            lin_endpoint: None,
             hbar: backend.zeros(2, m)?,
+            stage_hbar: backend.zeros(2, m)?,
             host_logged,
         })
     }

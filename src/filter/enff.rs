@@ -40,10 +40,16 @@ pub struct EnffConfig {
     /// models without a spatial geometry.
     #[serde(default = "default_loc_radius")]
     pub loc_radius: Option<f64>,
-    /// Covariance guidance: number of guidance stages (gains computed per analysis), at most
-    /// `flow_steps`; 0 = one per flow step.
+    /// Covariance guidance: number of guidance stages, `1 ..= flow_steps`.
     #[serde(default = "default_gain_stages")]
     pub gain_stages: usize,
+    /// Covariance guidance: `false` (default) builds the gains of every stage in one pass at
+    /// the first stage, from one linearization of `h` (the stage-independent `O(n²·w)` part
+    /// shared, one small factorization per stage); `true` recomputes them at every stage,
+    /// re-linearized at that stage's endpoint mean (an iterated EnKF in pseudo-time, the gain
+    /// cost times the stages). Both are the same for linear `h`.
+    #[serde(default = "default_relinearize")]
+    pub relinearize: bool,
     /// Covariance guidance: `homotopy` (tempered stages, exact Kalman mean for linear `h`) or
     /// `constant` (`λ·K·(y − h(x̂₁))` at every step).
     #[serde(default)]
@@ -79,6 +85,13 @@ fn default_gain_stages() -> usize {
     DEFAULT_GAIN_STAGES
 }
 
+fn default_relinearize() -> bool {
+    DEFAULT_RELINEARIZE
+}
+
+/// Default of [`EnffConfig::relinearize`].
+pub const DEFAULT_RELINEARIZE: bool = true;
+
 /// Default number of covariance-guidance stages.
 pub const DEFAULT_GAIN_STAGES: usize = 4;
 
@@ -96,6 +109,7 @@ impl EnffConfig {
             seed: 0,
             loc_radius: default_loc_radius(),
             gain_stages: DEFAULT_GAIN_STAGES,
+            relinearize: DEFAULT_RELINEARIZE,
             gain_schedule: GainSchedule::Homotopy,
             innovation_clip: DEFAULT_INNOVATION_CLIP,
             adaptive_inflation: 1.0,
@@ -166,12 +180,13 @@ impl EnffConfig {
             if let Some(r) = self.loc_radius {
                 covariance::check_radius(r)?;
             }
-            if self.gain_stages > self.flow_steps {
+            if self.gain_stages == 0 || self.gain_stages > self.flow_steps {
                 return Err(Error::invalid(
                     "filter.gain_stages",
                     self.gain_stages,
                     format!(
-                        "at most one guidance stage per flow step (flow_steps = {}); 0 = one per step",
+                        "between 1 and flow_steps = {} guidance stages (one per flow step at \
+                         most; 4 is typical)",
                         self.flow_steps
                     ),
                 ));
@@ -191,8 +206,7 @@ impl EnffConfig {
     pub fn stage_count(&self) -> usize {
         match self.gain_schedule {
             GainSchedule::Constant => self.flow_steps,
-            GainSchedule::Homotopy if self.gain_stages == 0 => self.flow_steps,
-            GainSchedule::Homotopy => self.gain_stages.min(self.flow_steps),
+            GainSchedule::Homotopy => self.gain_stages.clamp(1, self.flow_steps),
         }
     }
 }
@@ -433,9 +447,7 @@ impl<B: Backend> Enff<B> {
                 backend.write(&mut w.x, &host)?;
             }
             ctx.weights(k, &w.x, t0, w.bias.as_ref(), &mut w.weights)?;
-            let stage = covariance
-                .as_ref()
-                .and_then(|(op, stages)| stages[k].map(|s| (*op, s)));
+            let stage = covariance.as_ref().and_then(|p| p.at[k].map(|s| (p, s)));
             match (cfg.integrator, w.heun.as_mut(), stage) {
                 (Integrator::Heun, Some((x_pred, v1)), _) => ctx.heun_step(
                     k,
@@ -447,15 +459,15 @@ impl<B: Backend> Enff<B> {
                     (t0, t1),
                     local.as_ref(),
                 )?,
-                (Integrator::Euler, Some((x_hat, v)), Some((op, (tau, weight)))) => {
+                (Integrator::Euler, Some((x_hat, v)), Some((plan, at))) => {
                     stage_no += 1;
                     let gains = gains_owned.as_mut().expect("prepared with the stages");
                     let stage = CovarianceStep {
-                        observe: op,
+                        observe: plan.op,
                         y: obs.y,
                         noise_std: obs.noise_std,
-                        tau: tau as f32,
-                        weight,
+                        at,
+                        shared: &plan.shared_taus,
                         clip: (cfg.innovation_clip > 0.0).then_some(cfg.innovation_clip),
                     };
                     ctx.covariance_step(
@@ -529,15 +541,14 @@ impl<B: Backend> Enff<B> {
     }
 
     /// Covariance guidance: the local gains' static windows of this forecast (on the slab
-    /// extended by halo components in a sharded run) and the stage `(τ, weight)` of every
-    /// flow step that has one; `None` for the other guidances.
-    #[allow(clippy::type_complexity)]
+    /// extended by halo components in a sharded run) and the plan of its stages; `None` for
+    /// the other guidances.
     fn prepare_covariance(
         &mut self,
         backend: &B,
         ensemble: &B::Buffer,
         obs: &Observation<'_, B>,
-    ) -> Result<Option<(Observe, Vec<Option<(f64, f32)>>)>> {
+    ) -> Result<Option<CovariancePlan>> {
         let cfg = &self.config;
         if cfg.guidance != GuidanceKind::Covariance {
             return Ok(None);
@@ -554,12 +565,20 @@ impl<B: Backend> Enff<B> {
         // Without a spatial geometry (or a radius) the gain is global: no geometry needed.
         let geometry = self.geometry.unwrap_or(Geometry::None);
         let radius = cfg.loc_radius.filter(|_| geometry.is_spatial());
-        let mut stage_at: Vec<Option<(f64, f32)>> = vec![None; cfg.flow_steps];
+        let mut stage_at: Vec<Option<StagePlan>> = vec![None; cfg.flow_steps];
         let count = cfg.stage_count();
         let stages = covariance::stages(cfg.gain_schedule, count, cfg.guidance_scale as f64);
+        let (taus, table_of) = covariance::stage_tables(&stages);
         for (s, &(tau, weight)) in stages.iter().enumerate() {
-            stage_at[covariance::stage_step(s, count, cfg.flow_steps)] = Some((tau, weight as f32));
+            stage_at[covariance::stage_step(s, count, cfg.flow_steps)] = Some(StagePlan {
+                number: s,
+                tau: tau as f32,
+                weight: weight as f32,
+                table: if cfg.relinearize { 0 } else { table_of[s] },
+            });
         }
+        let shared_taus = if cfg.relinearize { Vec::new() } else { taus };
+        let tables = shared_taus.len().max(1);
         match self.shard.as_ref().filter(|s| s.comm.size() > 1) {
             // Sharded: the gains and the gain step run on the slab extended by halo components
             // (crate::partition::halo); the forecast and the observations are extended here,
@@ -593,6 +612,7 @@ impl<B: Backend> Enff<B> {
                     plan.ext_len,
                     Geometry::Ring { len: plan.ext_len },
                     Some(radius),
+                    tables,
                     self.gains.take(),
                 )?);
                 self.halo = Some(h);
@@ -605,12 +625,40 @@ impl<B: Backend> Enff<B> {
                     d,
                     geometry,
                     radius,
+                    tables,
                     self.gains.take(),
                 )?);
             }
         }
-        Ok(Some((op, stage_at)))
+        Ok(Some(CovariancePlan {
+            op,
+            at: stage_at,
+            shared_taus,
+        }))
     }
+}
+
+/// The covariance-guidance stages of one analysis.
+struct CovariancePlan {
+    op: Observe,
+    /// The stage of every flow step that has one.
+    at: Vec<Option<StagePlan>>,
+    /// When the stages share one linearization: the exponents of the gain tables the first
+    /// stage builds (empty when every stage computes its own gains).
+    shared_taus: Vec<f32>,
+}
+
+/// One covariance-guidance stage of the plan.
+#[derive(Clone, Copy, Debug)]
+struct StagePlan {
+    /// 0-based stage number.
+    number: usize,
+    /// Tempering exponent `τ` the stage's gain ends at.
+    tau: f32,
+    /// Weight of the gain term (`τ_{s+1} − τ_s` for the homotopy).
+    weight: f32,
+    /// The gain table the stage applies.
+    table: usize,
 }
 
 /// Local guidance `λ/σ_y² · J_hᵀ(y − h(x̂₁))` (ENFF_SPEC §3.1) without its look-ahead.
@@ -641,8 +689,9 @@ struct CovarianceStep<'a, B: Backend> {
     observe: Observe,
     y: &'a B::Buffer,
     noise_std: f32,
-    tau: f32,
-    weight: f32,
+    at: StagePlan,
+    /// [`CovariancePlan::shared_taus`].
+    shared: &'a [f32],
     clip: Option<f32>,
 }
 
@@ -771,9 +820,9 @@ impl<B: Backend> FlowContext<'_, B> {
                     y,
                     velocity,
                     noise_std: stage.noise_std,
-                    tau: stage.tau,
+                    stage: stage.at,
+                    shared: stage.shared,
                     dt,
-                    weight: stage.weight,
                     clip: stage.clip,
                 };
                 covariance_stage(backend, state, &at, gains)?;
@@ -787,9 +836,9 @@ impl<B: Backend> FlowContext<'_, B> {
                     y: stage.y,
                     velocity: v,
                     noise_std: stage.noise_std,
-                    tau: stage.tau,
+                    stage: stage.at,
+                    shared: stage.shared,
                     dt,
-                    weight: stage.weight,
                     clip: stage.clip,
                 };
                 covariance_stage(backend, x, &at, gains)
@@ -826,30 +875,79 @@ struct StageAt<'a, B: Backend> {
     y: &'a B::Buffer,
     velocity: &'a B::Buffer,
     noise_std: f32,
-    tau: f32,
+    stage: StagePlan,
+    /// [`CovariancePlan::shared_taus`].
+    shared: &'a [f32],
     dt: f32,
-    weight: f32,
     /// The innovation bound's scale, when on.
     clip: Option<f32>,
 }
 
 /// One covariance-guidance stage on `state`: the stage's gains, linearized at the mean of
 /// the endpoints, with the mean observed endpoint h̄ for the innovation split (on the
-/// backend), then `x ← x + Δ·v̂ + weight·K(τ)(y − h(x̂₁))`.
+/// backend), then `x ← x + Δ·v̂ + weight·K(τ)(y − h(x̂₁))`. With a shared linearization the
+/// first stage builds the gain tables of every stage and a later stage only computes its
+/// endpoints' `h̄`.
 fn covariance_stage<B: Backend>(
     backend: &B,
     state: &mut B::Buffer,
     at: &StageAt<'_, B>,
     g: &mut DeviceGains<B>,
 ) -> Result<()> {
+    let one = [at.stage.tau];
+    let first = at.stage.number == 0;
+    // The exponents whose tables this stage computes (none when they are there already), and
+    // where they are linearized.
+    let (taus, table, endpoint) = if at.shared.is_empty() {
+        (Some(&one[..]), 0, at.endpoint)
+    } else {
+        let group = at.stage.table / g.group;
+        let table = at.stage.table % g.group;
+        let several = at.shared.len() > g.group;
+        if first && several {
+            let lin = match g.lin_endpoint.take() {
+                Some(b) if b.rows() == at.endpoint.rows() && b.cols() == at.endpoint.cols() => b,
+                _ => backend.zeros(at.endpoint.rows(), at.endpoint.cols())?,
+            };
+            g.lin_endpoint = Some(lin);
+            backend.copy(at.endpoint, g.lin_endpoint.as_mut().expect("just set"))?;
+        }
+        let taus = (first || g.loaded != Some(group)).then(|| {
+            let start = group * g.group;
+            &at.shared[start..(start + g.group).min(at.shared.len())]
+        });
+        g.loaded = Some(group);
+        let endpoint = match (&g.lin_endpoint, first || !several) {
+            (Some(lin), false) => lin,
+            _ => at.endpoint,
+        };
+        (taus, table, endpoint)
+    };
+    if !first && !at.shared.is_empty() {
+        backend.observed_moments(&at.observe, at.endpoint, &mut g.stage_hbar)?;
+    }
+    let Some(taus) = taus else {
+        return apply_stage(backend, state, at, g, table, &g.stage_hbar);
+    };
+    // The last group of several may hold fewer exponents than the buffer has tables: its
+    // remaining tables repeat the last exponent.
+    let padded: Vec<f32>;
+    let taus = if at.shared.is_empty() || taus.len() == g.group {
+        taus
+    } else {
+        padded = (0..g.group)
+            .map(|k| taus[k.min(taus.len() - 1)])
+            .collect();
+        &padded[..]
+    };
     let inputs = LocalGains {
         observe: at.observe,
         forecast: at.forecast,
-        endpoint: at.endpoint,
+        endpoint,
         index: &g.index,
         taper: &g.taper,
         noise_std: at.noise_std,
-        tau: at.tau,
+        taus,
     };
     match backend.local_gains(&inputs, &mut g.gain, &mut g.hbar) {
         // A problem the backend's kernels do not take (on the GPU: member blocks, or windows
@@ -868,18 +966,37 @@ fn covariance_stage<B: Backend>(
         }
         other => other?,
     }
+    let hbar = if first || at.shared.is_empty() {
+        &g.hbar
+    } else {
+        &g.stage_hbar
+    };
+    apply_stage(backend, state, at, g, table, hbar)
+}
+
+/// `x ← x + Δ·v̂ + weight·K(τ)(y − h(x̂₁))` with the stage's gain table, the innovation split
+/// about `hbar` (row 0).
+fn apply_stage<B: Backend>(
+    backend: &B,
+    state: &mut B::Buffer,
+    at: &StageAt<'_, B>,
+    g: &DeviceGains<B>,
+    table: usize,
+    hbar: &B::Buffer,
+) -> Result<()> {
     backend.gain_step(
         state,
         &GainStep {
             observe: at.observe,
             y: at.y,
             gain: &g.gain,
+            table,
             index: &g.index,
             endpoint: at.endpoint,
             velocity: at.velocity,
             h_velocity: at.dt,
-            h_gain: at.weight,
-            mean_obs: Some((&g.hbar, covariance::ANOMALY_WEIGHT)),
+            h_gain: at.stage.weight,
+            mean_obs: Some((hbar, covariance::ANOMALY_WEIGHT)),
             clip: at.clip.map(|scale| InnovationClip {
                 innovation_var: &g.hbar,
                 scale,

@@ -50,7 +50,7 @@ pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>)
         m,
         w,
         r,
-        gain: g.gain.as_slice(),
+        gain: &g.gain.as_slice()[g.table * d * w..(g.table + 1) * d * w],
         index: g.index.as_slice(),
         velocity: g.velocity.as_slice(),
         hv: g.h_velocity,
@@ -239,8 +239,8 @@ pub struct GainInputs<'a> {
     pub observe: Observe,
     /// `σ_y`.
     pub noise_std: f32,
-    /// `τ`.
-    pub tau: f32,
+    /// `τ_s` of every stage (one `d × w` table each).
+    pub taus: &'a [f32],
 }
 
 /// Components solved together, one per f32 lane (two AVX2 registers per operation).
@@ -266,7 +266,7 @@ struct Ctx<'a> {
     d: usize,
     m: usize,
     w: usize,
-    tau: F,
+    taus: &'a [f32],
     inv_sigma: F,
     /// Solve in observation space (`w ≤ n`) rather than ensemble space.
     obs_space: bool,
@@ -285,8 +285,12 @@ struct Scratch {
     a: Vec<V>,
     /// Anomalies of the block's own components (`n`).
     ai: Vec<V>,
-    /// The system matrix (`w × w` or `n × n`, lower triangle).
+    /// The stage-independent matrix (`S` or `G`, `w × w` or `n × n`, lower triangle).
+    raw: Vec<V>,
+    /// The system matrix of a stage, `I + τ·raw`, factored in place.
     mat: Vec<V>,
+    /// The right-hand side shared by the stages.
+    rhs0: Vec<V>,
     /// Right-hand side, then solution.
     rhs: Vec<V>,
     /// Ensemble space: `u_eᵀv` per entry.
@@ -392,9 +396,29 @@ fn gather(ar: &[F], row: usize, comp: &[usize; LANES], dst: &mut V) {
     }
 }
 
-/// The gains of components `i0 .. i0 + lanes` into `out` (`lanes × w`), one per lane.
+/// `mat = I + τ·raw` (lower triangle of a `k × k` matrix).
 #[inline(always)]
-fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch, out: &mut [f32]) {
+fn stage_matrix(raw: &[V], mat: &mut Vec<V>, k: usize, tau: F) {
+    mat.clear();
+    mat.extend_from_slice(raw);
+    for (idx, cell) in mat.iter_mut().enumerate() {
+        let diag = if idx / k == idx % k { 1.0 } else { 0.0 };
+        for v in cell.iter_mut() {
+            *v = tau * *v + diag;
+        }
+    }
+}
+
+/// The gains of components `i0 .. i0 + lanes` of every stage: stage `s` into the table at
+/// `out + s·d·w` (rows `i0 ..`, `lanes × w` values), one component per lane. The
+/// stage-independent matrix (`O(n²·w)`) is built once; each stage factors `I + τ_s·raw`.
+#[inline(always)]
+fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch, out: *mut f32) {
+    let table = |s: usize| {
+        // SAFETY: `out` points at `S` tables of `d × w` values; rows `i0 .. i0 + lanes` of each
+        // belong to this block alone (blocks own disjoint component ranges).
+        unsafe { std::slice::from_raw_parts_mut(out.add(s * c.d * c.w + i0 * c.w), lanes * c.w) }
+    };
     let (n, w, m) = (c.n, c.w, c.m);
     sc.comp.resize(w, [0; LANES]);
     sc.s.resize(w, [0.0; LANES]);
@@ -436,29 +460,35 @@ fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch
                 gather(c.ar, r * c.d, &sc.comp[e], &mut sc.a[e * n + r]);
             }
         }
-        sc.mat.resize(w * w, [0.0; LANES]);
-        sc.rhs.resize(w, [0.0; LANES]);
+        sc.raw.resize(w * w, [0.0; LANES]);
+        sc.rhs0.resize(w, [0.0; LANES]);
         for e in 0..w {
             let ae = &sc.a[e * n..(e + 1) * n];
             for f in 0..=e {
                 let acc = dot_lanes::<FMA>(ae, &sc.a[f * n..(f + 1) * n]);
                 let (se, sf) = (sc.s[e], sc.s[f]);
-                let cell = &mut sc.mat[e * w + f];
+                let cell = &mut sc.raw[e * w + f];
                 for l in 0..LANES {
-                    cell[l] = c.tau * se[l] * sf[l] * acc[l] + if e == f { 1.0 } else { 0.0 };
+                    cell[l] = se[l] * sf[l] * acc[l];
                 }
             }
             let acc = dot_lanes::<FMA>(ae, &sc.ai);
             let se = sc.s[e];
-            for (rv, (sv, av)) in sc.rhs[e].iter_mut().zip(se.iter().zip(acc)) {
+            for (rv, (sv, av)) in sc.rhs0[e].iter_mut().zip(se.iter().zip(acc)) {
                 *rv = sv * av;
             }
         }
-        cholesky_lanes::<FMA>(&mut sc.mat, w);
-        solve_lanes::<FMA>(&sc.mat, w, &mut sc.rhs);
-        for l in 0..lanes {
-            for e in 0..w {
-                out[l * w + e] = sc.sq[e][l] * c.inv_sigma * sc.rhs[e][l];
+        for (st, &tau) in c.taus.iter().enumerate() {
+            stage_matrix(&sc.raw, &mut sc.mat, w, tau as F);
+            cholesky_lanes::<FMA>(&mut sc.mat, w);
+            sc.rhs.clear();
+            sc.rhs.extend_from_slice(&sc.rhs0);
+            solve_lanes::<FMA>(&sc.mat, w, &mut sc.rhs);
+            let out = table(st);
+            for l in 0..lanes {
+                for e in 0..w {
+                    out[l * w + e] = sc.sq[e][l] * c.inv_sigma * sc.rhs[e][l];
+                }
             }
         }
     } else {
@@ -475,31 +505,31 @@ fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch
                 }
             }
         }
-        sc.mat.resize(n * n, [0.0; LANES]);
+        sc.raw.resize(n * n, [0.0; LANES]);
         for r in 0..n {
             let ur = &sc.a[r * w..(r + 1) * w];
             for t in 0..=r {
-                let acc = dot_lanes::<FMA>(ur, &sc.a[t * w..(t + 1) * w]);
-                let cell = &mut sc.mat[r * n + t];
-                for l in 0..LANES {
-                    cell[l] = c.tau * acc[l] + if r == t { 1.0 } else { 0.0 };
+                sc.raw[r * n + t] = dot_lanes::<FMA>(ur, &sc.a[t * w..(t + 1) * w]);
+            }
+        }
+        for (st, &tau) in c.taus.iter().enumerate() {
+            stage_matrix(&sc.raw, &mut sc.mat, n, tau as F);
+            cholesky_lanes::<FMA>(&mut sc.mat, n);
+            sc.rhs.clear();
+            sc.rhs.extend_from_slice(&sc.ai);
+            solve_lanes::<FMA>(&sc.mat, n, &mut sc.rhs);
+            sc.dots.clear();
+            sc.dots.resize(w, [0.0; LANES]);
+            for (r, v) in sc.rhs.iter().enumerate() {
+                for (a, u) in sc.dots.iter_mut().zip(&sc.a[r * w..(r + 1) * w]) {
+                    fmadd::<FMA>(a, u, v);
                 }
             }
-        }
-        cholesky_lanes::<FMA>(&mut sc.mat, n);
-        sc.rhs.clear();
-        sc.rhs.extend_from_slice(&sc.ai);
-        solve_lanes::<FMA>(&sc.mat, n, &mut sc.rhs);
-        sc.dots.clear();
-        sc.dots.resize(w, [0.0; LANES]);
-        for (r, v) in sc.rhs.iter().enumerate() {
-            for (a, u) in sc.dots.iter_mut().zip(&sc.a[r * w..(r + 1) * w]) {
-                fmadd::<FMA>(a, u, v);
-            }
-        }
-        for l in 0..lanes {
-            for (e, a) in sc.dots.iter().enumerate() {
-                out[l * w + e] = sc.sq[e][l] * c.inv_sigma * a[l];
+            let out = table(st);
+            for l in 0..lanes {
+                for (e, a) in sc.dots.iter().enumerate() {
+                    out[l * w + e] = sc.sq[e][l] * c.inv_sigma * a[l];
+                }
             }
         }
     }
@@ -507,11 +537,11 @@ fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn block_avx2(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch, out: &mut [f32]) {
+fn block_avx2(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch, out: *mut f32) {
     block::<true>(c, i0, lanes, sc, out)
 }
 
-fn run_block(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch, out: &mut [f32]) {
+fn run_block(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch, out: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     if super::simd::has_fma() {
         // SAFETY: the processor supports AVX2 and FMA (checked at run time).
@@ -521,9 +551,10 @@ fn run_block(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch, out: &mut [
     block::<false>(c, i0, lanes, sc, out)
 }
 
-/// CPU twin of the local-gain kernels (`shaders/gain_local.wgsl`): the gains of one
-/// covariance-guidance stage into `gain` (`d × w`) and the mean observed endpoint into `hbar`
-/// (`m`). Means are summed in f64, the algebra runs in f32 like the kernel's, sixteen
+/// CPU twin of the local-gain kernels (`shaders/gain_local.wgsl`): the gains of the
+/// covariance-guidance stages `g.taus` into `gain` (`S` tables of `d × w`, the
+/// stage-independent matrix built once per component) and the mean observed endpoint into
+/// `hbar` (`m`). Means are summed in f64, the algebra runs in f32 like the kernel's, sixteen
 /// components at a time, one per lane, in whichever space
 /// is smaller: with windows of `w ≤ n` observations in observation space (the Woodbury form
 /// `K_i = (1/σ) D^{1/2}(I + τ D^{1/2} BᵀB D^{1/2})⁻¹ D^{1/2} Bᵀ a_i`, a `w × w` Cholesky),
@@ -537,12 +568,13 @@ pub fn local_gains(g: &GainInputs<'_>, gain: &mut [f32], hbar: &mut [f32]) -> Re
         && g.xh.len() == n * d
         && g.index.len() == d * w
         && g.taper.len() == d * w
-        && gain.len() == d * w
+        && gain.len() == g.taus.len() * d * w
+        && !g.taus.is_empty()
         && (hbar.len() == m || hbar.len() == 2 * m);
     if !len_ok || n < 2 {
         return Err(Error::shape(
             "covariance-guidance gain inputs",
-            format!("n = {n} ≥ 2, d = {d}, w = {w}, m = {m}"),
+            format!("n = {n} ≥ 2, d = {d}, w = {w}, m = {m}, S = {} ≥ 1", g.taus.len()),
             "buffers of other lengths".to_string(),
         ));
     }
@@ -620,21 +652,23 @@ pub fn local_gains(g: &GainInputs<'_>, gain: &mut [f32], hbar: &mut [f32]) -> Re
         d,
         m,
         w,
-        tau: g.tau as F,
+        taus: g.taus,
         inv_sigma: (1.0 / sigma) as F,
         obs_space: w <= n,
     };
-    gain.par_chunks_mut(w * LANES)
-        .enumerate()
-        .for_each_init(Scratch::default, |sc, (blk, out)| {
+    let out = super::flow::SyncPtr(gain.as_mut_ptr());
+    (0..d.div_ceil(LANES))
+        .into_par_iter()
+        .for_each_init(Scratch::default, |sc, blk| {
             let i0 = blk * LANES;
             let lanes = LANES.min(ctx.d - i0);
-            run_block(&ctx, i0, lanes, sc, out);
+            run_block(&ctx, i0, lanes, sc, out.get());
         });
     if let Some(e) = gain.iter().position(|v| !v.is_finite()) {
+        let (table, e) = (e / (d * w), e % (d * w));
         return Err(Error::NonFinite {
             name: "covariance guidance gain".into(),
-            location: format!("component {}, entry {}", e / w, e % w),
+            location: format!("stage {}, component {}, entry {}", table + 1, e / w, e % w),
             value: gain[e] as f64,
             hint: "the forecast ensemble overflowed; check the model step".into(),
         });

@@ -474,7 +474,7 @@ impl Backend for Cpu {
                 shape,
                 observe: g.observe,
                 noise_std: g.noise_std,
-                tau: g.tau,
+                taus: g.taus,
             },
             gain.as_mut_slice(),
             hbar.as_mut_slice(),

@@ -53,7 +53,7 @@ pub(super) struct GainKernels {
 
 /// Mirror of `LocalGainParams` in `shaders/gain_local.wgsl`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
 struct LocalGainParams {
     n: u32,
     d: u32,
@@ -64,13 +64,29 @@ struct LocalGainParams {
     pointwise: u32,
     groups_x: u32,
     inv_sigma: f32,
-    tau: f32,
+    stages: u32,
     inv_n: f32,
     inv_n1: f32,
     with_var: u32,
-    _pad0: u32,
+    table0: u32,
     _pad1: u32,
     _pad2: u32,
+    taus: [f32; MAX_DISPATCH_STAGES],
+}
+
+/// Stages one local-gain dispatch solves (`taus` in `shaders/gain_local.wgsl`); more stages
+/// take more dispatches, each rebuilding the stage-independent matrix.
+const MAX_DISPATCH_STAGES: usize = 32;
+
+const _: () = assert!(
+    std::mem::size_of::<LocalGainParams>().is_multiple_of(16)
+        && std::mem::size_of::<LocalGainParams>() as u64 <= super::PARAM_SLOT
+);
+
+impl Default for LocalGainParams {
+    fn default() -> Self {
+        Zeroable::zeroed()
+    }
 }
 
 /// Mirror of `GainParams` in `shaders/gain_guidance.wgsl`.
@@ -84,7 +100,7 @@ pub(super) struct GainParams {
     every: u32,
     offset: u32,
     pointwise: u32,
-    _pad0: u32,
+    table: u32,
     h_vel: f32,
     h_gain: f32,
     has_mean: u32,
@@ -159,7 +175,8 @@ fn kernels(gpu: &Gpu) -> &GainKernels {
     })
 }
 
-/// [`Backend::local_gains`] on the device: two dispatches, no read-back, in the space
+/// [`Backend::local_gains`] on the device: two dispatches (one more per 32 stages), no
+/// read-back, in the space
 /// [`gain_space`] picks. Ensembles split into member blocks, and windows wider than
 /// [`GPU_MAX_WINDOW`] with more than [`GPU_MAX_ENS_MEMBERS`] members, are
 /// [`Error::Unsupported`]: the filter then chooses the host path
@@ -206,7 +223,7 @@ pub(super) fn local_gains(
         gpu.scratch_buf(&mut slot, 2 * d, "gain moments")?.clone()
     };
     let (gx, gy) = groups_2d(d)?;
-    let p = LocalGainParams {
+    let mut p = LocalGainParams {
         n: super::u32_of(n, "ensemble size")?,
         d: d as u32,
         w: shape.w as u32,
@@ -216,7 +233,6 @@ pub(super) fn local_gains(
         pointwise: pointwise_code(g.observe.pointwise),
         groups_x: gx,
         inv_sigma: 1.0 / g.noise_std,
-        tau: g.tau,
         inv_n: 1.0 / n as f32,
         inv_n1: 1.0 / (n - 1) as f32,
         with_var: (hbar.rows == 2) as u32,
@@ -224,7 +240,7 @@ pub(super) fn local_gains(
     };
     super::u32_of(n * d, "members × state dimension")?;
     super::u32_of(2 * d, "2 × state dimension")?;
-    super::u32_of(d * shape.w, "state dimension × window")?;
+    super::u32_of(g.taus.len() * d * shape.w, "stages × state dimension × window")?;
     let buffers = [
         &g.forecast.chunks[0],
         &g.endpoint.chunks[0],
@@ -240,7 +256,12 @@ pub(super) fn local_gains(
         GainSpace::Observation => &k.gains,
         GainSpace::Ensemble => &k.gains_ens,
     };
-    gpu.dispatch(solve, &p, &buffers, (gx, gy, 1))?;
+    for (c, taus) in g.taus.chunks(MAX_DISPATCH_STAGES).enumerate() {
+        p.table0 = (c * MAX_DISPATCH_STAGES) as u32;
+        p.stages = taus.len() as u32;
+        p.taus[..taus.len()].copy_from_slice(taus);
+        gpu.dispatch(solve, &p, &buffers, (gx, gy, 1))?;
+    }
     // A non-finite gain (an overflowed forecast) is reported at the next sync.
     gpu.check_finite(gain, "covariance guidance gain")
 }
@@ -282,6 +303,7 @@ pub(super) fn gain_step(gpu: &Gpu, state: &mut GpuBuffer, g: &GainStep<'_, Gpu>)
             every: super::u32_of(g.observe.every, "observe.every")?,
             offset: super::u32_of(g.observe.offset, "observe.offset")?,
             pointwise: pointwise_code(g.observe.pointwise),
+            table: super::u32_of(g.table, "gain table")?,
             h_vel: g.h_velocity,
             h_gain: g.h_gain,
             has_mean: g.mean_obs.is_some() as u32,

@@ -371,6 +371,10 @@ impl Backend for Gpu {
         "gpu"
     }
 
+    fn max_binding_bytes(&self) -> u64 {
+        self.max_binding
+    }
+
     fn memory_capacity(&self) -> Option<u64> {
         match (self.memory_limit, self.summary.device_memory) {
             (Some(a), Some(b)) => Some(a.min(b)),
