@@ -177,8 +177,9 @@ pub struct LocalGains<'a, B: Backend + ?Sized> {
     pub taper: &'a B::Buffer,
     /// Observation noise std `σ_y > 0`.
     pub noise_std: f32,
-    /// Tempering exponents `τ_s ≥ 0` of the stages (at least one): `gain` holds one `d × w`
-    /// table per exponent, in this order.
+    /// Tempering exponents `τ_s ≥ 0` of the stages: `gain` holds one `d × w` table per
+    /// exponent, in this order. None: only `h̄` (and the innovation variances) are written, the
+    /// statistics of a later stage whose gains were built with an earlier one's.
     pub taus: &'a [f32],
 }
 
@@ -521,7 +522,7 @@ pub fn local_gains_on_host<B: Backend + ?Sized>(
     let shape = check_local_gains(g, gain, hbar)?;
     let (x, xh) = (b.read(g.forecast)?, b.read(g.endpoint)?);
     let (index, taper) = (b.read(g.index)?, b.read(g.taper)?);
-    let mut k = vec![0.0f32; gain.len()];
+    let mut k = vec![0.0f32; if g.taus.is_empty() { 0 } else { gain.len() }];
     let mut hb = vec![0.0f32; hbar.len()];
     cpu::gain::local_gains(
         &cpu::gain::GainInputs {
@@ -537,7 +538,9 @@ pub fn local_gains_on_host<B: Backend + ?Sized>(
         &mut k,
         &mut hb,
     )?;
-    b.write(gain, &k)?;
+    if !g.taus.is_empty() {
+        b.write(gain, &k)?;
+    }
     b.write(hbar, &hb)
 }
 
@@ -555,20 +558,23 @@ pub(crate) fn check_local_gains<B: Backend + ?Sized>(
             "a covariance needs at least 2 members",
         ));
     }
-    if g.taus.is_empty() {
-        return Err(crate::Error::invalid(
-            "filter.gain_stages",
-            0,
-            "a local-gain call computes the gains of at least one stage",
-        ));
-    }
     let m = g.observe.obs_dim(d)?;
     let w = g.index.cols();
     for (name, b, rows, cols) in [
         ("guidance endpoint", g.endpoint, n, d),
         ("gain observation index", g.index, d, w),
         ("gain window taper", g.taper, d, w),
-        ("banded gain", gain, g.taus.len() * d, w),
+        // (No exponents: only the statistics are written, the gain buffer is not touched.)
+        (
+            "banded gain",
+            gain,
+            if g.taus.is_empty() {
+                gain.rows()
+            } else {
+                g.taus.len() * d
+            },
+            w,
+        ),
         ("mean observed endpoint", hbar, hbar.rows().clamp(1, 2), m),
     ] {
         if b.rows() != rows || b.cols() != cols {

@@ -283,8 +283,10 @@ pub const FILTER_GRID: [(usize, usize); 3] = [(20, 1_000), (20, 10_000), (20, 10
 /// Filters [`bench_filter`] can time: the baselines, plain EnFF-F2P (`enff`, the
 /// `lorenz96_bao2024` settings: σ_min = 0.01, λ = 0.05, 19 flow steps) and EnFF-F2P with
 /// covariance guidance in 1, 2 or 4 stages (`enff-cov1`, `-cov2`, `-cov4`: the
-/// `lorenz96_bao2024_covariance` settings, λ = 2, radius 4, inflation 1.05).
-pub const BENCH_FILTERS: [&str; 8] = [
+/// `lorenz96_bao2024_covariance` settings, λ = 2, radius 4, inflation 1.05), the stages'
+/// gains built together from one linearization, or recomputed at every stage
+/// (`enff-cov2-relin`, `enff-cov4-relin`, `filter.relinearize = true`).
+pub const BENCH_FILTERS: [&str; 10] = [
     "letkf",
     "letkf-batched",
     "enkf",
@@ -293,16 +295,20 @@ pub const BENCH_FILTERS: [&str; 8] = [
     "enff-cov1",
     "enff-cov2",
     "enff-cov4",
+    "enff-cov2-relin",
+    "enff-cov4-relin",
 ];
 
 /// The EnFF configurations of [`bench_filter`] (`enff`, `enff-covS`), if `filter` is one.
 fn bench_enff_config(filter: &str) -> Option<EnffConfig> {
     let plain = EnffConfig::f2p(1e-2, 0.05, 19);
-    let stages = match filter {
+    let (stages, relinearize) = match filter {
         "enff" => return Some(plain),
-        "enff-cov1" => 1,
-        "enff-cov2" => 2,
-        "enff-cov4" => 4,
+        "enff-cov1" => (1, false),
+        "enff-cov2" => (2, false),
+        "enff-cov4" => (4, false),
+        "enff-cov2-relin" => (2, true),
+        "enff-cov4-relin" => (4, true),
         _ => return None,
     };
     Some(EnffConfig {
@@ -310,6 +316,7 @@ fn bench_enff_config(filter: &str) -> Option<EnffConfig> {
         guidance_scale: 2.0,
         loc_radius: Some(BENCH_LOC_RADIUS),
         gain_stages: stages,
+        relinearize,
         inflation: 1.05,
         ..plain
     })

@@ -549,8 +549,8 @@ pub(crate) struct DeviceGains<B: Backend> {
     /// The observation statistics of the gains' linearization (`2 × m`): the mean observed
     /// endpoint `h̄` and the linearized innovation variances of the innovation bound.
     pub(crate) hbar: B::Buffer,
-    /// The observed moments of a later stage's endpoints (`2 × m`, row 0 its `h̄`) when the
-    /// stages share one linearization.
+    /// The mean observed endpoint `h̄` of a later stage (`1 × m`) when the stages share one
+    /// linearization.
     pub(crate) stage_hbar: B::Buffer,
     /// Whether the host path of the gains has been reported (once per filter).
     pub(crate) host_logged: bool,
@@ -593,7 +593,7 @@ impl<B: Backend> DeviceGains<B> {
             loaded: None,
             lin_endpoint: None,
             hbar: backend.zeros(2, m)?,
-            stage_hbar: backend.zeros(2, m)?,
+            stage_hbar: backend.zeros(1, m)?,
             host_logged,
         })
     }

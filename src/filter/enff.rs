@@ -90,7 +90,7 @@ fn default_relinearize() -> bool {
 }
 
 /// Default of [`EnffConfig::relinearize`].
-pub const DEFAULT_RELINEARIZE: bool = true;
+pub const DEFAULT_RELINEARIZE: bool = false;
 
 /// Default number of covariance-guidance stages.
 pub const DEFAULT_GAIN_STAGES: usize = 4;
@@ -924,7 +924,25 @@ fn covariance_stage<B: Backend>(
         (taus, table, endpoint)
     };
     if !first && !at.shared.is_empty() {
-        backend.observed_moments(&at.observe, at.endpoint, &mut g.stage_hbar)?;
+        // This stage's h̄ alone (no exponents: no gains).
+        let stats = LocalGains {
+            observe: at.observe,
+            forecast: at.forecast,
+            endpoint: at.endpoint,
+            index: &g.index,
+            taper: &g.taper,
+            noise_std: at.noise_std,
+            taus: &[],
+        };
+        match backend.local_gains(&stats, &mut g.gain, &mut g.stage_hbar) {
+            Err(Error::Unsupported { .. }) => crate::backend::local_gains_on_host(
+                backend,
+                &stats,
+                &mut g.gain,
+                &mut g.stage_hbar,
+            )?,
+            other => other?,
+        }
     }
     let Some(taus) = taus else {
         return apply_stage(backend, state, at, g, table, &g.stage_hbar);

@@ -568,18 +568,19 @@ pub fn local_gains(g: &GainInputs<'_>, gain: &mut [f32], hbar: &mut [f32]) -> Re
         && g.xh.len() == n * d
         && g.index.len() == d * w
         && g.taper.len() == d * w
-        && gain.len() == g.taus.len() * d * w
-        && !g.taus.is_empty()
+        && (g.taus.is_empty() || gain.len() == g.taus.len() * d * w)
         && (hbar.len() == m || hbar.len() == 2 * m);
     if !len_ok || n < 2 {
         return Err(Error::shape(
             "covariance-guidance gain inputs",
-            format!("n = {n} ≥ 2, d = {d}, w = {w}, m = {m}, S = {} ≥ 1", g.taus.len()),
+            format!("n = {n} ≥ 2, d = {d}, w = {w}, m = {m}, S = {}", g.taus.len()),
             "buffers of other lengths".to_string(),
         ));
     }
     if d == 0 || w == 0 || m == 0 {
-        gain.iter_mut().for_each(|v| *v = 0.0);
+        if !g.taus.is_empty() {
+            gain.iter_mut().for_each(|v| *v = 0.0);
+        }
         return Ok(());
     }
     // Per component, in f64 and in member order, in parallel over blocks of columns read row
@@ -633,6 +634,9 @@ pub fn local_gains(g: &GainInputs<'_>, gain: &mut [f32], hbar: &mut [f32]) -> Re
             let var = sq[c] / (n - 1) as f64;
             *v = (dhc * dhc * var + sigma * sigma) as f32;
         }
+    }
+    if g.taus.is_empty() {
+        return Ok(());
     }
     // Scaled anomalies, row-major like the ensemble: ar[k·d + c] = (x[k, c] − x̄_c)/√(n − 1).
     let scale = 1.0 / ((n - 1) as f64).sqrt();

@@ -252,6 +252,9 @@ pub(super) fn local_gains(
     ];
     let g1 = groups_1d(d as u64)?;
     gpu.dispatch(&k.moments, &p, &buffers, (g1.0, g1.1, 1))?;
+    if g.taus.is_empty() {
+        return Ok(());
+    }
     let solve = match space {
         GainSpace::Observation => &k.gains,
         GainSpace::Ensemble => &k.gains_ens,
