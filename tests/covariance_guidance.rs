@@ -292,6 +292,86 @@ backend_test!(
     }
 );
 
+/// Shared stage gains on a device whose kernel arguments hold one gain table at a time: the
+/// tables come in groups, each linearized at the first stage's endpoints, and the analysis
+/// equals the CPU's (all tables in one call), for linear and for arctan observations.
+fn shared_gains_in_groups_equal_one_group() {
+    let Some((_guard, _g)) = gpu() else { return };
+    let cpu = Cpu::new();
+    let (n, d) = (12, 31);
+    let fc: Vec<f32> = (0..n * d)
+        .map(|e| ((e * 7919 % 97) as f32 / 97.0 - 0.5) * 2.0 + (e % d) as f32 * 0.05)
+        .collect();
+    for op in [
+        Observe::identity().subsample(2, 0).unwrap(),
+        Observe::arctan(),
+    ] {
+        let m = op.obs_dim(d).unwrap();
+        let yv: Vec<f32> = (0..m).map(|q| (q as f32 * 0.37).sin()).collect();
+        let cfg = EnffConfig {
+            guidance: GuidanceKind::Covariance,
+            loc_radius: Some(1.5),
+            gain_stages: 4,
+            relinearize: false,
+            ..EnffConfig::f2p(1e-2, 1.0, 8)
+        };
+        let w = gain_windows(&op, d, Geometry::Ring { len: d }, 1.5)
+            .unwrap()
+            .w;
+        // Room for one table (d × w), not two; the ensemble is split into member blocks.
+        let g = gpu_split((d * w * 4 + 8) as u64).expect("the adapter opened above");
+        assert_eq!(g.max_binding_bytes() / (d * w * 4) as u64, 1);
+        let run = |b: &dyn Fn(&mut Vec<f32>)| {
+            let mut out = fc.clone();
+            b(&mut out);
+            out
+        };
+        let on_cpu = run(&|out| {
+            let y = cpu.upload(1, m, &yv).unwrap();
+            let obs = Observation {
+                y: &y,
+                operator: &op,
+                noise_std: 0.2,
+            };
+            let mut f = Enff::<Cpu>::new(cfg.clone())
+                .unwrap()
+                .with_geometry(Geometry::Ring { len: d });
+            let prev = cpu.upload(n, d, &fc).unwrap();
+            let mut ens = cpu.upload(n, d, &fc).unwrap();
+            f.analyse(&cpu, &mut ens, Some(&prev), &obs, 1).unwrap();
+            *out = cpu.read(&ens).unwrap();
+        });
+        let on_gpu = run(&|out| {
+            let y = g.upload(1, m, &yv).unwrap();
+            let obs = Observation {
+                y: &y,
+                operator: &op,
+                noise_std: 0.2,
+            };
+            let mut f = Enff::<enff::backend::gpu::Gpu>::new(cfg.clone())
+                .unwrap()
+                .with_geometry(Geometry::Ring { len: d });
+            let prev = g.upload(n, d, &fc).unwrap();
+            let mut ens = g.upload(n, d, &fc).unwrap();
+            f.analyse(&g, &mut ens, Some(&prev), &obs, 1).unwrap();
+            *out = g.read(&ens).unwrap();
+        });
+        let moved = on_cpu
+            .iter()
+            .zip(&fc)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(moved > 0.05, "{op:?}: the analysis must move the members");
+        assert_close(
+            &on_gpu,
+            &on_cpu,
+            2e-4,
+            1e-3,
+            &format!("{op:?}: groups of one table vs one group"),
+        );
+    }
+}
+
 /// An ensemble-space matrix that overflows (observations of noise std 1e-25, so the scaled
 /// anomalies are ~1e25 and their products beyond f32) is a typed divergence naming the flow
 /// step, the guidance stage and the component, not NaN members.
@@ -400,6 +480,8 @@ fn bad_input_is_a_typed_error_naming_the_parameter() {
             "filter.guidance_scale",
         ),
         (vec![cov, "filter.gain_stages=50"], "filter.gain_stages"),
+        (vec![cov, "filter.gain_stages=0"], "filter.gain_stages"),
+        (vec![cov, "filter.relinearize=maybe"], "relinearize"),
         (vec![cov, "filter.integrator=heun"], "filter.integrator"),
         (
             vec![cov, "filter.innovation_clip=-1"],
@@ -770,10 +852,7 @@ fn backend_local_gains_match_the_f64_reference() {
             );
         }
         // Bad scalars and shapes are typed errors naming what is wrong.
-        for (bad, key) in [
-            (vec![-1.0, 1.0, 1.0], "τ"),
-            (vec![1.0, f32::NAN, 1.0], "τ"),
-        ] {
+        for (bad, key) in [(vec![-1.0, 1.0, 1.0], "τ"), (vec![1.0, f32::NAN, 1.0], "τ")] {
             let e = cpu
                 .local_gains(&LocalGains { taus: &bad, ..call }, &mut gain, &mut hbar)
                 .unwrap_err();
@@ -1379,5 +1458,5 @@ fn wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path() {
 
 test_main!(
     cpu: [an_overflowing_gain_names_its_stage_and_component, global_gain_gives_the_etkf_mean::cpu, shared_stage_gains_equal_the_per_stage_gains_for_linear_h::cpu, one_analysis_reproduces_the_kalman_mean_as_n_grows, the_constant_schedule_under_corrects_strong_observations, bad_input_is_a_typed_error_naming_the_parameter, cold_start_arctan_lorenz96_runs_80_cycles_and_converges, sakov2008_covariance_guidance_matches_the_etkf, half_observed_cold_start_converges_with_the_safeguards, the_innovation_bound_limits_a_stage_step, adaptive_inflation_inflates_an_under_dispersed_forecast_only, backend_local_gains_match_the_f64_reference, banded_gains_are_localized],
-    gpu: [global_gain_gives_the_etkf_mean::gpu, shared_stage_gains_equal_the_per_stage_gains_for_linear_h::gpu, banded_gain_step_agrees_with_the_cpu, observed_moments_agree_with_the_cpu, covariance_guided_analysis_agrees_with_the_cpu, local_gains_agree_with_the_cpu_twin_and_the_f64_reference, wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path],
+    gpu: [shared_gains_in_groups_equal_one_group, global_gain_gives_the_etkf_mean::gpu, shared_stage_gains_equal_the_per_stage_gains_for_linear_h::gpu, banded_gain_step_agrees_with_the_cpu, observed_moments_agree_with_the_cpu, covariance_guided_analysis_agrees_with_the_cpu, local_gains_agree_with_the_cpu_twin_and_the_f64_reference, wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path],
 );

@@ -131,7 +131,7 @@ pub struct FilterConfig {
     /// `flattened` (periodic index distance, the reference's convention).
     #[serde(default)]
     pub loc_distance: crate::model::DistanceKind,
-    /// EnFF covariance guidance: number of guidance stages (0 = one per flow step).
+    /// EnFF covariance guidance: number of guidance stages, 1 to `flow_steps`.
     #[serde(default = "default_gain_stages")]
     pub gain_stages: usize,
     /// EnFF covariance guidance: recompute the gains at every stage, re-linearized at that

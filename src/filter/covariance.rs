@@ -60,6 +60,24 @@
 //! `P` stays the forecast covariance. With one stage this is the forecast mean (up to the
 //! transport), the classical EnKF linearization.
 //!
+//! # Stages at the price of one: a shared linearization
+//!
+//! What the stages of one analysis share is everything but `τ`: with `H` fixed, every stage's
+//! gain comes from the same ensemble-space matrix `G_i` of component `i` (below), whose
+//! construction (`O(n²·w)`) dominates a stage's cost. By default (`filter.relinearize =
+//! false`) the first stage builds the gain tables of all stages in one
+//! [`Backend::local_gains`] call, linearized at its endpoint mean: `G_i` is formed once and
+//! each stage adds one Cholesky factorization of `I + τ_s·G_i` (`n³/6`; for `n ≤ 48` and a
+//! few stages cheaper than the one eigendecomposition after which `(I + τG)⁻¹` would be a
+//! diagonal rescale). Later stages compute only the mean observed endpoint `h̄` of their own
+//! endpoints (a statistics-only call) and apply their table. The constant schedule's equal
+//! exponents share one table. For linear `h` this is exactly the per-stage computation (tested
+//! on both backends); `filter.relinearize = true` re-linearizes and recomputes the gains at
+//! every stage (an iterated EnKF in pseudo-time). The tables take `S·d·w` values, as many
+//! at a time as fit one kernel argument of the backend ([`Backend::max_binding_bytes`]);
+//! when they come in several groups the first stage's endpoints are kept, so that every
+//! group is linearized at the same point.
+//!
 //! `filter.gain_schedule = "constant"` is the plain form `g = λ·K(1)·(y − h(x̂₁))` at every flow
 //! step, kept for comparison.
 //!
@@ -94,7 +112,7 @@
 //!
 //! # Localization and the banded gain
 //!
-//! The gain is computed once per stage from the forecast ensemble, locally per state
+//! The gain is computed from the forecast ensemble, locally per state
 //! component like the LETKF (ENFF_SPEC §6.5): row `i` of `K(τ)` uses only the observations
 //! within the Gaspari–Cohn support (`2·1.82·filter.loc_radius` grid spacings on the model's
 //! [`Geometry`]), each weighted by its taper `ρ` (R-localization, `R⁻¹ → ρ R⁻¹`). In ensemble
@@ -115,8 +133,9 @@
 //! The windows (observation index and taper of every entry, `d × w` each) depend only on the
 //! geometry, the operator and the radius: [`gain_windows`] builds them once on the host and
 //! the filter uploads them once and keeps them (with the gain table and `h̄`) from cycle to
-//! cycle. Everything else runs on the backend, [`Backend::local_gains`], once per stage: the
-//! column means of the forecast and of the endpoints (the linearization point), `h̄` and the
+//! cycle. Everything else runs on the backend, [`Backend::local_gains`] (at the first stage,
+//! or at every stage when re-linearizing): the column means of the forecast and of the
+//! endpoints (the linearization point), `h̄` and the
 //! linearized innovation variances `h'(l_c)² v_c + σ_y²` of the innovation bound (the two rows
 //! of the stage's `2 × m` observation statistics), and the local gains, written into the
 //! device's gain table, which [`Backend::gain_step`] applies. Per analysis nothing of size

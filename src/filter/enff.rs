@@ -953,9 +953,7 @@ fn covariance_stage<B: Backend>(
     let taus = if at.shared.is_empty() || taus.len() == g.group {
         taus
     } else {
-        padded = (0..g.group)
-            .map(|k| taus[k.min(taus.len() - 1)])
-            .collect();
+        padded = (0..g.group).map(|k| taus[k.min(taus.len() - 1)]).collect();
         &padded[..]
     };
     let inputs = LocalGains {

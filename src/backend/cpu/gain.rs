@@ -573,7 +573,10 @@ pub fn local_gains(g: &GainInputs<'_>, gain: &mut [f32], hbar: &mut [f32]) -> Re
     if !len_ok || n < 2 {
         return Err(Error::shape(
             "covariance-guidance gain inputs",
-            format!("n = {n} ≥ 2, d = {d}, w = {w}, m = {m}, S = {}", g.taus.len()),
+            format!(
+                "n = {n} ≥ 2, d = {d}, w = {w}, m = {m}, S = {}",
+                g.taus.len()
+            ),
             "buffers of other lengths".to_string(),
         ));
     }

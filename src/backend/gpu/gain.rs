@@ -240,7 +240,10 @@ pub(super) fn local_gains(
     };
     super::u32_of(n * d, "members × state dimension")?;
     super::u32_of(2 * d, "2 × state dimension")?;
-    super::u32_of(g.taus.len() * d * shape.w, "stages × state dimension × window")?;
+    super::u32_of(
+        g.taus.len() * d * shape.w,
+        "stages × state dimension × window",
+    )?;
     let buffers = [
         &g.forecast.chunks[0],
         &g.endpoint.chunks[0],
