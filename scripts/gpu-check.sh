@@ -31,7 +31,7 @@ status=0
     { limited "$bin/enff" bench --reps 5 \
         --size 20x1e4 --size 20x1e6 --size 100x1e5 --size 1000x1e5 --cpu-budget 20 || status=1; }
     want cov && echo "== covariance guidance: local gains and gain steps (CPU baseline and GPU)" &&
-    { limited "$bin/enff" bench --filters enff,enff-cov1,enff-cov4 --size 20x100000 --size 20x1000000 \
+    { limited "$bin/enff" bench --filters enff,enff-cov1,enff-cov4,enff-cov4-relin --size 20x100000 --size 20x1000000 \
         --reps 3 --cpu-budget 20 || status=1; }
     want baselines && echo "== baseline filters: LETKF (per component and batched), ETKF, EnKF beside EnFF (CPU and GPU)" &&
     { limited "$bin/enff" bench --filters letkf,letkf-batched,etkf,enkf,enff --size 20x1000 --size 20x100000 \

@@ -442,7 +442,7 @@ pub(crate) fn check_gain_step<B: Backend + ?Sized>(
     let (n, d) = (state.rows(), state.cols());
     let m = observe.obs_dim(d)?;
     let w = gain.cols();
-    let tables = if d == 0 { 1 } else { gain.rows() / d };
+    let tables = gain.rows().checked_div(d).unwrap_or(1);
     if step.table >= tables.max(1) {
         return Err(crate::Error::invalid(
             "gain table",
