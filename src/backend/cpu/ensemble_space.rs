@@ -231,6 +231,10 @@ pub fn jacobi_eigen(a: &mut [f32], v: &mut [f32], n: usize) -> u32 {
 /// over the cell's local observations (`ã_q` the observed anomalies), `C = V Λ Vᵀ` by cyclic
 /// Jacobi, `w = C⁻¹ b`, `T = √(n−1) C^{-1/2}`; every component of the cell gets
 /// `x̄_a = x̄ + wᵀa`, `a_a = T a`.
+///
+/// Sixteen cells are solved together, one per f32 lane: the same rotations in the same order
+/// per lane (a lane whose matrix has converged takes identity rotations while the others
+/// finish), each rotation updating only rows and columns `p` and `q` of the symmetric matrix.
 pub fn letkf_analysis(
     x: &mut [f32],
     n: usize,
@@ -245,94 +249,353 @@ pub fn letkf_analysis(
         return Err(Error::shape(
             "LETKF inputs",
             format!("{n} x {d} ensemble and {n} x {m} observed ensemble"),
-            format!("{} and {} values", x.len(), hx.len()),
+            format!("{} x {} values", x.len(), hx.len()),
         ));
     }
     let cells = local.cells();
     let fields = local.fields;
-    let xs: &[f32] = x;
-    let columns: Vec<Vec<f32>> = (0..cells)
-        .into_par_iter()
-        .map(|cell| letkf_cell(cell, xs, n, d, hx, y, local))
-        .collect();
-    for (cell, out) in columns.iter().enumerate() {
+    let ctx = LetkfCtx {
+        x,
+        n,
+        d,
+        hx,
+        y,
+        local,
+    };
+    // Per block of LANES cells: the analysed columns of its cells, `fields × n` per cell.
+    let per_cell = fields * n;
+    let mut out = vec![0.0f32; cells * per_cell];
+    out.par_chunks_mut(LANES * per_cell)
+        .enumerate()
+        .for_each_init(LetkfScratch::default, |sc, (blk, o)| {
+            let c0 = blk * LANES;
+            run_letkf_block(&ctx, c0, LANES.min(cells - c0), sc, o);
+        });
+    for (cell, col) in out.chunks(per_cell).enumerate() {
         for f in 0..fields {
             let k = f * cells + cell;
             for i in 0..n {
-                x[i * d + k] = out[f * n + i];
+                x[i * d + k] = col[f * n + i];
             }
         }
     }
     Ok(())
 }
 
-/// One cell of [`letkf_analysis`]: the analysed columns of its `fields` components.
-fn letkf_cell(
-    cell: usize,
-    x: &[f32],
+/// Cells solved together, one per f32 lane.
+const LANES: usize = 16;
+
+/// One value per lane.
+type V = [f32; LANES];
+
+/// What every block of [`letkf_analysis`] reads.
+struct LetkfCtx<'a> {
+    x: &'a [f32],
     n: usize,
     d: usize,
-    hx: &[f32],
-    y: &[f32],
-    local: &LocalAnalysis,
-) -> Vec<f32> {
-    let m = y.len();
+    hx: &'a [f32],
+    y: &'a [f32],
+    local: &'a LocalAnalysis,
+}
+
+/// Per-thread scratch of [`letkf_analysis`].
+#[derive(Default)]
+struct LetkfScratch {
+    /// Local observations `(q, ρ)` of every lane, entry-major, padded with `ρ = 0`.
+    entries: Vec<[(usize, f32); LANES]>,
+    /// `C`, then its eigenvalues on the diagonal (`n × n`, both triangles).
+    c: Vec<V>,
+    /// Eigenvectors (`n × n`, columns).
+    v: Vec<V>,
+    /// `T` (`n × n`).
+    t: Vec<V>,
+    b: Vec<V>,
+    col: Vec<V>,
+    w: Vec<V>,
+    vb: Vec<V>,
+    sq: Vec<V>,
+    a: Vec<V>,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn letkf_block_avx2(
+    c: &LetkfCtx<'_>,
+    c0: usize,
+    lanes: usize,
+    sc: &mut LetkfScratch,
+    out: &mut [f32],
+) {
+    letkf_block(c, c0, lanes, sc, out)
+}
+
+/// [`letkf_block`] compiled for AVX2 when the processor has it (the same arithmetic: no fused
+/// multiply-adds, only the vector width differs).
+fn run_letkf_block(
+    c: &LetkfCtx<'_>,
+    c0: usize,
+    lanes: usize,
+    sc: &mut LetkfScratch,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_fma() {
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time).
+        unsafe { letkf_block_avx2(c, c0, lanes, sc, out) };
+        return;
+    }
+    letkf_block(c, c0, lanes, sc, out)
+}
+
+/// Cells `c0 .. c0 + lanes` of [`letkf_analysis`] into `out` (`lanes × fields × n`). Lanes past
+/// `lanes` repeat the last cell and are dropped.
+#[inline(always)]
+fn letkf_block(c: &LetkfCtx<'_>, c0: usize, lanes: usize, sc: &mut LetkfScratch, out: &mut [f32]) {
+    let (n, d, m) = (c.n, c.d, c.y.len());
     let n1 = (n - 1) as f32;
-    let inv_s2 = 1.0 / (local.noise_std * local.noise_std);
-    let mut c = vec![0.0f32; n * n];
-    let mut b = vec![0.0f32; n];
-    let mut col = vec![0.0f32; n];
-    local.for_each_local(cell, m, |q, rho| {
-        for (i, v) in col.iter_mut().enumerate() {
-            *v = hx[i * m + q];
-        }
-        let ybar = col.iter().sum::<f32>() / n as f32;
-        let wq = rho * inv_s2;
-        let dq = y[q] - ybar;
-        for i in 0..n {
-            let ai = col[i] - ybar;
-            for j in 0..n {
-                c[i * n + j] += wq * ai * (col[j] - ybar);
+    let inv_s2 = 1.0 / (c.local.noise_std * c.local.noise_std);
+    let cell = |l: usize| c0 + l.min(lanes - 1);
+    // The local observations of every lane, in the kernel's order, padded to the longest.
+    sc.entries.clear();
+    for l in 0..LANES {
+        let mut e = 0;
+        c.local.for_each_local(cell(l), m, |q, rho| {
+            if sc.entries.len() == e {
+                sc.entries.push([(0, 0.0); LANES]);
             }
-            b[i] += wq * ai * dq;
-        }
-    });
-    for i in 0..n {
-        c[i * n + i] += n1;
+            sc.entries[e][l] = (q, rho);
+            e += 1;
+        });
     }
-    let mut v = vec![0.0f32; n * n];
-    jacobi_eigen(&mut c, &mut v, n);
-    let lam: Vec<f32> = (0..n).map(|l| c[l * n + l].max(EIG_FLOOR)).collect();
-    // vb = Vᵀ b / λ, w = V vb, T = V diag(√(n1/λ)) Vᵀ
-    let vb: Vec<f32> = (0..n)
-        .map(|l| (0..n).map(|i| v[i * n + l] * b[i]).sum::<f32>() / lam[l])
-        .collect();
-    let w: Vec<f32> = (0..n)
-        .map(|i| (0..n).map(|l| v[i * n + l] * vb[l]).sum())
-        .collect();
-    let sq: Vec<f32> = lam.iter().map(|&l| (n1 / l).sqrt()).collect();
-    let mut t = vec![0.0f32; n * n];
-    for i in 0..n {
-        for j in 0..n {
-            t[i * n + j] = (0..n).map(|l| v[i * n + l] * v[j * n + l] * sq[l]).sum();
+    let zero = [0.0f32; LANES];
+    sc.c.clear();
+    sc.c.resize(n * n, zero);
+    sc.b.clear();
+    sc.b.resize(n, zero);
+    sc.col.resize(n, zero);
+    // C and b, one observation per lane at a time (a padding entry adds exact zeros).
+    for ent in &sc.entries {
+        let contiguous = (1..LANES).all(|l| ent[l].0 == ent[0].0 + l);
+        for (i, col) in sc.col.iter_mut().enumerate() {
+            let row = &c.hx[i * m..(i + 1) * m];
+            if contiguous {
+                col.copy_from_slice(&row[ent[0].0..ent[0].0 + LANES]);
+            } else {
+                for l in 0..LANES {
+                    col[l] = row[ent[l].0];
+                }
+            }
         }
-    }
-    let cells = local.cells();
-    let mut out = vec![0.0f32; local.fields * n];
-    let mut a = vec![0.0f32; n];
-    for f in 0..local.fields {
-        let k = f * cells + cell;
-        for (i, ai) in a.iter_mut().enumerate() {
-            *ai = x[i * d + k];
+        let mut ybar = zero;
+        for col in &sc.col {
+            for l in 0..LANES {
+                ybar[l] += col[l];
+            }
         }
-        let mean = a.iter().sum::<f32>() / n as f32;
-        a.iter_mut().for_each(|v| *v -= mean);
-        let mean_a = mean + w.iter().zip(&a).map(|(wi, ai)| wi * ai).sum::<f32>();
+        let (mut wq, mut dq) = (zero, zero);
+        for l in 0..LANES {
+            ybar[l] /= n as f32;
+            wq[l] = ent[l].1 * inv_s2;
+            dq[l] = c.y[ent[l].0] - ybar[l];
+        }
         for i in 0..n {
-            out[f * n + i] = mean_a + (0..n).map(|j| t[i * n + j] * a[j]).sum::<f32>();
+            let mut wa = zero;
+            for l in 0..LANES {
+                wa[l] = wq[l] * (sc.col[i][l] - ybar[l]);
+            }
+            let row = &mut sc.c[i * n..(i + 1) * n];
+            for (cij, colj) in row.iter_mut().zip(&sc.col) {
+                for l in 0..LANES {
+                    cij[l] += wa[l] * (colj[l] - ybar[l]);
+                }
+            }
+            for l in 0..LANES {
+                sc.b[i][l] += wa[l] * dq[l];
+            }
         }
     }
-    out
+    for i in 0..n {
+        for l in 0..LANES {
+            sc.c[i * n + i][l] += n1;
+        }
+    }
+    jacobi_lanes(&mut sc.c, &mut sc.v, n);
+    // λ (floored), vb = Vᵀb/λ, w = V vb, √((n−1)/λ), T = V diag(√((n−1)/λ)) Vᵀ.
+    sc.vb.clear();
+    sc.vb.resize(n, zero);
+    sc.sq.clear();
+    sc.sq.resize(n, zero);
+    for k in 0..n {
+        let mut acc = zero;
+        for i in 0..n {
+            for l in 0..LANES {
+                acc[l] += sc.v[k * n + i][l] * sc.b[i][l];
+            }
+        }
+        for l in 0..LANES {
+            let lam = sc.c[k * n + k][l].max(EIG_FLOOR);
+            sc.vb[k][l] = acc[l] / lam;
+            sc.sq[k][l] = (n1 / lam).sqrt();
+        }
+    }
+    sc.w.clear();
+    sc.w.resize(n, zero);
+    for i in 0..n {
+        for k in 0..n {
+            for l in 0..LANES {
+                sc.w[i][l] += sc.v[k * n + i][l] * sc.vb[k][l];
+            }
+        }
+    }
+    sc.t.clear();
+    sc.t.resize(n * n, zero);
+    for i in 0..n {
+        for j in 0..=i {
+            let mut acc = zero;
+            for k in 0..n {
+                for l in 0..LANES {
+                    acc[l] += sc.v[k * n + i][l] * sc.v[k * n + j][l] * sc.sq[k][l];
+                }
+            }
+            sc.t[i * n + j] = acc;
+            sc.t[j * n + i] = acc;
+        }
+    }
+    // Every field of the cells: x̄_a = x̄ + wᵀa, a_a = T a.
+    let cells = c.local.cells();
+    let fields = c.local.fields;
+    sc.a.resize(n, zero);
+    for f in 0..fields {
+        let k0 = f * cells + c0;
+        let mut mean = zero;
+        for (i, a) in sc.a.iter_mut().enumerate() {
+            let row = &c.x[i * d..(i + 1) * d];
+            for l in 0..LANES {
+                a[l] = row[k0 + l.min(lanes - 1)];
+                mean[l] += a[l];
+            }
+        }
+        let mut mean_a = zero;
+        for l in 0..LANES {
+            mean[l] /= n as f32;
+        }
+        for (a, w) in sc.a.iter_mut().zip(&sc.w) {
+            for l in 0..LANES {
+                a[l] -= mean[l];
+                mean_a[l] += w[l] * a[l];
+            }
+        }
+        for i in 0..n {
+            let mut acc = zero;
+            for (tij, aj) in sc.t[i * n..(i + 1) * n].iter().zip(&sc.a) {
+                for l in 0..LANES {
+                    acc[l] += tij[l] * aj[l];
+                }
+            }
+            for l in 0..lanes {
+                out[(l * fields + f) * n + i] = mean[l] + mean_a[l] + acc[l];
+            }
+        }
+    }
+}
+
+/// [`jacobi_rotation`] of every lane (branch-free selects, the same arithmetic).
+#[inline(always)]
+fn rotation_lanes(app: &V, aqq: &V, apq: &V, c: &mut V, s: &mut V) {
+    for l in 0..LANES {
+        let small = apq[l].abs() < 1e-30;
+        let den = if small { 1.0 } else { 2.0 * apq[l] };
+        let theta = (aqq[l] - app[l]) / den;
+        let sgn = if theta < 0.0 { -1.0 } else { 1.0 };
+        let t_far = 0.5 / theta;
+        let t_near = sgn / (theta.abs() + (theta * theta + 1.0).sqrt());
+        let t = if theta.abs() > 1e18 { t_far } else { t_near };
+        let cc = 1.0 / (t * t + 1.0).sqrt();
+        c[l] = if small { 1.0 } else { cc };
+        s[l] = if small { 0.0 } else { t * cc };
+    }
+}
+
+/// Cyclic Jacobi eigen-decomposition of sixteen symmetric `n × n` matrices at once (`a`, both
+/// triangles, one matrix per lane), in place: the diagonal receives the eigenvalues and the
+/// rows of `v` the eigenvectors (`v[k·n + t]`, component `t` of vector `k`). The convergence test and the rotation order are those of
+/// [`jacobi_eigen`], per lane; a converged lane takes identity rotations. Each rotation updates
+/// rows and columns `p`, `q` only (the two-sided update written for a symmetric matrix).
+#[inline(always)]
+fn jacobi_lanes(a: &mut [V], v: &mut Vec<V>, n: usize) {
+    let zero = [0.0f32; LANES];
+    v.clear();
+    v.resize(n * n, zero);
+    for i in 0..n {
+        v[i * n + i] = [1.0; LANES];
+    }
+    let mut active = [true; LANES];
+    for _ in 0..JACOBI_MAX_SWEEPS {
+        let (mut off, mut diag) = (zero, zero);
+        for i in 0..n {
+            for l in 0..LANES {
+                diag[l] += a[i * n + i][l] * a[i * n + i][l];
+            }
+            for j in i + 1..n {
+                for l in 0..LANES {
+                    off[l] += a[i * n + j][l] * a[i * n + j][l];
+                }
+            }
+        }
+        for l in 0..LANES {
+            active[l] = active[l] && off[l] > JACOBI_TOL * diag[l];
+        }
+        if !active.iter().any(|&x| x) {
+            break;
+        }
+        let (mut c, mut s) = (zero, zero);
+        for p in 0..n.saturating_sub(1) {
+            for q in p + 1..n {
+                let (app, aqq, apq) = (a[p * n + p], a[q * n + q], a[p * n + q]);
+                rotation_lanes(&app, &aqq, &apq, &mut c, &mut s);
+                for l in 0..LANES {
+                    if !active[l] {
+                        c[l] = 1.0;
+                        s[l] = 0.0;
+                    }
+                }
+                for t in (0..p).chain(p + 1..q).chain(q + 1..n) {
+                    let (apt, aqt) = (a[p * n + t], a[q * n + t]);
+                    let (mut np, mut nq) = (zero, zero);
+                    for l in 0..LANES {
+                        np[l] = c[l] * apt[l] - s[l] * aqt[l];
+                        nq[l] = s[l] * apt[l] + c[l] * aqt[l];
+                    }
+                    a[p * n + t] = np;
+                    a[t * n + p] = np;
+                    a[q * n + t] = nq;
+                    a[t * n + q] = nq;
+                }
+                let (mut npp, mut nqq, mut npq) = (zero, zero, zero);
+                for l in 0..LANES {
+                    let (cl, sl) = (c[l], s[l]);
+                    let cs = cl * sl;
+                    npp[l] = cl * cl * app[l] - 2.0 * cs * apq[l] + sl * sl * aqq[l];
+                    nqq[l] = sl * sl * app[l] + 2.0 * cs * apq[l] + cl * cl * aqq[l];
+                    npq[l] = cs * (app[l] - aqq[l]) + (cl * cl - sl * sl) * apq[l];
+                }
+                a[p * n + p] = npp;
+                a[q * n + q] = nqq;
+                a[p * n + q] = npq;
+                a[q * n + p] = npq;
+                // Eigenvectors stored as rows (`v[k·n + t]` = component t of vector k): the
+                // update of vectors p and q reads and writes two contiguous rows.
+                let (head, tail) = v.split_at_mut(q * n);
+                for (vp, vq) in head[p * n..(p + 1) * n].iter_mut().zip(&mut tail[..n]) {
+                    let (vtp, vtq) = (*vp, *vq);
+                    for l in 0..LANES {
+                        vp[l] = c[l] * vtp[l] - s[l] * vtq[l];
+                        vq[l] = s[l] * vtp[l] + c[l] * vtq[l];
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Rows of the observed-products matrix for `n` members and `e` perturbation rows.
