@@ -349,6 +349,7 @@ fn run_letkf_block(
 
 /// Cells `c0 .. c0 + lanes` of [`letkf_analysis`] into `out` (`lanes × fields × n`). Lanes past
 /// `lanes` repeat the last cell and are dropped.
+#[allow(clippy::needless_range_loop)] // lane-indexed structure-of-arrays code
 #[inline(always)]
 fn letkf_block(c: &LetkfCtx<'_>, c0: usize, lanes: usize, sc: &mut LetkfScratch, out: &mut [f32]) {
     let (n, d, m) = (c.n, c.d, c.y.len());
@@ -500,6 +501,7 @@ fn letkf_block(c: &LetkfCtx<'_>, c0: usize, lanes: usize, sc: &mut LetkfScratch,
 }
 
 /// [`jacobi_rotation`] of every lane (branch-free selects, the same arithmetic).
+#[allow(clippy::needless_range_loop)] // lane-indexed structure-of-arrays code
 #[inline(always)]
 fn rotation_lanes(app: &V, aqq: &V, apq: &V, c: &mut V, s: &mut V) {
     for l in 0..LANES {
@@ -521,6 +523,7 @@ fn rotation_lanes(app: &V, aqq: &V, apq: &V, c: &mut V, s: &mut V) {
 /// rows of `v` the eigenvectors (`v[k·n + t]`, component `t` of vector `k`). The convergence test and the rotation order are those of
 /// [`jacobi_eigen`], per lane; a converged lane takes identity rotations. Each rotation updates
 /// rows and columns `p`, `q` only (the two-sided update written for a symmetric matrix).
+#[allow(clippy::needless_range_loop)] // lane-indexed structure-of-arrays code
 #[inline(always)]
 fn jacobi_lanes(a: &mut [V], v: &mut Vec<V>, n: usize) {
     let zero = [0.0f32; LANES];
