@@ -591,6 +591,24 @@ pub fn local_gains(g: &GainInputs<'_>, gain: &mut [f32], hbar: &mut [f32]) -> Re
     // h(x̂₁) and the forecast's sum of squared deviations.
     const COLS: usize = 256;
     let inv_n = 1.0 / n as f64;
+    if g.taus.is_empty() && hbar.len() == m {
+        // Only h̄ (a later stage of a shared linearization): the same sums of h(x̂₁), on the
+        // observed components alone.
+        hbar.par_chunks_mut(COLS).enumerate().for_each(|(blk, hb)| {
+            let q0 = blk * COLS;
+            let mut hs = [0.0f64; COLS];
+            for k in 0..n {
+                let row = &g.xh[k * d..(k + 1) * d];
+                for (j, s) in hs[..hb.len()].iter_mut().enumerate() {
+                    *s += h_fast(op.pointwise, row[op.component(q0 + j)]) as f64;
+                }
+            }
+            for (v, s) in hb.iter_mut().zip(&hs) {
+                *v = (s * inv_n) as f32;
+            }
+        });
+        return Ok(());
+    }
     let mut fmean = vec![0.0f64; d];
     let mut lin = vec![0.0f64; d];
     let mut hsum = vec![0.0f64; d];
