@@ -6,6 +6,7 @@
 
 use rayon::prelude::*;
 
+use super::lanes::{jacobi_lanes, LANES, V};
 use super::simd;
 use crate::error::{Error, Result};
 use crate::localization::{Localization, RHO_MIN};
@@ -282,12 +283,6 @@ pub fn letkf_analysis(
     Ok(())
 }
 
-/// Cells solved together, one per f32 lane.
-const LANES: usize = 16;
-
-/// One value per lane.
-type V = [f32; LANES];
-
 /// What every block of [`letkf_analysis`] reads.
 struct LetkfCtx<'a> {
     x: &'a [f32],
@@ -495,107 +490,6 @@ fn letkf_block(c: &LetkfCtx<'_>, c0: usize, lanes: usize, sc: &mut LetkfScratch,
             }
             for l in 0..lanes {
                 out[(l * fields + f) * n + i] = mean[l] + mean_a[l] + acc[l];
-            }
-        }
-    }
-}
-
-/// [`jacobi_rotation`] of every lane (branch-free selects, the same arithmetic).
-#[allow(clippy::needless_range_loop)] // lane-indexed structure-of-arrays code
-#[inline(always)]
-fn rotation_lanes(app: &V, aqq: &V, apq: &V, c: &mut V, s: &mut V) {
-    for l in 0..LANES {
-        let small = apq[l].abs() < 1e-30;
-        let den = if small { 1.0 } else { 2.0 * apq[l] };
-        let theta = (aqq[l] - app[l]) / den;
-        let sgn = if theta < 0.0 { -1.0 } else { 1.0 };
-        let t_far = 0.5 / theta;
-        let t_near = sgn / (theta.abs() + (theta * theta + 1.0).sqrt());
-        let t = if theta.abs() > 1e18 { t_far } else { t_near };
-        let cc = 1.0 / (t * t + 1.0).sqrt();
-        c[l] = if small { 1.0 } else { cc };
-        s[l] = if small { 0.0 } else { t * cc };
-    }
-}
-
-/// Cyclic Jacobi eigen-decomposition of sixteen symmetric `n × n` matrices at once (`a`, both
-/// triangles, one matrix per lane), in place: the diagonal receives the eigenvalues and the
-/// rows of `v` the eigenvectors (`v[k·n + t]`, component `t` of vector `k`). The convergence test and the rotation order are those of
-/// [`jacobi_eigen`], per lane; a converged lane takes identity rotations. Each rotation updates
-/// rows and columns `p`, `q` only (the two-sided update written for a symmetric matrix).
-#[allow(clippy::needless_range_loop)] // lane-indexed structure-of-arrays code
-#[inline(always)]
-fn jacobi_lanes(a: &mut [V], v: &mut Vec<V>, n: usize) {
-    let zero = [0.0f32; LANES];
-    v.clear();
-    v.resize(n * n, zero);
-    for i in 0..n {
-        v[i * n + i] = [1.0; LANES];
-    }
-    let mut active = [true; LANES];
-    for _ in 0..JACOBI_MAX_SWEEPS {
-        let (mut off, mut diag) = (zero, zero);
-        for i in 0..n {
-            for l in 0..LANES {
-                diag[l] += a[i * n + i][l] * a[i * n + i][l];
-            }
-            for j in i + 1..n {
-                for l in 0..LANES {
-                    off[l] += a[i * n + j][l] * a[i * n + j][l];
-                }
-            }
-        }
-        for l in 0..LANES {
-            active[l] = active[l] && off[l] > JACOBI_TOL * diag[l];
-        }
-        if !active.iter().any(|&x| x) {
-            break;
-        }
-        let (mut c, mut s) = (zero, zero);
-        for p in 0..n.saturating_sub(1) {
-            for q in p + 1..n {
-                let (app, aqq, apq) = (a[p * n + p], a[q * n + q], a[p * n + q]);
-                rotation_lanes(&app, &aqq, &apq, &mut c, &mut s);
-                for l in 0..LANES {
-                    if !active[l] {
-                        c[l] = 1.0;
-                        s[l] = 0.0;
-                    }
-                }
-                for t in (0..p).chain(p + 1..q).chain(q + 1..n) {
-                    let (apt, aqt) = (a[p * n + t], a[q * n + t]);
-                    let (mut np, mut nq) = (zero, zero);
-                    for l in 0..LANES {
-                        np[l] = c[l] * apt[l] - s[l] * aqt[l];
-                        nq[l] = s[l] * apt[l] + c[l] * aqt[l];
-                    }
-                    a[p * n + t] = np;
-                    a[t * n + p] = np;
-                    a[q * n + t] = nq;
-                    a[t * n + q] = nq;
-                }
-                let (mut npp, mut nqq, mut npq) = (zero, zero, zero);
-                for l in 0..LANES {
-                    let (cl, sl) = (c[l], s[l]);
-                    let cs = cl * sl;
-                    npp[l] = cl * cl * app[l] - 2.0 * cs * apq[l] + sl * sl * aqq[l];
-                    nqq[l] = sl * sl * app[l] + 2.0 * cs * apq[l] + cl * cl * aqq[l];
-                    npq[l] = cs * (app[l] - aqq[l]) + (cl * cl - sl * sl) * apq[l];
-                }
-                a[p * n + p] = npp;
-                a[q * n + q] = nqq;
-                a[p * n + q] = npq;
-                a[q * n + p] = npq;
-                // Eigenvectors stored as rows (`v[k·n + t]` = component t of vector k): the
-                // update of vectors p and q reads and writes two contiguous rows.
-                let (head, tail) = v.split_at_mut(q * n);
-                for (vp, vq) in head[p * n..(p + 1) * n].iter_mut().zip(&mut tail[..n]) {
-                    let (vtp, vtq) = (*vp, *vq);
-                    for l in 0..LANES {
-                        vp[l] = c[l] * vtp[l] - s[l] * vtq[l];
-                        vq[l] = s[l] * vtp[l] + c[l] * vtq[l];
-                    }
-                }
             }
         }
     }

@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use super::lanes::{cholesky_lanes, dot_lanes, fmadd, solve_lanes, LANES, V};
 use super::{Cpu, CpuBuffer};
 use crate::backend::{check_gain_step, DeviceBuffer, GainShape, GainStep};
 use crate::error::{Error, Result};
@@ -243,15 +244,9 @@ pub struct GainInputs<'a> {
     pub taus: &'a [f32],
 }
 
-/// Components solved together, one per f32 lane (two AVX2 registers per operation).
-const LANES: usize = 16;
-
 /// The precision of the twin's algebra (the kernel's; the gain table is written without a
 /// conversion, so this stays f32).
 type F = f32;
-
-/// One value per lane.
-type V = [F; LANES];
 
 /// What every block of [`local_gains`] reads.
 struct Ctx<'a> {
@@ -295,91 +290,6 @@ struct Scratch {
     rhs: Vec<V>,
     /// Ensemble space: `u_eᵀv` per entry.
     dots: Vec<V>,
-}
-
-#[inline(always)]
-fn fmadd<const FMA: bool>(acc: &mut V, a: &V, b: &V) {
-    for l in 0..LANES {
-        acc[l] = if FMA {
-            a[l].mul_add(b[l], acc[l])
-        } else {
-            acc[l] + a[l] * b[l]
-        };
-    }
-}
-
-/// Lane-wise dot product `Σ_r x[r]·y[r]` (two accumulator chains).
-#[inline(always)]
-fn dot_lanes<const FMA: bool>(x: &[V], y: &[V]) -> V {
-    let mut a0 = [0.0 as F; LANES];
-    let mut a1 = [0.0 as F; LANES];
-    let mut xc = x.chunks_exact(2);
-    let mut yc = y.chunks_exact(2);
-    for (xp, yp) in (&mut xc).zip(&mut yc) {
-        fmadd::<FMA>(&mut a0, &xp[0], &yp[0]);
-        fmadd::<FMA>(&mut a1, &xp[1], &yp[1]);
-    }
-    for (xv, yv) in xc.remainder().iter().zip(yc.remainder()) {
-        fmadd::<FMA>(&mut a0, xv, yv);
-    }
-    for l in 0..LANES {
-        a0[l] += a1[l];
-    }
-    a0
-}
-
-/// In-place lane-wise Cholesky of the `k × k` lower triangle of `mat` (diagonal floored at
-/// 1e-12: the matrices are `I + τ·S`, `S ⪰ 0`, so only round-off can go below 1).
-#[inline(always)]
-fn cholesky_lanes<const FMA: bool>(mat: &mut [V], k: usize) {
-    for j in 0..k {
-        let mut s = mat[j * k + j];
-        let mut acc = [0.0 as F; LANES];
-        for t in 0..j {
-            let v = mat[j * k + t];
-            fmadd::<FMA>(&mut acc, &v, &v);
-        }
-        let mut dj = [0.0 as F; LANES];
-        for l in 0..LANES {
-            s[l] -= acc[l];
-            dj[l] = s[l].max(1e-12).sqrt();
-        }
-        mat[j * k + j] = dj;
-        for r in j + 1..k {
-            let mut acc = [0.0 as F; LANES];
-            for t in 0..j {
-                let (x, y) = (mat[r * k + t], mat[j * k + t]);
-                fmadd::<FMA>(&mut acc, &x, &y);
-            }
-            let v = &mut mat[r * k + j];
-            for l in 0..LANES {
-                v[l] = (v[l] - acc[l]) / dj[l];
-            }
-        }
-    }
-}
-
-/// Lane-wise `L Lᵀ v = rhs` in place.
-#[inline(always)]
-fn solve_lanes<const FMA: bool>(mat: &[V], k: usize, v: &mut [V]) {
-    for r in 0..k {
-        let mut acc = [0.0 as F; LANES];
-        for t in 0..r {
-            fmadd::<FMA>(&mut acc, &mat[r * k + t], &v[t]);
-        }
-        for l in 0..LANES {
-            v[r][l] = (v[r][l] - acc[l]) / mat[r * k + r][l];
-        }
-    }
-    for r in (0..k).rev() {
-        let mut acc = [0.0 as F; LANES];
-        for t in r + 1..k {
-            fmadd::<FMA>(&mut acc, &mat[t * k + r], &v[t]);
-        }
-        for l in 0..LANES {
-            v[r][l] = (v[r][l] - acc[l]) / mat[r * k + r][l];
-        }
-    }
 }
 
 /// `dst[l] = ar[row + comp[l]]`: one contiguous load when the lanes' components are

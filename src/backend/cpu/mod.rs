@@ -31,6 +31,7 @@ mod ensemble;
 pub mod ensemble_space;
 mod flow;
 pub mod gain;
+mod lanes;
 mod models;
 mod noise;
 pub mod simd;

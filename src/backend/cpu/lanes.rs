@@ -1,0 +1,202 @@
+//! The lane vocabulary of the CPU's batched ensemble-space solvers: sixteen small problems
+//! (one per component or grid cell) solved together, one per f32 lane, by the local gains of
+//! covariance guidance (`gain.rs`: Cholesky factorizations of `I + τ·G`) and the batched LETKF
+//! (`ensemble_space.rs`: Jacobi eigen-decompositions of `(n − 1)·I + G`). Both build the same
+//! ensemble-space matrix `G = Σ_q ρ_q b_q b_qᵀ` of their window's observed anomalies.
+
+use super::ensemble_space::{JACOBI_MAX_SWEEPS, JACOBI_TOL};
+
+/// Problems solved together, one per f32 lane (two AVX2 registers per operation).
+pub(super) const LANES: usize = 16;
+
+/// One value per lane.
+pub(super) type V = [f32; LANES];
+
+#[inline(always)]
+pub(super) fn fmadd<const FMA: bool>(acc: &mut V, a: &V, b: &V) {
+    for l in 0..LANES {
+        acc[l] = if FMA {
+            a[l].mul_add(b[l], acc[l])
+        } else {
+            acc[l] + a[l] * b[l]
+        };
+    }
+}
+
+/// Lane-wise dot product `Σ_r x[r]·y[r]` (two accumulator chains).
+#[inline(always)]
+pub(super) fn dot_lanes<const FMA: bool>(x: &[V], y: &[V]) -> V {
+    let mut a0 = [0.0f32; LANES];
+    let mut a1 = [0.0f32; LANES];
+    let mut xc = x.chunks_exact(2);
+    let mut yc = y.chunks_exact(2);
+    for (xp, yp) in (&mut xc).zip(&mut yc) {
+        fmadd::<FMA>(&mut a0, &xp[0], &yp[0]);
+        fmadd::<FMA>(&mut a1, &xp[1], &yp[1]);
+    }
+    for (xv, yv) in xc.remainder().iter().zip(yc.remainder()) {
+        fmadd::<FMA>(&mut a0, xv, yv);
+    }
+    for l in 0..LANES {
+        a0[l] += a1[l];
+    }
+    a0
+}
+
+/// In-place lane-wise Cholesky of the `k × k` lower triangle of `mat` (diagonal floored at
+/// 1e-12: the matrices are `I + τ·S`, `S ⪰ 0`, so only round-off can go below 1).
+#[inline(always)]
+pub(super) fn cholesky_lanes<const FMA: bool>(mat: &mut [V], k: usize) {
+    for j in 0..k {
+        let mut s = mat[j * k + j];
+        let mut acc = [0.0f32; LANES];
+        for t in 0..j {
+            let v = mat[j * k + t];
+            fmadd::<FMA>(&mut acc, &v, &v);
+        }
+        let mut dj = [0.0f32; LANES];
+        for l in 0..LANES {
+            s[l] -= acc[l];
+            dj[l] = s[l].max(1e-12).sqrt();
+        }
+        mat[j * k + j] = dj;
+        for r in j + 1..k {
+            let mut acc = [0.0f32; LANES];
+            for t in 0..j {
+                let (x, y) = (mat[r * k + t], mat[j * k + t]);
+                fmadd::<FMA>(&mut acc, &x, &y);
+            }
+            let v = &mut mat[r * k + j];
+            for l in 0..LANES {
+                v[l] = (v[l] - acc[l]) / dj[l];
+            }
+        }
+    }
+}
+
+/// Lane-wise `L Lᵀ v = rhs` in place.
+#[inline(always)]
+pub(super) fn solve_lanes<const FMA: bool>(mat: &[V], k: usize, v: &mut [V]) {
+    for r in 0..k {
+        let mut acc = [0.0f32; LANES];
+        for t in 0..r {
+            fmadd::<FMA>(&mut acc, &mat[r * k + t], &v[t]);
+        }
+        for l in 0..LANES {
+            v[r][l] = (v[r][l] - acc[l]) / mat[r * k + r][l];
+        }
+    }
+    for r in (0..k).rev() {
+        let mut acc = [0.0f32; LANES];
+        for t in r + 1..k {
+            fmadd::<FMA>(&mut acc, &mat[t * k + r], &v[t]);
+        }
+        for l in 0..LANES {
+            v[r][l] = (v[r][l] - acc[l]) / mat[r * k + r][l];
+        }
+    }
+}
+
+/// [`jacobi_rotation`](super::ensemble_space::jacobi_rotation) of every lane (branch-free
+/// selects, the same arithmetic).
+#[allow(clippy::needless_range_loop)] // lane-indexed structure-of-arrays code
+#[inline(always)]
+pub(super) fn rotation_lanes(app: &V, aqq: &V, apq: &V, c: &mut V, s: &mut V) {
+    for l in 0..LANES {
+        let small = apq[l].abs() < 1e-30;
+        let den = if small { 1.0 } else { 2.0 * apq[l] };
+        let theta = (aqq[l] - app[l]) / den;
+        let sgn = if theta < 0.0 { -1.0 } else { 1.0 };
+        let t_far = 0.5 / theta;
+        let t_near = sgn / (theta.abs() + (theta * theta + 1.0).sqrt());
+        let t = if theta.abs() > 1e18 { t_far } else { t_near };
+        let cc = 1.0 / (t * t + 1.0).sqrt();
+        c[l] = if small { 1.0 } else { cc };
+        s[l] = if small { 0.0 } else { t * cc };
+    }
+}
+
+/// Cyclic Jacobi eigen-decomposition of sixteen symmetric `n × n` matrices at once (`a`, both
+/// triangles, one matrix per lane), in place: the diagonal receives the eigenvalues and the
+/// rows of `v` the eigenvectors (`v[k·n + t]`, component `t` of vector `k`). The convergence
+/// test and the rotation order are those of
+/// [`jacobi_eigen`](super::ensemble_space::jacobi_eigen), per lane; a converged lane takes
+/// identity rotations. Each rotation updates rows and columns `p`, `q` only (the two-sided
+/// update written for a symmetric matrix).
+#[allow(clippy::needless_range_loop)] // lane-indexed structure-of-arrays code
+#[inline(always)]
+pub(super) fn jacobi_lanes(a: &mut [V], v: &mut Vec<V>, n: usize) {
+    let zero = [0.0f32; LANES];
+    v.clear();
+    v.resize(n * n, zero);
+    for i in 0..n {
+        v[i * n + i] = [1.0; LANES];
+    }
+    let mut active = [true; LANES];
+    for _ in 0..JACOBI_MAX_SWEEPS {
+        let (mut off, mut diag) = (zero, zero);
+        for i in 0..n {
+            for l in 0..LANES {
+                diag[l] += a[i * n + i][l] * a[i * n + i][l];
+            }
+            for j in i + 1..n {
+                for l in 0..LANES {
+                    off[l] += a[i * n + j][l] * a[i * n + j][l];
+                }
+            }
+        }
+        for l in 0..LANES {
+            active[l] = active[l] && off[l] > JACOBI_TOL * diag[l];
+        }
+        if !active.iter().any(|&x| x) {
+            break;
+        }
+        let (mut c, mut s) = (zero, zero);
+        for p in 0..n.saturating_sub(1) {
+            for q in p + 1..n {
+                let (app, aqq, apq) = (a[p * n + p], a[q * n + q], a[p * n + q]);
+                rotation_lanes(&app, &aqq, &apq, &mut c, &mut s);
+                for l in 0..LANES {
+                    if !active[l] {
+                        c[l] = 1.0;
+                        s[l] = 0.0;
+                    }
+                }
+                for t in (0..p).chain(p + 1..q).chain(q + 1..n) {
+                    let (apt, aqt) = (a[p * n + t], a[q * n + t]);
+                    let (mut np, mut nq) = (zero, zero);
+                    for l in 0..LANES {
+                        np[l] = c[l] * apt[l] - s[l] * aqt[l];
+                        nq[l] = s[l] * apt[l] + c[l] * aqt[l];
+                    }
+                    a[p * n + t] = np;
+                    a[t * n + p] = np;
+                    a[q * n + t] = nq;
+                    a[t * n + q] = nq;
+                }
+                let (mut npp, mut nqq, mut npq) = (zero, zero, zero);
+                for l in 0..LANES {
+                    let (cl, sl) = (c[l], s[l]);
+                    let cs = cl * sl;
+                    npp[l] = cl * cl * app[l] - 2.0 * cs * apq[l] + sl * sl * aqq[l];
+                    nqq[l] = sl * sl * app[l] + 2.0 * cs * apq[l] + cl * cl * aqq[l];
+                    npq[l] = cs * (app[l] - aqq[l]) + (cl * cl - sl * sl) * apq[l];
+                }
+                a[p * n + p] = npp;
+                a[q * n + q] = nqq;
+                a[p * n + q] = npq;
+                a[q * n + p] = npq;
+                // Eigenvectors stored as rows (`v[k·n + t]` = component t of vector k): the
+                // update of vectors p and q reads and writes two contiguous rows.
+                let (head, tail) = v.split_at_mut(q * n);
+                for (vp, vq) in head[p * n..(p + 1) * n].iter_mut().zip(&mut tail[..n]) {
+                    let (vtp, vtq) = (*vp, *vq);
+                    for l in 0..LANES {
+                        vp[l] = c[l] * vtp[l] - s[l] * vtq[l];
+                        vq[l] = s[l] * vtp[l] + c[l] * vtq[l];
+                    }
+                }
+            }
+        }
+    }
+}
