@@ -372,6 +372,74 @@ fn shared_gains_in_groups_equal_one_group() {
     }
 }
 
+backend_test!(
+    /// A component whose localization window holds no observation (every 10th component
+    /// observed, a short radius) gets an all-zero gain row, shared stages or not, and the
+    /// analysis stays finite: only the observed neighbourhoods are pulled towards the data.
+    a_window_without_observations_gets_a_zero_gain<B>(b) {
+        let (n, d) = (10, 40);
+        let op = Observe::identity().subsample(10, 0).unwrap();
+        let geometry = Geometry::Ring { len: d };
+        let radius = 0.6;
+        let win = gain_windows(&op, d, geometry, radius).unwrap();
+        let empty: Vec<usize> = (0..d)
+            .filter(|&i| win.taper[i * win.w..(i + 1) * win.w].iter().all(|&r| r == 0.0))
+            .collect();
+        assert!(empty.len() >= d / 4, "the case must have empty windows: {empty:?}");
+        let x = normals(n, d, 7, 1.0);
+        let m = op.obs_dim(d).unwrap();
+        let xb = b.upload(n, d, &x).unwrap();
+        let index = b.upload(d, win.w, &win.index).unwrap();
+        let taper = b.upload(d, win.w, &win.taper).unwrap();
+        let taus = [0.5f32, 1.0];
+        let mut gain = b.zeros(2 * d, win.w).unwrap();
+        let mut hbar = b.zeros(2, m).unwrap();
+        let call = LocalGains {
+            observe: op,
+            forecast: &xb,
+            endpoint: &xb,
+            index: &index,
+            taper: &taper,
+            noise_std: 0.3,
+            taus: &taus,
+        };
+        b.local_gains(&call, &mut gain, &mut hbar).unwrap();
+        let k = b.read(&gain).unwrap();
+        assert!(k.iter().all(|v| v.is_finite()));
+        for table in k.chunks(d * win.w) {
+            for &i in &empty {
+                assert!(table[i * win.w..(i + 1) * win.w].iter().all(|&g| g == 0.0), "row {i}");
+            }
+            assert!(table.iter().any(|&g| g != 0.0), "the observed rows must have gains");
+        }
+        // A whole analysis with such windows: finite, observed components pulled to y = 3.
+        let y = b.upload(1, m, &vec![3.0f32; m]).unwrap();
+        let obs = Observation {
+            y: &y,
+            operator: &op,
+            noise_std: 0.3,
+        };
+        let cfg = EnffConfig {
+            guidance: GuidanceKind::Covariance,
+            loc_radius: Some(radius),
+            ..EnffConfig::f2p(1e-2, 1.0, 8)
+        };
+        let mut f = Enff::<B>::new(cfg).unwrap().with_geometry(geometry);
+        let mut ens = b.upload(n, d, &x).unwrap();
+        f.analyse(b, &mut ens, Some(&xb), &obs, 1).unwrap();
+        let a = b.read(&ens).unwrap();
+        assert!(a.iter().all(|v| v.is_finite()));
+        let mean = |v: &[f32], c: usize| (0..n).map(|k| v[k * d + c]).sum::<f32>() / n as f32;
+        for q in 0..m {
+            let c = op.component(q);
+            assert!(
+                (mean(&a, c) - 3.0).abs() < (mean(&x, c) - 3.0).abs(),
+                "observed component {c} must move towards the observation"
+            );
+        }
+    }
+);
+
 /// An ensemble-space matrix that overflows (observations of noise std 1e-25, so the scaled
 /// anomalies are ~1e25 and their products beyond f32) is a typed divergence naming the flow
 /// step, the guidance stage and the component, not NaN members.
@@ -1457,6 +1525,6 @@ fn wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path() {
 }
 
 test_main!(
-    cpu: [an_overflowing_gain_names_its_stage_and_component, global_gain_gives_the_etkf_mean::cpu, shared_stage_gains_equal_the_per_stage_gains_for_linear_h::cpu, one_analysis_reproduces_the_kalman_mean_as_n_grows, the_constant_schedule_under_corrects_strong_observations, bad_input_is_a_typed_error_naming_the_parameter, cold_start_arctan_lorenz96_runs_80_cycles_and_converges, sakov2008_covariance_guidance_matches_the_etkf, half_observed_cold_start_converges_with_the_safeguards, the_innovation_bound_limits_a_stage_step, adaptive_inflation_inflates_an_under_dispersed_forecast_only, backend_local_gains_match_the_f64_reference, banded_gains_are_localized],
-    gpu: [shared_gains_in_groups_equal_one_group, global_gain_gives_the_etkf_mean::gpu, shared_stage_gains_equal_the_per_stage_gains_for_linear_h::gpu, banded_gain_step_agrees_with_the_cpu, observed_moments_agree_with_the_cpu, covariance_guided_analysis_agrees_with_the_cpu, local_gains_agree_with_the_cpu_twin_and_the_f64_reference, wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path],
+    cpu: [an_overflowing_gain_names_its_stage_and_component, global_gain_gives_the_etkf_mean::cpu, shared_stage_gains_equal_the_per_stage_gains_for_linear_h::cpu, a_window_without_observations_gets_a_zero_gain::cpu, one_analysis_reproduces_the_kalman_mean_as_n_grows, the_constant_schedule_under_corrects_strong_observations, bad_input_is_a_typed_error_naming_the_parameter, cold_start_arctan_lorenz96_runs_80_cycles_and_converges, sakov2008_covariance_guidance_matches_the_etkf, half_observed_cold_start_converges_with_the_safeguards, the_innovation_bound_limits_a_stage_step, adaptive_inflation_inflates_an_under_dispersed_forecast_only, backend_local_gains_match_the_f64_reference, banded_gains_are_localized],
+    gpu: [shared_gains_in_groups_equal_one_group, global_gain_gives_the_etkf_mean::gpu, shared_stage_gains_equal_the_per_stage_gains_for_linear_h::gpu, a_window_without_observations_gets_a_zero_gain::gpu, banded_gain_step_agrees_with_the_cpu, observed_moments_agree_with_the_cpu, covariance_guided_analysis_agrees_with_the_cpu, local_gains_agree_with_the_cpu_twin_and_the_f64_reference, wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path],
 );
