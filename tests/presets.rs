@@ -152,8 +152,9 @@ fn cpu_run_over_its_memory_cap_is_refused_up_front() {
 }
 
 /// Covariance guidance keeps its windows and banded gains on the device: the estimate counts
-/// them, 3 · d · (observations within the taper support) floats, and the scratch of the local
-/// gains (the column means and h̄ on the GPU, anomalies and innovations on the CPU).
+/// them, (2 + tables) · d · (observations within the taper support) floats (one table per
+/// stage when the stages share one linearization, one when re-linearizing), and the scratch of
+/// the local gains (the column means and h̄ on the GPU, anomalies and innovations on the CPU).
 #[test]
 fn memory_estimate_counts_the_covariance_gains() {
     let p = preset("lorenz96_bao2024_covariance").unwrap();
@@ -170,7 +171,19 @@ fn memory_estimate_counts_the_covariance_gains() {
         .expect("gain buffers in the estimate");
     let radius = cfg.filter.loc_radius.unwrap_or(4.0);
     let w = (2.0 * (2.0 * 1.82 * radius).floor() + 1.0) as u64;
-    assert_eq!(gains, 3 * 4 * 1_000_000 * w);
+    let stages = cfg.filter.gain_stages as u64;
+    assert_eq!(gains, (2 + stages) * 4 * 1_000_000 * w);
+    let mut relin = cfg.clone();
+    relin.set("filter.relinearize=true").unwrap();
+    let one = Experiment::new(p.name, relin, None)
+        .unwrap()
+        .memory_estimate()
+        .parts
+        .into_iter()
+        .find(|(name, _)| name.starts_with("covariance-guidance gains"))
+        .map(|(_, b)| b)
+        .expect("gain buffers in the estimate");
+    assert_eq!(one, 3 * 4 * 1_000_000 * w);
     let scratch = est
         .parts
         .iter()

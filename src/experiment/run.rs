@@ -258,9 +258,17 @@ impl Experiment {
                     (near / every).ceil().max(1.0) as u64
                 }
             };
+            // One gain table, or (stages sharing one linearization) one per distinct exponent.
+            let f = &cfg.filter;
+            let tables = if f.relinearize || f.gain_schedule == crate::flow::GainSchedule::Constant
+            {
+                1
+            } else {
+                f.gain_stages.clamp(1, f.flow_steps.max(1)) as u64
+            };
             parts.push((
-                "covariance-guidance gains (index, taper, table)".to_string(),
-                3 * 4 * d * w,
+                format!("covariance-guidance gains (index, taper, {tables} table(s))"),
+                (2 + tables) * 4 * d * w,
             ));
             // The GPU's forecast and endpoint column means (2 d) and h̄ (m); the CPU twin's
             // component-major anomalies (n × d) and observation-major innovations (m × n)
