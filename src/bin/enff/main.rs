@@ -345,7 +345,8 @@ struct BenchArgs {
     #[arg(long)]
     models: bool,
     /// Time filter analyses instead (comma-separated: letkf, letkf-batched, enkf, etkf, enff,
-    /// enff-cov1, enff-cov2, enff-cov4) over d ∈ {1e3, 1e4, 1e5}, n = 20 (or the --size grid).
+    /// enff-cov1, enff-cov2, enff-cov4, and enff-cov2-relin, enff-cov4-relin with the gains
+    /// re-linearized at every stage) over d ∈ {1e3, 1e4, 1e5}, n = 20 (or the --size grid).
     #[arg(long, value_delimiter = ',')]
     filters: Vec<String>,
     /// Under mpirun: time sharded EnFF flow steps (compute and allreduce) over the --size
