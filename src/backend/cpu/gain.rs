@@ -212,6 +212,120 @@ fn run_apply(c: &Apply<'_>, acc: &mut Vec<f32>, b: usize) {
     apply_block(c, acc, b)
 }
 
+/// One column block of the first moment pass of [`local_gains`].
+struct MomentSums<'a> {
+    x: &'a [f32],
+    xh: &'a [f32],
+    n: usize,
+    d: usize,
+    op: Observe,
+    /// First column of the block.
+    c0: usize,
+    /// Also the forecast's sums of squared deviations.
+    with_sq: bool,
+}
+
+/// Per column, in f64 and in member order: the forecast mean `fm`, the endpoint mean `ln`,
+/// the sum of `h(x̂₁)` and (with `with_sq`) the forecast's sum of squared deviations.
+#[inline(always)]
+fn moments_block(
+    c: &MomentSums<'_>,
+    fm: &mut [f64],
+    ln: &mut [f64],
+    hs: &mut [f64],
+    sq: &mut [f64],
+) {
+    let (n, d, c0, cols) = (c.n, c.d, c.c0, fm.len());
+    let inv_n = 1.0 / n as f64;
+    for k in 0..n {
+        let xr = &c.x[k * d + c0..k * d + c0 + cols];
+        let hr = &c.xh[k * d + c0..k * d + c0 + cols];
+        for j in 0..cols {
+            fm[j] += xr[j] as f64;
+            ln[j] += hr[j] as f64;
+            hs[j] += h_fast(c.op.pointwise, hr[j]) as f64;
+        }
+    }
+    fm.iter_mut().for_each(|v| *v *= inv_n);
+    ln.iter_mut().for_each(|v| *v *= inv_n);
+    if c.with_sq {
+        for k in 0..n {
+            let xr = &c.x[k * d + c0..k * d + c0 + cols];
+            for j in 0..cols {
+                sq[j] += (xr[j] as f64 - fm[j]).powi(2);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn moments_avx2(
+    c: &MomentSums<'_>,
+    fm: &mut [f64],
+    ln: &mut [f64],
+    hs: &mut [f64],
+    sq: &mut [f64],
+) {
+    moments_block(c, fm, ln, hs, sq)
+}
+
+/// [`moments_block`] compiled for AVX2 when the processor has it (same arithmetic).
+fn run_moments(c: &MomentSums<'_>, fm: &mut [f64], ln: &mut [f64], hs: &mut [f64], sq: &mut [f64]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_fma() {
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time).
+        unsafe { moments_avx2(c, fm, ln, hs, sq) };
+        return;
+    }
+    moments_block(c, fm, ln, hs, sq)
+}
+
+/// Columns (or observations) per task of the moment passes of [`local_gains`].
+const MOMENT_COLS: usize = 256;
+
+/// `hb[j] = mean_k h(xh[k, comp(q0 + j)])`, summed in f64 in member order (a contiguous,
+/// vectorizable run when every component is observed).
+#[inline(always)]
+fn mean_obs_block(xh: &[f32], n: usize, d: usize, op: Observe, q0: usize, hb: &mut [f32]) {
+    let mut hs = [0.0f64; MOMENT_COLS];
+    let hs = &mut hs[..hb.len()];
+    for k in 0..n {
+        let row = &xh[k * d..(k + 1) * d];
+        if op.every == 1 {
+            let c0 = op.component(q0);
+            for (s, &x) in hs.iter_mut().zip(&row[c0..c0 + hb.len()]) {
+                *s += h_fast(op.pointwise, x) as f64;
+            }
+        } else {
+            for (j, s) in hs.iter_mut().enumerate() {
+                *s += h_fast(op.pointwise, row[op.component(q0 + j)]) as f64;
+            }
+        }
+    }
+    let inv_n = 1.0 / n as f64;
+    for (v, s) in hb.iter_mut().zip(hs.iter()) {
+        *v = (s * inv_n) as f32;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn mean_obs_avx2(xh: &[f32], n: usize, d: usize, op: Observe, q0: usize, hb: &mut [f32]) {
+    mean_obs_block(xh, n, d, op, q0, hb)
+}
+
+/// [`mean_obs_block`] compiled for AVX2 when the processor has it (same arithmetic).
+fn run_mean_obs(xh: &[f32], n: usize, d: usize, op: Observe, q0: usize, hb: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_fma() {
+        // SAFETY: the processor supports AVX2 and FMA (checked at run time).
+        unsafe { mean_obs_avx2(xh, n, d, op, q0, hb) };
+        return;
+    }
+    mean_obs_block(xh, n, d, op, q0, hb)
+}
+
 /// `h(x)`, with the branch-free f32 arctan of the flow kernels (within 2 ulp of libm's).
 #[inline(always)]
 fn h_fast(p: Pointwise, x: f32) -> f32 {
@@ -499,24 +613,14 @@ pub fn local_gains(g: &GainInputs<'_>, gain: &mut [f32], hbar: &mut [f32]) -> Re
     // Per component, in f64 and in member order, in parallel over blocks of columns read row
     // by row: the forecast mean, the endpoint mean (the linearization point), the sum of
     // h(x̂₁) and the forecast's sum of squared deviations.
-    const COLS: usize = 256;
+    const COLS: usize = MOMENT_COLS;
     let inv_n = 1.0 / n as f64;
     if g.taus.is_empty() && hbar.len() == m {
         // Only h̄ (a later stage of a shared linearization): the same sums of h(x̂₁), on the
         // observed components alone.
-        hbar.par_chunks_mut(COLS).enumerate().for_each(|(blk, hb)| {
-            let q0 = blk * COLS;
-            let mut hs = [0.0f64; COLS];
-            for k in 0..n {
-                let row = &g.xh[k * d..(k + 1) * d];
-                for (j, s) in hs[..hb.len()].iter_mut().enumerate() {
-                    *s += h_fast(op.pointwise, row[op.component(q0 + j)]) as f64;
-                }
-            }
-            for (v, s) in hb.iter_mut().zip(&hs) {
-                *v = (s * inv_n) as f32;
-            }
-        });
+        hbar.par_chunks_mut(COLS)
+            .enumerate()
+            .for_each(|(blk, hb)| run_mean_obs(g.xh, n, d, op, blk * COLS, hb));
         return Ok(());
     }
     let mut fmean = vec![0.0f64; d];
@@ -529,27 +633,16 @@ pub fn local_gains(g: &GainInputs<'_>, gain: &mut [f32], hbar: &mut [f32]) -> Re
         .zip(hsum.par_chunks_mut(COLS).zip(sq.par_chunks_mut(COLS)))
         .enumerate()
         .for_each(|(blk, ((fm, ln), (hs, sqv)))| {
-            let c0 = blk * COLS;
-            let cols = fm.len();
-            for k in 0..n {
-                let xr = &g.x[k * d + c0..k * d + c0 + cols];
-                let hr = &g.xh[k * d + c0..k * d + c0 + cols];
-                for j in 0..cols {
-                    fm[j] += xr[j] as f64;
-                    ln[j] += hr[j] as f64;
-                    hs[j] += h_fast(op.pointwise, hr[j]) as f64;
-                }
-            }
-            fm.iter_mut().for_each(|v| *v *= inv_n);
-            ln.iter_mut().for_each(|v| *v *= inv_n);
-            if hbar.len() == 2 * m {
-                for k in 0..n {
-                    let xr = &g.x[k * d + c0..k * d + c0 + cols];
-                    for j in 0..cols {
-                        sqv[j] += (xr[j] as f64 - fm[j]).powi(2);
-                    }
-                }
-            }
+            let sums = MomentSums {
+                x: g.x,
+                xh: g.xh,
+                n,
+                d,
+                op,
+                c0: blk * COLS,
+                with_sq: hbar.len() == 2 * m,
+            };
+            run_moments(&sums, fm, ln, hs, sqv);
         });
     // h̄ and h'(x̄̂₁)/σ of every observation, and (when asked for, row 1 of `hbar`) the
     // linearized innovation variance h'(x̄̂₁)²·var(x_f) + σ² of the innovation bound.
