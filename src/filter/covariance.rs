@@ -124,9 +124,10 @@
 //! ```
 //!
 //! one Cholesky factorization per component and stage, O(n²·w + n³) with `w` the observations
-//! in the window. Row `i` is stored banded: `w` gains and the indices of their observations
-//! (`d × w` each), zero-padded, and the kernel [`Backend::gain_step`] applies it at the flow
-//! steps that carry a stage, O(n·d·w).
+//! in the window (the O(n²·w) part once per analysis when the stages share a linearization).
+//! Row `i` is stored banded: `w` gains and the indices of their observations (`d × w` each,
+//! one gain table per stage), zero-padded, and the kernel [`Backend::gain_step`] applies a
+//! stage's table at the flow step that carries it, O(n·d·w).
 //!
 //! # Where the gains are computed, and what crosses to the host
 //!
@@ -162,9 +163,9 @@
 //! The CPU twin (`backend/cpu/gain.rs`) solves sixteen components at a time in f32
 //! lanes, in observation space when `w ≤ n` and in ensemble space otherwise; the f64 host
 //! function [`local_gains`] is the reference the tests compare both against. The cost per
-//! stage is `O(d·(n·w² + w³))` or `O(d·(n²·w + n³))`, against `O(n²·d)` per flow step of the
-//! transport; on the CPU a stage costs about as much as several plain flow steps (see
-//! BENCHMARKS.md).
+//! re-linearized stage is `O(d·(n·w² + w³))` or `O(d·(n²·w + n³))`, against `O(n²·d)` per flow
+//! step of the transport; shared stages pay the `n²·w` (or `n·w²`) part once. On the CPU the
+//! 4-stage analysis costs about 4× the plain one shared, 8× re-linearized (BENCHMARKS.md).
 //!
 //! # What is tested
 //!
