@@ -176,16 +176,7 @@ fn gains_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     workgroupBarrier();
 
     for (var s = 0u; s < p.stages; s = s + 1u) {
-        let tau = p.taus[s / 4u][s % 4u];
-        for (var idx = t; idx < w * w; idx = idx + GT) {
-            let e = idx / w;
-            let f = idx - e * w;
-            if (f <= e) {
-                mat[e * LD + f] = tau * tile[e * (e + 1u) / 2u + f] + select(0.0, 1.0, e == f);
-            }
-        }
-        workgroupBarrier();
-        factor_and_solve(w, t);
+        factor_stage(w, s, t);
         let out = (p.table0 + s) * p.d * w + base;
         for (var e = t; e < w; e = e + GT) {
             let rho = taper[base + e];
@@ -196,6 +187,22 @@ fn gains_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
             gain[out + e] = g;
         }
     }
+}
+
+// Stage s of a dispatch: M_s = I + τ_s·(the stage-independent matrix packed in `tile`) into
+// the k × k lower triangle of `mat`, then `factor_and_solve` with the right-hand side kept in
+// row k. Called by the whole workgroup.
+fn factor_stage(k: u32, s: u32, t: u32) {
+    let tau = p.taus[s / 4u][s % 4u];
+    for (var idx = t; idx < k * k; idx = idx + GT) {
+        let r = idx / k;
+        let c = idx - r * k;
+        if (c <= r) {
+            mat[r * LD + c] = tau * tile[r * (r + 1u) / 2u + c] + select(0.0, 1.0, r == c);
+        }
+    }
+    workgroupBarrier();
+    factor_and_solve(k, t);
 }
 
 // M = L Lᵀ in place (the k × k lower triangle of `mat`, the diagonal floored like the twin's),
@@ -310,17 +317,7 @@ fn gains_ens_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
     workgroupBarrier();
 
     for (var st = 0u; st < p.stages; st = st + 1u) {
-        let tau = p.taus[st / 4u][st % 4u];
-        // M_s = I + τ_s·G/(n − 1).
-        for (var idx = t; idx < n * n; idx = idx + GT) {
-            let r = idx / n;
-            let c = idx - r * n;
-            if (c <= r) {
-                mat[r * LD + c] = tau * tile[r * (r + 1u) / 2u + c] + select(0.0, 1.0, r == c);
-            }
-        }
-        workgroupBarrier();
-        factor_and_solve(n, t);
+        factor_stage(n, st, t);
 
         // gain[s, i, e] = (√ρ_e/σ)·s_e·a_eᵀv_s/√(n − 1), one thread per entry.
         let out = (p.table0 + st) * p.d * w + base;

@@ -934,15 +934,13 @@ fn covariance_stage<B: Backend>(
             noise_std: at.noise_std,
             taus: &[],
         };
-        match backend.local_gains(&stats, &mut g.gain, &mut g.stage_hbar) {
-            Err(Error::Unsupported { .. }) => crate::backend::local_gains_on_host(
-                backend,
-                &stats,
-                &mut g.gain,
-                &mut g.stage_hbar,
-            )?,
-            other => other?,
-        }
+        local_gains_anywhere(
+            backend,
+            &stats,
+            &mut g.gain,
+            &mut g.stage_hbar,
+            &mut g.host_logged,
+        )?;
     }
     let Some(taus) = taus else {
         return apply_stage(backend, state, at, g, table, &g.stage_hbar);
@@ -965,29 +963,45 @@ fn covariance_stage<B: Backend>(
         noise_std: at.noise_std,
         taus,
     };
-    match backend.local_gains(&inputs, &mut g.gain, &mut g.hbar) {
-        // A problem the backend's kernels do not take (on the GPU: member blocks, or windows
-        // and ensembles above both kernels' limits): the gains are computed on the host,
-        // chosen here and said once.
-        Err(Error::Unsupported { what, .. }) => {
-            if !g.host_logged {
-                g.host_logged = true;
-                log::info!(
-                    "covariance guidance on the {} backend: {what}; its local gains are \
-                     computed on the host, reading the ensembles back every stage",
-                    backend.name()
-                );
-            }
-            crate::backend::local_gains_on_host(backend, &inputs, &mut g.gain, &mut g.hbar)?;
-        }
-        other => other?,
-    }
+    local_gains_anywhere(
+        backend,
+        &inputs,
+        &mut g.gain,
+        &mut g.hbar,
+        &mut g.host_logged,
+    )?;
     let hbar = if first || at.shared.is_empty() {
         &g.hbar
     } else {
         &g.stage_hbar
     };
     apply_stage(backend, state, at, g, table, hbar)
+}
+
+/// [`Backend::local_gains`], or, for a problem the backend's kernels do not take (on the GPU:
+/// member blocks, or windows and ensembles above both kernels' limits), the same on the host,
+/// chosen here and said once (`logged`).
+fn local_gains_anywhere<B: Backend>(
+    backend: &B,
+    inputs: &LocalGains<'_, B>,
+    gain: &mut B::Buffer,
+    hbar: &mut B::Buffer,
+    logged: &mut bool,
+) -> Result<()> {
+    match backend.local_gains(inputs, gain, hbar) {
+        Err(Error::Unsupported { what, .. }) => {
+            if !*logged {
+                *logged = true;
+                log::info!(
+                    "covariance guidance on the {} backend: {what}; its local gains are \
+                     computed on the host, reading the ensembles back every stage",
+                    backend.name()
+                );
+            }
+            crate::backend::local_gains_on_host(backend, inputs, gain, hbar)
+        }
+        other => other,
+    }
 }
 
 /// `x ← x + Δ·v̂ + weight·K(τ)(y − h(x̂₁))` with the stage's gain table, the innovation split
