@@ -224,6 +224,79 @@ fn batched_letkf_agrees_with_the_f64_reference() {
     }
 }
 
+/// The host LETKF's Chebyshev local transforms give the eigendecomposition's analysis (to f32
+/// rounding) from a spread far below the observation noise to one far above it (where most
+/// cells fall back to the eigendecomposition), on rings and tori, odd sizes included.
+#[test]
+fn chebyshev_local_transforms_equal_the_eigendecomposition() {
+    use enff::filter::local_transform::Solver;
+    let cpu = Cpu::new();
+    for (geometry, op, n, radius) in [
+        (Geometry::Ring { len: 41 }, Observe::identity(), 7, 3.0),
+        (
+            Geometry::Ring { len: 37 },
+            Observe::full(Pointwise::Arctan).subsample(3, 1).unwrap(),
+            13,
+            2.0,
+        ),
+        (
+            Geometry::Torus {
+                nx: 7,
+                ny: 5,
+                fields: 3,
+            },
+            Observe::identity().subsample(2, 1).unwrap(),
+            20,
+            1.0,
+        ),
+        (Geometry::Ring { len: 53 }, Observe::identity(), 33, 4.0),
+    ] {
+        let d = geometry.dim().unwrap();
+        let m = op.obs_dim(d).unwrap();
+        let (x0, y) = problem(n, d, &op, 23);
+        let yb = cpu.upload(1, m, &y).unwrap();
+        let obs = Observation {
+            y: &yb,
+            operator: &op,
+            noise_std: 0.5,
+        };
+        for scale in [0.01f32, 0.1, 0.4, 1.0, 4.0] {
+            // The same members, their spread around the member mean scaled by `scale`.
+            let mut x = x0.clone();
+            for k in 0..d {
+                let mean = (0..n).map(|i| x0[i * d + k]).sum::<f32>() / n as f32;
+                (0..n).for_each(|i| x[i * d + k] = mean + scale * (x0[i * d + k] - mean));
+            }
+            let run = |solver: Solver| {
+                let mut ens = cpu.upload(n, d, &x).unwrap();
+                Letkf::<Cpu>::new(radius, 1.0)
+                    .unwrap()
+                    .with_geometry(geometry, DistanceKind::Geometry)
+                    .with_local_solver(solver)
+                    .analyse(&cpu, &mut ens, None, &obs, 1)
+                    .unwrap();
+                cpu.read(&ens).unwrap()
+            };
+            let (cheb, eig) = (run(Solver::Chebyshev), run(Solver::Eigen));
+            let worst = cheb
+                .iter()
+                .zip(&eig)
+                .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst < 2e-6,
+                "{geometry:?} n={n} spread x{scale}: relative difference {worst}"
+            );
+            let moved = eig
+                .iter()
+                .zip(&x)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(moved > 1e-3 * scale, "the analysis barely moved ({moved})");
+        }
+    }
+}
+
 #[test]
 fn geometry_and_flattened_distances_localize_differently_on_a_torus() {
     let cpu = Cpu::new();

@@ -14,6 +14,7 @@ pub mod inflation;
 pub mod kalman;
 pub mod kind;
 pub mod letkf;
+pub mod local_transform;
 pub mod particle;
 
 pub use enff::{Enff, EnffConfig};
