@@ -240,6 +240,73 @@ backend_test!(
 );
 
 backend_test!(
+    /// Transport weights at the unguided position (`unguided_weights`): in two dimensions a
+    /// strong observation displaces every member by more than the members' spacing, so with
+    /// the weights at the guided state members are handed over to other members' paths (the
+    /// rotation carries each path differently). With the weights at the unguided position
+    /// every member stays on its own path and the analysis mean is the ETKF mean of the
+    /// forecast, on every backend; without guidance the two choices are the same flow.
+    unguided_weights_keep_members_on_their_own_paths<B>(b) {
+        let (n, d) = (16usize, 2usize);
+        let prev: Vec<f32> = (0..n)
+            .flat_map(|k| {
+                let a = k as f32 * 2.399;
+                let r = 0.05 + 0.3 * ((k * 37 % 17) as f32 / 17.0);
+                [2.0 + r * a.cos(), r * a.sin()]
+            })
+            .collect();
+        let (c, s) = (0.4f32.cos(), 0.4f32.sin());
+        let fc: Vec<f32> = prev
+            .chunks(2)
+            .flat_map(|p| [c * p[0] - s * p[1], s * p[0] + c * p[1]])
+            .collect();
+        let fmean = mean_of(&fc, n, d);
+        let yv = [fmean[0] as f32 + 0.9, fmean[1] as f32 - 0.7];
+        let y = b.upload(1, 2, &yv).unwrap();
+        let op = Observe::identity();
+        let obs = Observation {
+            y: &y,
+            operator: &op,
+            noise_std: 0.2,
+        };
+        let mut etkf = Etkf::<B>::new(1.0).unwrap();
+        let mut ens = b.upload(n, d, &fc).unwrap();
+        etkf.analyse(b, &mut ens, None, &obs, 1).unwrap();
+        let want = mean_of(&b.read(&ens).unwrap(), n, d);
+        let run = |guidance: GuidanceKind, unguided: bool| {
+            let cfg = EnffConfig {
+                guidance,
+                loc_radius: None,
+                gain_stages: 4,
+                innovation_clip: 0.0,
+                unguided_weights: unguided,
+                ..EnffConfig::f2p(1e-4, 1.0, 9)
+            };
+            let mut enff = Enff::<B>::new(cfg).unwrap().with_geometry(Geometry::None);
+            let p = b.upload(n, d, &prev).unwrap();
+            let mut ens = b.upload(n, d, &fc).unwrap();
+            enff.analyse(b, &mut ens, Some(&p), &obs, 1).unwrap();
+            b.read(&ens).unwrap()
+        };
+        let on_path = mean_of(&run(GuidanceKind::Covariance, true), n, d);
+        let handed = mean_of(&run(GuidanceKind::Covariance, false), n, d);
+        let (gap, gap_guided) = (rms(&on_path, &want), rms(&handed, &want));
+        assert!(gap < 2e-3, "unguided weights: EnFF vs ETKF mean gap {gap}");
+        let moved = rms(&on_path, &fmean);
+        assert!(moved > 0.2, "the analysis must move the mean ({moved})");
+        assert!(
+            gap_guided > 10.0 * gap.max(1e-4),
+            "the weights at the guided state should hand members over here ({gap_guided})"
+        );
+        let (a, b_) = (run(GuidanceKind::None, true), run(GuidanceKind::None, false));
+        let worst = a.iter().zip(&b_).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "without guidance the flows differ by {worst}");
+        let back = a.iter().zip(&fc).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(back < 1e-2, "without guidance the flow returns the forecast ({back})");
+    }
+);
+
+backend_test!(
     /// Stages at the price of one: for linear h the gains of every stage built together from
     /// one linearization (`relinearize = false`) move the ensemble as the per-stage gains do
     /// (`relinearize = true`), localized and global, with the innovation bound on, for the
@@ -551,6 +618,11 @@ fn bad_input_is_a_typed_error_naming_the_parameter() {
         (vec![cov, "filter.gain_stages=0"], "filter.gain_stages"),
         (vec![cov, "filter.relinearize=maybe"], "relinearize"),
         (vec![cov, "filter.integrator=heun"], "filter.integrator"),
+        (
+            vec!["filter.unguided_weights=true", "filter.integrator=heun"],
+            "filter.unguided_weights",
+        ),
+        (vec!["filter.unguided_weights=maybe"], "unguided_weights"),
         (
             vec![cov, "filter.innovation_clip=-1"],
             "filter.innovation_clip",
@@ -1525,6 +1597,6 @@ fn wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path() {
 }
 
 test_main!(
-    cpu: [an_overflowing_gain_names_its_stage_and_component, global_gain_gives_the_etkf_mean::cpu, shared_stage_gains_equal_the_per_stage_gains_for_linear_h::cpu, a_window_without_observations_gets_a_zero_gain::cpu, one_analysis_reproduces_the_kalman_mean_as_n_grows, the_constant_schedule_under_corrects_strong_observations, bad_input_is_a_typed_error_naming_the_parameter, cold_start_arctan_lorenz96_runs_80_cycles_and_converges, sakov2008_covariance_guidance_matches_the_etkf, half_observed_cold_start_converges_with_the_safeguards, the_innovation_bound_limits_a_stage_step, adaptive_inflation_inflates_an_under_dispersed_forecast_only, backend_local_gains_match_the_f64_reference, banded_gains_are_localized],
-    gpu: [shared_gains_in_groups_equal_one_group, global_gain_gives_the_etkf_mean::gpu, shared_stage_gains_equal_the_per_stage_gains_for_linear_h::gpu, a_window_without_observations_gets_a_zero_gain::gpu, banded_gain_step_agrees_with_the_cpu, observed_moments_agree_with_the_cpu, covariance_guided_analysis_agrees_with_the_cpu, local_gains_agree_with_the_cpu_twin_and_the_f64_reference, wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path],
+    cpu: [an_overflowing_gain_names_its_stage_and_component, global_gain_gives_the_etkf_mean::cpu, unguided_weights_keep_members_on_their_own_paths::cpu, shared_stage_gains_equal_the_per_stage_gains_for_linear_h::cpu, a_window_without_observations_gets_a_zero_gain::cpu, one_analysis_reproduces_the_kalman_mean_as_n_grows, the_constant_schedule_under_corrects_strong_observations, bad_input_is_a_typed_error_naming_the_parameter, cold_start_arctan_lorenz96_runs_80_cycles_and_converges, sakov2008_covariance_guidance_matches_the_etkf, half_observed_cold_start_converges_with_the_safeguards, the_innovation_bound_limits_a_stage_step, adaptive_inflation_inflates_an_under_dispersed_forecast_only, backend_local_gains_match_the_f64_reference, banded_gains_are_localized],
+    gpu: [shared_gains_in_groups_equal_one_group, global_gain_gives_the_etkf_mean::gpu, unguided_weights_keep_members_on_their_own_paths::gpu, shared_stage_gains_equal_the_per_stage_gains_for_linear_h::gpu, a_window_without_observations_gets_a_zero_gain::gpu, banded_gain_step_agrees_with_the_cpu, observed_moments_agree_with_the_cpu, covariance_guided_analysis_agrees_with_the_cpu, local_gains_agree_with_the_cpu_twin_and_the_f64_reference, wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path],
 );

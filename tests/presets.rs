@@ -233,6 +233,7 @@ fn switching_guidance_takes_the_guidance_defaults() {
         assert_eq!(f.innovation_clip, d.innovation_clip, "{name}");
         assert_eq!(f.gain_stages, d.gain_stages, "{name}");
         assert_eq!(f.loc_radius, d.loc_radius.filter(|_| spatial), "{name}");
+        assert_eq!(f.unguided_weights, d.unguided_weights && !spatial, "{name}");
         src.config.validate().unwrap();
     }
     // Named settings are kept; the same guidance as the preset's changes nothing.

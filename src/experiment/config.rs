@@ -148,6 +148,10 @@ pub struct FilterConfig {
     /// EnFF: largest adaptive prior-inflation factor per cycle (1.0 = off).
     #[serde(default = "default_adaptive_inflation")]
     pub adaptive_inflation: f32,
+    /// EnFF: evaluate the transport weights at the member's unguided position (`true`) instead
+    /// of its guided state (`false`, the paper's); Euler only.
+    #[serde(default)]
+    pub unguided_weights: bool,
 }
 
 fn default_innovation_clip() -> f32 {
@@ -173,6 +177,10 @@ pub struct GuidanceDefaults {
     pub adaptive_inflation: f32,
     /// `filter.loc_radius` on a model with a spatial geometry (without one the gain is global).
     pub loc_radius: Option<f64>,
+    /// `filter.unguided_weights` on a model without a spatial geometry (a low-dimensional
+    /// state, where the guidance's displacement reaches other members' paths); on a spatial
+    /// model the members stay apart and the extra velocity evaluation would be wasted.
+    pub unguided_weights: bool,
 }
 
 /// Keys that only covariance guidance reads (EnFF filters).
@@ -195,6 +203,7 @@ impl GuidanceDefaults {
                 innovation_clip: crate::filter::enff::DEFAULT_INNOVATION_CLIP,
                 adaptive_inflation: 1.3,
                 loc_radius: Some(4.0),
+                unguided_weights: true,
             },
             // The paper's λ for Lorenz-96 (ENFF_SPEC §3.1), no adaptive inflation.
             _ => GuidanceDefaults {
@@ -203,6 +212,7 @@ impl GuidanceDefaults {
                 innovation_clip: crate::filter::enff::DEFAULT_INNOVATION_CLIP,
                 adaptive_inflation: 1.0,
                 loc_radius: None,
+                unguided_weights: false,
             },
         }
     }
@@ -512,6 +522,7 @@ impl Config {
             gain_schedule: self.filter.gain_schedule,
             innovation_clip: self.filter.innovation_clip,
             adaptive_inflation: self.filter.adaptive_inflation,
+            unguided_weights: self.filter.unguided_weights,
         })
     }
 
@@ -553,6 +564,9 @@ impl Config {
             }
             if unset("filter.loc_radius") {
                 f.loc_radius = d.loc_radius.filter(|_| spatial);
+            }
+            if unset("filter.unguided_weights") {
+                f.unguided_weights = d.unguided_weights && !spatial;
             }
         }
         let mut warnings = Vec::new();

@@ -235,6 +235,9 @@ impl Experiment {
         if cfg.filter.integrator == crate::flow::Integrator::Heun {
             parts.push(("Heun predictor and velocity".to_string(), 2 * nd));
         }
+        if kind.is_some_and(FilterKind::is_enff) && cfg.filter.unguided_weights {
+            parts.push(("unguided transport position".to_string(), nd));
+        }
         if kind.is_some_and(FilterKind::is_enff) && cfg.filter.guidance == GuidanceKind::Covariance
         {
             // The static windows (observation index and taper) and the gain table of a stage,

@@ -53,6 +53,20 @@
 //! cold-start arctan Lorenz-96 (d = 100, λ = 2, inflation 1.05): time-mean RMSE 0.06 with the
 //! split, 2.1 (lost track) without.
 //!
+//! # Transport weights at the unguided position
+//!
+//! The schedule above assumes one-hot flow weights that keep each member on its own path.
+//! In a few dimensions (Lorenz-63, Rotation2D) one stage can move a member farther than the
+//! spacing between members, and the weights, evaluated at the guided state, then switch it to
+//! another member's path: it is carried by that member's transport velocity from there on
+//! (on Rotation2D the spread collapses on some seeds, and RMSE doubles).
+//! [`EnffConfig::unguided_weights`](crate::filter::EnffConfig::unguided_weights) evaluates the
+//! weights at the member's unguided position instead, the source sample moved by the transport
+//! velocity alone (one more velocity evaluation per step), so the guidance only adds its
+//! offset and every member ends on its own forecast. Covariance guidance turns it on by
+//! default on models without a spatial geometry; on a ring or torus the members are far apart
+//! and the paper's choice (weights at the guided state) is kept.
+//!
 //! # Linearization
 //!
 //! `H` is the Jacobian of `h` at the mean of the predicted endpoints `x̂₁` of the stage, so

@@ -64,6 +64,12 @@ pub struct EnffConfig {
     /// `[1, adaptive_inflation]`; 1.0 = off.
     #[serde(default = "default_adaptive_inflation")]
     pub adaptive_inflation: f32,
+    /// Where the transport weights are evaluated: `false` (the paper's) at the guided state
+    /// `x`; `true` at the member's unguided position (the source sample carried by the
+    /// transport alone), so that the guidance's displacement never hands a member over to
+    /// another member's path. Euler only; costs one extra velocity evaluation per step.
+    #[serde(default)]
+    pub unguided_weights: bool,
 }
 
 fn default_innovation_clip() -> f32 {
@@ -113,6 +119,7 @@ impl EnffConfig {
             gain_schedule: GainSchedule::Homotopy,
             innovation_clip: DEFAULT_INNOVATION_CLIP,
             adaptive_inflation: 1.0,
+            unguided_weights: false,
         }
     }
 
@@ -199,6 +206,14 @@ impl EnffConfig {
                 ));
             }
         }
+        if self.unguided_weights && self.integrator != Integrator::Euler {
+            return Err(Error::invalid(
+                "filter.unguided_weights",
+                true,
+                "the unguided transport position is carried by Euler steps: set \
+                 filter.integrator = \"euler\" or filter.unguided_weights = false",
+            ));
+        }
         Ok(())
     }
 
@@ -217,6 +232,8 @@ struct Workspace<B: Backend> {
     weights: B::Buffer,
     bias: Option<B::Buffer>,
     heun: Option<(B::Buffer, B::Buffer)>,
+    /// The unguided transport position ([`EnffConfig::unguided_weights`]).
+    transport: Option<B::Buffer>,
 }
 
 /// The Ensemble Flow Filter.
@@ -291,11 +308,13 @@ impl<B: Backend> Enff<B> {
         let want_bias = self.config.guidance == GuidanceKind::MonteCarlo;
         let want_heun = self.config.integrator == Integrator::Heun
             || self.config.guidance == GuidanceKind::Covariance;
+        let want_transport = self.config.unguided_weights;
         if !fits
-            || self
-                .work
-                .as_ref()
-                .is_some_and(|w| w.bias.is_some() != want_bias || w.heun.is_some() != want_heun)
+            || self.work.as_ref().is_some_and(|w| {
+                w.bias.is_some() != want_bias
+                    || w.heun.is_some() != want_heun
+                    || w.transport.is_some() != want_transport
+            })
         {
             self.work = Some(Workspace {
                 x: backend.zeros(n, d)?,
@@ -307,6 +326,11 @@ impl<B: Backend> Enff<B> {
                 },
                 heun: if want_heun {
                     Some((backend.zeros(n, d)?, backend.zeros(n, d)?))
+                } else {
+                    None
+                },
+                transport: if want_transport {
+                    Some(backend.zeros(n, d)?)
                 } else {
                     None
                 },
@@ -439,6 +463,9 @@ impl<B: Backend> Enff<B> {
         );
         let grid = time_grid(cfg.flow_steps);
         let mut stage_no = 0usize;
+        if let Some(u) = w.transport.as_mut() {
+            backend.copy(&w.x, u)?;
+        }
         for k in 0..cfg.flow_steps {
             let (t0, t1) = (grid[k], grid[k + 1]);
             if fault == Some(super::InjectedFault::FlowStep(k + 1)) {
@@ -446,7 +473,13 @@ impl<B: Backend> Enff<B> {
                 host[0] = f32::NAN;
                 backend.write(&mut w.x, &host)?;
             }
-            ctx.weights(k, &w.x, t0, w.bias.as_ref(), &mut w.weights)?;
+            // The weights at the guided state, or at the unguided transport position, which
+            // then moves by the transport velocity alone.
+            let at = w.transport.as_ref().unwrap_or(&w.x);
+            ctx.weights(k, at, t0, w.bias.as_ref(), &mut w.weights)?;
+            if let Some(u) = w.transport.as_mut() {
+                backend.flow_update(u, &ctx.update(&w.weights, t0, None, t1 - t0), None)?;
+            }
             let stage = covariance.as_ref().and_then(|p| p.at[k].map(|s| (p, s)));
             match (cfg.integrator, w.heun.as_mut(), stage) {
                 (Integrator::Heun, Some((x_pred, v1)), _) => ctx.heun_step(
