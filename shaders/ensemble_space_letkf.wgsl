@@ -6,8 +6,13 @@
 // Layout: `fields` components on each cell of an nx x ny periodic grid (a ring: ny = 1);
 // component f * nx*ny + cell. Observation q sits at component offset + q * every.
 // For the cell: C = Σ_q ρ_q ã_q ã_qᵀ/σ² + (n-1) I, b = Σ_q ρ_q ã_q (y_q - ȳ_q)/σ² over the
-// local observations (Gaspari-Cohn ρ_q > 1e-6 at grid distance ≤ reach), C = V Λ Vᵀ by cyclic
-// Jacobi, w = C⁻¹ b, T = √(n-1) C^{-1/2}; each component: x̄_a = x̄ + w·a, x_a,i = x̄_a + (T a)_i.
+// local observations (Gaspari-Cohn ρ_q > 1e-6 at grid distance ≤ reach). Each component's
+// anomalies a get x̄_a = x̄ + bᵀC⁻¹a and x_a,i = x̄_a + (√(n-1) C^{-1/2} a)_i, by one of two
+// paths (uniform per workgroup): where a Gershgorin/trace bound λ̄ of C - (n-1) I allows a
+// Chebyshev degree ≤ 2n + 8 (the spread not far above the observation noise), both matrix
+// functions applied to a by the Chebyshev recurrence (one matrix-vector product per degree);
+// otherwise C = V Λ Vᵀ by cyclic Jacobi, w = C⁻¹ b, T = √(n-1) C^{-1/2}.
+// The twin computes the degree per block of 16 cells (the highest); both are accurate to f32.
 // Parity test: tests/ensemble_space.rs::batched_letkf_matches_the_cpu_twin.
 
 // Rust mirror: src/backend/gpu/ensemble_space.rs::LetkfParams
@@ -52,6 +57,41 @@ var<workgroup> tmp: array<f32, 32>;
 var<workgroup> wv: array<f32, 32>;
 var<workgroup> rot: vec2<f32>;
 var<workgroup> done: u32;
+// Chebyshev path: coefficients (degree ≤ 2·32 + 8), the shared vector v_k, degree and bound.
+const MAX_TERMS: u32 = 73u;
+const CHEB_TOL: f32 = 1e-6;
+const PI: f32 = 3.14159265358979;
+var<workgroup> c1s: array<f32, MAX_TERMS>;
+var<workgroup> c2s: array<f32, MAX_TERMS>;
+var<workgroup> vc: array<f32, 32>;
+var<workgroup> deg: u32;
+var<workgroup> lamb: f32;
+
+// Chebyshev degree for C - (n-1) I with spectrum in [0, lam]; twin:
+// src/backend/cpu/ensemble_space.rs::letkf_chebyshev_degree (0xffffffff: not finite).
+fn cheb_degree(lam: f32, n1: f32) -> u32 {
+    if (!(abs(lam) <= 3.0e38)) {
+        return 0xffffffffu;
+    }
+    let beta = max(lam, 0.0) / n1;
+    if (beta < 1e-6) {
+        return 3u;
+    }
+    let x0 = 1.0 + 2.0 / beta;
+    let rho = x0 + sqrt(x0 * x0 - 1.0);
+    let lead = 2.0 / sqrt(1.0 + beta) * rho / (rho - 1.0);
+    let m = ceil(log(lead / CHEB_TOL) / log(rho));
+    if (!(m < 1e6)) {
+        return 0xffffffffu;
+    }
+    return u32(max(m, 1.0)) + 2u;
+}
+
+// cos(k θ_j) at the nodes θ_j = π(j + ½)/N, the argument reduced exactly; twin: letkf_node_cos.
+fn node_cos(k: u32, j: u32, nodes: u32) -> f32 {
+    let r = ((2u * j + 1u) * k) % (4u * nodes);
+    return cos(PI * f32(r) / f32(2u * nodes));
+}
 
 fn gaspari_cohn(dist: f32, radius: f32) -> f32 {
     let z = abs(dist) / (1.82 * radius);
@@ -163,6 +203,119 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         }
     }
     workgroupBarrier();
+
+    // Chebyshev path: the degree from λ̄ = min(trace, largest absolute row sum) of C - (n-1) I.
+    if (t == 0u) {
+        var trace = 0.0;
+        var gersh = 0.0;
+        for (var i = 0u; i < n; i = i + 1u) {
+            var row = 0.0;
+            for (var j = 0u; j < n; j = j + 1u) {
+                row = row + abs(cm[i * n + j] - select(0.0, p.n1, i == j));
+            }
+            trace = trace + (cm[i * n + i] - p.n1);
+            gersh = max(gersh, row);
+        }
+        let lam = min(trace, gersh);
+        lamb = lam;
+        var m = cheb_degree(lam, p.n1);
+        if (m > 2u * n + 8u) {
+            m = 0u;
+        }
+        deg = m;
+    }
+    let m = workgroupUniformLoad(&deg);
+    if (m > 0u) {
+        let lam = lamb;
+        let beta = max(lam, 0.0) / p.n1;
+        let nodes = m + 1u;
+        for (var k = t; k < nodes; k = k + WG) {
+            var s1 = 0.0;
+            var s2 = 0.0;
+            for (var j = 0u; j < nodes; j = j + 1u) {
+                let xn = node_cos(1u, j, nodes);
+                let g1 = 1.0 / (1.0 + 0.5 * beta * (xn + 1.0));
+                let ck = node_cos(k, j, nodes);
+                s1 = s1 + g1 * ck;
+                s2 = s2 + sqrt(g1) * ck;
+            }
+            c1s[k] = 2.0 / f32(nodes) * s1;
+            c2s[k] = 2.0 / f32(nodes) * s2;
+        }
+        let scale = select(0.0, 2.0 / lam, lam > 0.0);
+        workgroupBarrier();
+        for (var f = 0u; f < p.fields; f = f + 1u) {
+            let k = f * cells + cell;
+            if (t < n) {
+                col[t] = x[t * p.d + k];
+            }
+            workgroupBarrier();
+            var s = 0.0;
+            for (var i = 0u; i < n; i = i + 1u) {
+                s = s + col[i];
+            }
+            let mean = s / f32(n);
+            var a = 0.0;
+            if (t < n) {
+                a = col[t] - mean;
+                vc[t] = a;
+            }
+            workgroupBarrier();
+            // v_0 = a (private prev), v_1 = M a with M = scale (C - (n-1) I) - I.
+            var prev = a;
+            var cur = 0.0;
+            var r1 = 0.0;
+            var r2 = 0.0;
+            if (t < n) {
+                var acc = 0.0;
+                for (var j = 0u; j < n; j = j + 1u) {
+                    acc = acc + cm[t * n + j] * vc[j];
+                }
+                cur = scale * (acc - p.n1 * a) - a;
+                r1 = 0.5 * c1s[0] * a + c1s[1] * cur;
+                r2 = 0.5 * c2s[0] * a + c2s[1] * cur;
+            }
+            workgroupBarrier();
+            if (t < n) {
+                vc[t] = cur;
+            }
+            workgroupBarrier();
+            for (var kk = 2u; kk < nodes; kk = kk + 1u) {
+                var nxt = 0.0;
+                if (t < n) {
+                    var acc = 0.0;
+                    for (var j = 0u; j < n; j = j + 1u) {
+                        acc = acc + cm[t * n + j] * vc[j];
+                    }
+                    let mv = scale * (acc - p.n1 * cur) - cur;
+                    nxt = 2.0 * mv - prev;
+                    r1 = r1 + c1s[kk] * nxt;
+                    r2 = r2 + c2s[kk] * nxt;
+                }
+                workgroupBarrier();
+                if (t < n) {
+                    vc[t] = nxt;
+                    prev = cur;
+                    cur = nxt;
+                }
+                workgroupBarrier();
+            }
+            // x̄_a = x̄ + b·r1/(n-1) (r1 = (n-1) C⁻¹a), x_a,t = x̄_a + r2 (r2 = √(n-1) C^{-1/2} a).
+            if (t < n) {
+                tmp[t] = bv[t] * r1;
+            }
+            workgroupBarrier();
+            var wa = 0.0;
+            for (var i = 0u; i < n; i = i + 1u) {
+                wa = wa + tmp[i];
+            }
+            if (t < n) {
+                x[t * p.d + k] = (mean + wa / p.n1) + r2;
+            }
+            workgroupBarrier();
+        }
+        return;
+    }
 
     // Cyclic Jacobi: a <- Jᵀ a J as a row pass then a column pass; V <- V J.
     for (var sweep = 0u; sweep < MAX_SWEEPS; sweep = sweep + 1u) {

@@ -226,7 +226,8 @@ fn batched_letkf_agrees_with_the_f64_reference() {
 
 /// The host LETKF's Chebyshev local transforms give the eigendecomposition's analysis (to f32
 /// rounding) from a spread far below the observation noise to one far above it (where most
-/// cells fall back to the eigendecomposition), on rings and tori, odd sizes included.
+/// cells fall back to the eigendecomposition), on rings and tori, odd sizes included; so does
+/// the batched analysis's f32 twin (Chebyshev or Jacobi per block of cells).
 #[test]
 fn chebyshev_local_transforms_equal_the_eigendecomposition() {
     use enff::filter::local_transform::Solver;
@@ -278,6 +279,27 @@ fn chebyshev_local_transforms_equal_the_eigendecomposition() {
                 cpu.read(&ens).unwrap()
             };
             let (cheb, eig) = (run(Solver::Chebyshev), run(Solver::Eigen));
+            // The batched analysis's twin (f32, Chebyshev where the spread allows, Jacobi
+            // otherwise) agrees with the f64 reference to f32 accuracy.
+            let mut ens = cpu.upload(n, d, &x).unwrap();
+            Letkf::<Cpu>::new(radius, 1.0)
+                .unwrap()
+                .with_geometry(geometry, DistanceKind::Geometry)
+                .with_batched(true)
+                .analyse(&cpu, &mut ens, None, &obs, 1)
+                .unwrap();
+            let twin = cpu.read(&ens).unwrap();
+            // f32 rounding of the values, and of the anomalies relative to the spread.
+            let sp = spread(&x, n) as f32;
+            let worst_twin = twin
+                .iter()
+                .zip(&eig)
+                .map(|(a, b)| (a - b).abs() / (1e-4 * sp + 4e-6 * (1.0 + b.abs())))
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst_twin < 1.0,
+                "{geometry:?} n={n} spread x{scale}: batched twin differs by {worst_twin}"
+            );
             let worst = cheb
                 .iter()
                 .zip(&eig)

@@ -10,9 +10,11 @@
 //! Two implementations:
 //! * the batched analysis of [`Backend::letkf_analysis`], used on backends that prefer it (the
 //!   GPU, [`Backend::on_device`]) for ensembles of up to [`LETKF_MAX_MEMBERS`]
-//!   members: one workgroup per grid cell forms the local `n × n` matrix and diagonalizes it
-//!   with a cyclic Jacobi solver in f32, so nothing of size `d` or `m` crosses to the host; its
-//!   CPU twin runs the same algorithm on the host ([`Letkf::with_batched`] forces it);
+//!   members: one workgroup per grid cell forms the local `n × n` matrix and applies its
+//!   inverse and inverse square root to the cell's anomalies in f32 (by a Chebyshev recurrence
+//!   where the spread is not far above the observation noise, else after a cyclic Jacobi
+//!   diagonalization), so nothing of size `d` or `m` crosses to the host; its CPU twin runs
+//!   the same algorithm on the host ([`Letkf::with_batched`] forces it);
 //! * the reference in f64 on the host: on the CPU backend, for every ensemble larger than
 //!   [`LETKF_MAX_MEMBERS`] on the GPU (the ensemble then crosses to the host and back once per
 //!   analysis), and with [`Letkf::with_host_reference`]. It runs in parallel over components;
@@ -22,7 +24,7 @@
 //!   [`Letkf::with_local_solver`]).
 //!
 //! Accuracy of the f32 batched analysis: the local matrices have eigenvalues ≥ n − 1, so the
-//! Jacobi solver's rounding error stays near f32 precision; the analysis agrees with the f64
+//! Jacobi solver's and the recurrence's rounding errors stay near f32 precision; the analysis agrees with the f64
 //! reference to about 1e-5 relative to the ensemble's spread (checked in the tests).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -244,7 +246,7 @@ impl<B: Backend> Filter<B> for Letkf<B> {
         let (n, d) = (ensemble.rows(), ensemble.cols());
         let loc = self.localization(d)?;
         // On a device the batched kernel keeps the ensemble where it is; on the CPU the f64
-        // host reference is faster than the twin's Jacobi solver (the twin serves the parity
+        // host reference is faster than the twin (the twin serves the parity
         // checks and `with_batched`).
         let batched = (self.batched || backend.on_device()) && !self.host_reference;
         if !batched || n > LETKF_MAX_MEMBERS {

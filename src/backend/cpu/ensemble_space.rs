@@ -1,8 +1,9 @@
 //! CPU twins of the ensemble-space kernels: the observed-anomaly products of the ETKF and the
 //! EnKF (`shaders/ensemble_space_products.wgsl`) and the batched local analyses of the LETKF
-//! (`shaders/ensemble_space_letkf.wgsl`). They follow the kernels' algorithms step for step (the LETKF twin in
-//! f32, with the same cyclic Jacobi eigen-solver), so the GPU can be checked against them; the
-//! f64 LETKF of `filter::letkf` stays the reference for both.
+//! (`shaders/ensemble_space_letkf.wgsl`). They follow the kernels' algorithms step for step (the
+//! LETKF twin in f32, with the same Chebyshev recurrence and the same cyclic Jacobi
+//! eigen-solver), so the GPU can be checked against them; the f64 LETKF of `filter::letkf`
+//! stays the reference for both.
 
 use rayon::prelude::*;
 
@@ -25,6 +26,64 @@ pub const JACOBI_TOL: f32 = 1e-12;
 
 /// Eigenvalue floor of the local ensemble-space matrices.
 pub const EIG_FLOOR: f32 = 1e-9;
+
+/// Relative accuracy the batched LETKF's Chebyshev degree is chosen for (f32).
+pub const LETKF_CHEBYSHEV_TOL: f32 = 1e-6;
+
+/// The highest Chebyshev degree of the batched LETKF for `n` members; a cell whose spectrum
+/// bound asks for more takes the Jacobi eigen-solver.
+pub fn letkf_max_degree(n: usize) -> u32 {
+    2 * n as u32 + 8
+}
+
+/// The Chebyshev degree for a local matrix `A = (n − 1) I + C` whose `C` has its spectrum in
+/// `[0, lam]` (`lam` a Gershgorin/trace bound), in f32 as the kernel computes it: the
+/// coefficients of `(1 + t)^{-1}` on `t ∈ [0, β]`, `β = lam/(n − 1)`, decay like `ρ^{-k}`
+/// (`ρ = x₀ + √(x₀² − 1)`, `x₀ = 1 + 2/β`) with tail at most `2/√(1 + β) · ρ^{-m} · ρ/(ρ − 1)`,
+/// and those of `(1 + t)^{-1/2}` as fast. `u32::MAX` for a bound that is not finite.
+pub fn letkf_chebyshev_degree(lam: f32, n1: f32) -> u32 {
+    if !lam.is_finite() {
+        return u32::MAX;
+    }
+    let beta = lam.max(0.0) / n1;
+    if beta < 1e-6 {
+        return 3;
+    }
+    let x0 = 1.0 + 2.0 / beta;
+    let rho = x0 + (x0 * x0 - 1.0).sqrt();
+    let lead = 2.0 / (1.0 + beta).sqrt() * rho / (rho - 1.0);
+    let m = ((lead / LETKF_CHEBYSHEV_TOL).ln() / rho.ln()).ceil();
+    if m.is_nan() || m >= 1e6 {
+        return u32::MAX;
+    }
+    m.max(1.0) as u32 + 2
+}
+
+/// `cos(k·θ_j)` at the Chebyshev nodes `θ_j = π(j + ½)/N`, with the argument reduced exactly
+/// (`(2j + 1)·k mod 4N` quarter-steps of `π/(2N)`), as the kernel computes it.
+pub fn letkf_node_cos(k: u32, j: u32, nodes: u32) -> f32 {
+    let r = ((2 * j + 1) * k) % (4 * nodes);
+    (std::f32::consts::PI * r as f32 / (2 * nodes) as f32).cos()
+}
+
+/// Chebyshev coefficients (degree `m`, `m + 1` nodes) of `(1 + t)^{-1}` into `c1` and
+/// `(1 + t)^{-1/2}` into `c2`, `t = β (x + 1)/2`, convention `f ≈ c₀/2 + Σ_{k≥1} c_k T_k`.
+pub fn letkf_coefficients(m: u32, beta: f32, c1: &mut [f32], c2: &mut [f32]) {
+    let nodes = m + 1;
+    let f = 2.0 / nodes as f32;
+    for k in 0..nodes {
+        let (mut s1, mut s2) = (0.0f32, 0.0f32);
+        for j in 0..nodes {
+            let x = letkf_node_cos(1, j, nodes);
+            let g1 = 1.0 / (1.0 + 0.5 * beta * (x + 1.0));
+            let ck = letkf_node_cos(k, j, nodes);
+            s1 += g1 * ck;
+            s2 += g1.sqrt() * ck;
+        }
+        c1[k as usize] = f * s1;
+        c2[k as usize] = f * s2;
+    }
+}
 
 /// Everything a batched LETKF analysis needs to know about space and observations.
 ///
@@ -229,13 +288,18 @@ pub fn jacobi_eigen(a: &mut [f32], v: &mut [f32], n: usize) -> u32 {
 /// row-major) by its analysis, without inflation. `hx` is `h(x)` (`n × m`), `y` the observation.
 ///
 /// For every cell: `C = Σ_q ρ_q ã_q ã_qᵀ/σ² + (n−1) I` and `b = Σ_q ρ_q ã_q (y_q − ȳ_q)/σ²`
-/// over the cell's local observations (`ã_q` the observed anomalies), `C = V Λ Vᵀ` by cyclic
-/// Jacobi, `w = C⁻¹ b`, `T = √(n−1) C^{-1/2}`; every component of the cell gets
-/// `x̄_a = x̄ + wᵀa`, `a_a = T a`.
+/// over the cell's local observations (`ã_q` the observed anomalies); every component of the
+/// cell gets `x̄_a = x̄ + bᵀC⁻¹a`, `a_a = √(n−1) C^{-1/2} a`.
 ///
-/// Sixteen cells are solved together, one per f32 lane: the same rotations in the same order
-/// per lane (a lane whose matrix has converged takes identity rotations while the others
-/// finish), each rotation updating only rows and columns `p` and `q` of the symmetric matrix.
+/// Sixteen cells are solved together, one per f32 lane. Where the Gershgorin/trace bound of
+/// `C − (n−1) I` allows a Chebyshev degree of at most [`letkf_max_degree`] in every lane (a
+/// spread not far above the observation noise), both matrix functions are applied to each
+/// component's anomalies by the Chebyshev recurrence at the lanes' highest degree
+/// ([`letkf_chebyshev_degree`], each lane with its own coefficients; the kernel uses each
+/// cell's own degree). Otherwise `C = V Λ Vᵀ` by cyclic Jacobi, `w = C⁻¹ b`,
+/// `T = √(n−1) C^{-1/2}`: the same rotations in the same order per lane (a lane whose matrix has
+/// converged takes identity rotations while the others finish), each rotation updating only
+/// rows and columns `p` and `q` of the symmetric matrix.
 pub fn letkf_analysis(
     x: &mut [f32],
     n: usize,
@@ -310,6 +374,9 @@ struct LetkfScratch {
     vb: Vec<V>,
     sq: Vec<V>,
     a: Vec<V>,
+    /// Chebyshev coefficients per lane (`(1 + t)^{-1}` and `(1 + t)^{-1/2}`).
+    c1: Vec<V>,
+    c2: Vec<V>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -415,6 +482,9 @@ fn letkf_block(c: &LetkfCtx<'_>, c0: usize, lanes: usize, sc: &mut LetkfScratch,
             sc.c[i * n + i][l] += n1;
         }
     }
+    if letkf_chebyshev_block(c, c0, lanes, sc, out) {
+        return;
+    }
     jacobi_lanes(&mut sc.c, &mut sc.v, n);
     // λ (floored), vb = Vᵀb/λ, w = V vb, √((n−1)/λ), T = V diag(√((n−1)/λ)) Vᵀ.
     sc.vb.clear();
@@ -493,6 +563,138 @@ fn letkf_block(c: &LetkfCtx<'_>, c0: usize, lanes: usize, sc: &mut LetkfScratch,
             }
         }
     }
+}
+
+/// The Chebyshev path of [`letkf_block`] (the kernel's for a cell of small spread): with
+/// `sc.c = A` and `sc.b` built, every lane's degree from its spectrum bound; when all are at most
+/// [`letkf_max_degree`], every field's anomalies `a` get `A⁻¹a` and `√(n−1) A^{-1/2} a` by the
+/// three-term recurrence `v_{k+1} = 2 M v_k − v_{k−1}`, `M = (2/λ̄)(A − (n−1) I) − I`, at the
+/// lanes' highest degree (each lane with its own coefficients). Returns `false` (nothing
+/// written) when a lane needs the Jacobi solver.
+#[allow(clippy::needless_range_loop)] // lane-indexed structure-of-arrays code
+#[inline(always)]
+fn letkf_chebyshev_block(
+    c: &LetkfCtx<'_>,
+    c0: usize,
+    lanes: usize,
+    sc: &mut LetkfScratch,
+    out: &mut [f32],
+) -> bool {
+    let (n, d) = (c.n, c.d);
+    let n1 = (n - 1) as f32;
+    let zero = [0.0f32; LANES];
+    // λ̄ per lane: the smaller of the trace and the largest absolute row sum of A − (n−1) I.
+    let (mut lam, mut degree) = (zero, 0u32);
+    for l in 0..LANES {
+        let (mut trace, mut gersh) = (0.0f32, 0.0f32);
+        for i in 0..n {
+            let mut row = 0.0f32;
+            for j in 0..n {
+                let v = sc.c[i * n + j][l] - if i == j { n1 } else { 0.0 };
+                row += v.abs();
+            }
+            trace += sc.c[i * n + i][l] - n1;
+            gersh = gersh.max(row);
+        }
+        lam[l] = trace.min(gersh);
+        degree = degree.max(letkf_chebyshev_degree(lam[l], n1));
+    }
+    if degree > letkf_max_degree(n) {
+        return false;
+    }
+    let terms = degree as usize + 1;
+    sc.c1.clear();
+    sc.c1.resize(terms, zero);
+    sc.c2.clear();
+    sc.c2.resize(terms, zero);
+    let (mut k1, mut k2) = (vec![0.0f32; terms], vec![0.0f32; terms]);
+    let mut scale = zero;
+    for l in 0..LANES {
+        letkf_coefficients(degree, lam[l].max(0.0) / n1, &mut k1, &mut k2);
+        for k in 0..terms {
+            sc.c1[k][l] = k1[k];
+            sc.c2[k][l] = k2[k];
+        }
+        scale[l] = if lam[l] > 0.0 { 2.0 / lam[l] } else { 0.0 };
+    }
+    let cells = c.local.cells();
+    let fields = c.local.fields;
+    sc.a.resize(n, zero);
+    for buf in [&mut sc.vb, &mut sc.sq, &mut sc.w, &mut sc.col] {
+        buf.clear();
+        buf.resize(n, zero);
+    }
+    for f in 0..fields {
+        let k0 = f * cells + c0;
+        let mut mean = zero;
+        for (i, a) in sc.a.iter_mut().enumerate() {
+            let row = &c.x[i * d..(i + 1) * d];
+            for l in 0..LANES {
+                a[l] = row[k0 + l.min(lanes - 1)];
+                mean[l] += a[l];
+            }
+        }
+        for l in 0..LANES {
+            mean[l] /= n as f32;
+        }
+        for a in sc.a.iter_mut() {
+            for l in 0..LANES {
+                a[l] -= mean[l];
+            }
+        }
+        // vb = v_{k−1}, sq = v_k, col = v_{k+1}; w = r1 (A⁻¹-series), t's first row = r2.
+        let (prev, cur, next, r1) = (&mut sc.vb, &mut sc.sq, &mut sc.col, &mut sc.w);
+        let mut r2 = vec![zero; n];
+        prev.copy_from_slice(&sc.a);
+        for i in 0..n {
+            let mut acc = zero;
+            for j in 0..n {
+                for l in 0..LANES {
+                    acc[l] += sc.c[i * n + j][l] * sc.a[j][l];
+                }
+            }
+            for l in 0..LANES {
+                cur[i][l] = scale[l] * (acc[l] - n1 * sc.a[i][l]) - sc.a[i][l];
+                r1[i][l] = 0.5 * sc.c1[0][l] * sc.a[i][l] + sc.c1[1][l] * cur[i][l];
+                r2[i][l] = 0.5 * sc.c2[0][l] * sc.a[i][l] + sc.c2[1][l] * cur[i][l];
+            }
+        }
+        for k in 2..terms {
+            for i in 0..n {
+                let mut acc = zero;
+                for j in 0..n {
+                    for l in 0..LANES {
+                        acc[l] += sc.c[i * n + j][l] * cur[j][l];
+                    }
+                }
+                for l in 0..LANES {
+                    let mv = scale[l] * (acc[l] - n1 * cur[i][l]) - cur[i][l];
+                    next[i][l] = 2.0 * mv - prev[i][l];
+                }
+            }
+            for i in 0..n {
+                for l in 0..LANES {
+                    r1[i][l] += sc.c1[k][l] * next[i][l];
+                    r2[i][l] += sc.c2[k][l] * next[i][l];
+                }
+            }
+            std::mem::swap(prev, cur);
+            std::mem::swap(cur, next);
+        }
+        // x̄_a = x̄ + bᵀA⁻¹a = x̄ + b·r1/(n−1); a_a = √(n−1) A^{-1/2} a = r2.
+        let mut wa = zero;
+        for i in 0..n {
+            for l in 0..LANES {
+                wa[l] += sc.b[i][l] * r1[i][l];
+            }
+        }
+        for i in 0..n {
+            for l in 0..lanes {
+                out[(l * fields + f) * n + i] = (mean[l] + wa[l] / n1) + r2[i][l];
+            }
+        }
+    }
+    true
 }
 
 /// Rows of the observed-products matrix for `n` members and `e` perturbation rows.
