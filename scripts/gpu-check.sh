@@ -2,7 +2,7 @@
 # The GPU check: adapter, GPU parity tests with ENFF_REQUIRE_GPU=1, then benchmarks, ending
 # with a short table. Expects .device/bundle.tgz from scripts/prepare-device.sh.
 # Usage: [SECTIONS="tests bench …"] scripts/gpu-check.sh [LOG]   (LOG defaults to gpu-check.log)
-# SECTIONS picks some of: tests bench cov baselines cycles models full n1000 covfull (default:
+# SECTIONS picks some of: tests bench cov baselines letkf cycles models full n1000 covfull (default:
 # all; the whole check may take several minutes on a large card, so split it over two runs if
 # needed). Each test executable and each benchmark stops after LIMIT seconds (default 240), so a
 # hang in one section leaves the others their time. A machine that stops answering returns
@@ -36,6 +36,12 @@ status=0
     want baselines && echo "== baseline filters: LETKF (per component and batched), ETKF, EnKF beside EnFF (CPU and GPU)" &&
     { limited "$bin/enff" bench --filters letkf,letkf-batched,etkf,enkf,enff --size 20x1000 --size 20x100000 \
         --reps 5 --cpu-budget 20 || status=1; }
+    want letkf && echo "== cycling LETKF (Lorenz-96, d = 1e5, sigma_y = 1: the Chebyshev path), CPU then GPU" &&
+    for b in cpu gpu; do
+        limited "$bin/enff" run lorenz96_sakov2008 --filter letkf --backend "$b" --set model.d=100000 \
+            --set ensemble.n=20 --set filter.loc_radius=4 --set experiment.cycles=20 \
+            --set experiment.burn_in=5 --out "/tmp/enff-letkf-$b" --force --no-plots | grep -E "rmse |time" || status=1
+    done
     want cycles && echo "== cycle benchmark (Lorenz-96, forecast + analysis)" &&
     { limited "$bin/enff" bench --cycles --cpu-budget 10 || status=1; }
     want models && echo "== grid-model benchmark (KS, NS forecasts and cycles; CPU and GPU in the same run)" &&
