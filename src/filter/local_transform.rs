@@ -63,9 +63,12 @@ pub struct Scratch {
 }
 
 /// One local transform: `at` is `Ỹᵀ` (`ml × n`, row-major: one observation's `n` anomalies
-/// after another), `dt` is `d̃` (`ml`), `a` the
-/// component's member anomalies (`n`). Returns `w̄ · a` and leaves `T a` in `scratch.out`.
-/// Returns which solver actually ran (a Chebyshev request may fall back to the eigen solver).
+/// after another), `dt` is `d̃` (`ml`), `a` the component's member anomalies (`n`). Returns
+/// `w̄ · a` and which solver actually ran (a Chebyshev request may fall back to the eigen
+/// solver), and leaves `T a` in `scratch.out`.
+///
+/// # Panics
+/// If `a` does not hold `n` values or `at` does not hold `n · dt.len()` values.
 pub fn transform(
     solver: Solver,
     at: &[f64],
@@ -107,8 +110,12 @@ fn transform_generic(
     scratch: &mut Scratch,
 ) -> (f64, Solver) {
     let ml = dt.len();
-    debug_assert_eq!(at.len(), n * ml);
-    debug_assert_eq!(a.len(), n);
+    assert!(
+        at.len() == n * ml && a.len() == n,
+        "local transform: {} anomalies for {n} members and {ml} observations, {} state anomalies",
+        at.len(),
+        a.len()
+    );
     let n1 = (n.max(2) - 1) as f64;
     let s = scratch;
     s.out.resize(n, 0.0);
