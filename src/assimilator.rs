@@ -61,7 +61,7 @@ use rayon::prelude::*;
 use crate::backend::{cpu::Cpu, Backend, DeviceBuffer};
 use crate::cycle::EnsembleStages;
 use crate::error::{check_finite, check_positive, Error, Result};
-use crate::experiment::{build_filter, preset, Config, DEFAULT_PRESET};
+use crate::experiment::{build_filter, build_filter_on, preset, Config, DEFAULT_PRESET};
 use crate::model::{Dynamics, Model, Scheme, System};
 use crate::observe::{ObservationOperator, Observe};
 use crate::Ensemble;
@@ -271,8 +271,27 @@ impl AssimilatorBuilder {
             ));
         }
         config.ensemble.n = n;
-        // A guidance chosen here brings its own defaults for the settings not given.
-        for w in config.resolve_guidance(self.base_guidance, &self.sets) {
+        // The geometry localizing filters use: the forecast model's; for the caller's own
+        // forecast a ring of the ensemble's d components when the configured model is the
+        // default Lorenz-96 (at least 4 components), else none (a state without spatial
+        // structure: global gains, and localization is refused).
+        let (geometry, kf_model) = match &self.forecast {
+            Forecast::Model { model, .. } => (model.geometry(), Some(model.clone())),
+            _ => {
+                let ring = config.model.system == crate::experiment::config::SystemKind::Lorenz96;
+                let g = if ring && d >= 4 {
+                    crate::model::Geometry::Ring { len: d }
+                } else if ring {
+                    crate::model::Geometry::None
+                } else {
+                    config.model()?.geometry()
+                };
+                (g, None)
+            }
+        };
+        // A guidance chosen here brings its own defaults for the settings not given (those
+        // that depend on the geometry follow the state's).
+        for w in config.resolve_guidance_on(self.base_guidance, &self.sets, geometry.is_spatial()) {
             log::warn!("{w}");
         }
         config.validate()?;
@@ -311,19 +330,10 @@ impl AssimilatorBuilder {
                 fix: "run on the CPU backend, or express h with enff::observe::Observe".into(),
             });
         }
-        // The geometry localizing filters use: the forecast model's, else a ring of the
-        // ensemble's d components (the default preset is Lorenz-96).
-        let geometry_model = match &self.forecast {
-            Forecast::Model { model, .. } => model.clone(),
-            _ => {
-                let mut ring = config.clone();
-                if ring.model.system == crate::experiment::config::SystemKind::Lorenz96 && d >= 4 {
-                    ring.model.d = d;
-                }
-                ring.model()?
-            }
+        let filter = match &kf_model {
+            Some(model) => build_filter::<B>(&config, model)?,
+            None => build_filter_on::<B>(&config, geometry, d)?,
         };
-        let filter = build_filter::<B>(&config, &geometry_model)?;
         let ensemble = backend.upload(n, d, initial.as_slice())?;
         let mut stages =
             EnsembleStages::new(backend, filter, ensemble, self.operator.clone(), noise_std)?;

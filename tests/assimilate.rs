@@ -188,6 +188,54 @@ fn localizing_filters_localize_on_a_ring_of_the_forecasts_components() {
     }
 }
 
+fn a_state_without_spatial_structure_gets_global_gains_and_refuses_localization() {
+    // Three components (a Lorenz-63-like state): covariance guidance takes the global gain
+    // and its own defaults for a state without geometry, and moves the mean to the ETKF's; the
+    // LETKF, which needs distances, is a typed error instead of a mismatch with the default
+    // preset's ring.
+    let (n, d) = (20, 3);
+    let forecast = Ensemble::from_vec(n, d, normal(n, d, 9, 1.0, 1.0)).unwrap();
+    let y = normal(1, d, 10, 2.0, 0.1);
+    let mut cov = AnalysisSpec::new("enff-f2p", 0.5, 3);
+    cov.sets = vec![
+        "filter.guidance=covariance".into(),
+        "filter.innovation_clip=0".into(),
+    ];
+    let enff = assimilate(&Cpu::new(), &forecast, Some(&forecast), &y, &cov).unwrap();
+    let etkf = assimilate(
+        &Cpu::new(),
+        &forecast,
+        None,
+        &y,
+        &AnalysisSpec::new("etkf", 0.5, 3),
+    )
+    .unwrap();
+    let gap = enff
+        .mean()
+        .iter()
+        .zip(etkf.mean())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    let moved = enff
+        .mean()
+        .iter()
+        .zip(forecast.mean())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(moved > 0.3, "the analysis must move the mean ({moved})");
+    assert!(gap < 5e-3, "covariance EnFF vs ETKF mean: {gap}");
+    let err = assimilate(
+        &Cpu::new(),
+        &forecast,
+        None,
+        &y,
+        &AnalysisSpec::new("letkf", 0.5, 3),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("loc"), "{err}");
+}
+
 fn shapes_that_disagree_are_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
     let (n, d) = (5, 12);
@@ -582,6 +630,6 @@ fn the_recorder_keeps_the_same_fields_on_the_gpu() {
 }
 
 test_main!(
-    cpu: [the_command_equals_the_library_call_bit_for_bit, float64_files_give_the_same_analysis_and_a_float64_output, localizing_filters_localize_on_a_ring_of_the_forecasts_components, shapes_that_disagree_are_typed_errors, the_command_reports_bad_files_and_leaves_no_output, the_builder_tracks_a_truth_with_a_user_model, the_builder_refuses_bad_input_with_typed_errors],
+    cpu: [the_command_equals_the_library_call_bit_for_bit, float64_files_give_the_same_analysis_and_a_float64_output, localizing_filters_localize_on_a_ring_of_the_forecasts_components, a_state_without_spatial_structure_gets_global_gains_and_refuses_localization, shapes_that_disagree_are_typed_errors, the_command_reports_bad_files_and_leaves_no_output, the_builder_tracks_a_truth_with_a_user_model, the_builder_refuses_bad_input_with_typed_errors],
     gpu: [one_analysis_on_the_gpu_matches_the_cpu, user_models_run_on_the_host_and_user_operators_are_refused, the_recorder_keeps_the_same_fields_on_the_gpu],
 );

@@ -26,6 +26,6 @@ pub use checkpoint::Checkpoint;
 pub use config::Config;
 pub use presets::{preset, Preset, DEFAULT_PRESET, PRESETS};
 pub use report::{Report, Summary};
-pub use run::{build_filter, CycleState, Experiment, MemoryEstimate, RunOptions};
+pub use run::{build_filter, build_filter_on, CycleState, Experiment, MemoryEstimate, RunOptions};
 pub use sharded::{check_shardable, run_sharded, ShardedReport};
 pub use source::Source;

@@ -85,11 +85,30 @@ pub fn build_filter<B: Backend + 'static>(
     config: &Config,
     model: &crate::model::Model,
 ) -> Result<Box<dyn Filter<B>>> {
+    match config.filter_kind()? {
+        FilterKind::Kf => Ok(Box::new(crate::filter::KalmanFilter::new(
+            model,
+            config.observe.obs_every,
+            config.ensemble.init_std,
+        )?)),
+        _ => build_filter_on::<B>(config, model.geometry(), model.dim()),
+    }
+}
+
+/// Builds the ensemble filter named in the configuration for backend `B` on a state of `dim`
+/// components with `geometry` (the forecast model's, or the one a caller's own model is given:
+/// [`crate::model::Geometry::None`] for a state without spatial structure). The exact Kalman
+/// filter needs its model: [`build_filter`].
+pub fn build_filter_on<B: Backend + 'static>(
+    config: &Config,
+    geometry: crate::model::Geometry,
+    dim: usize,
+) -> Result<Box<dyn Filter<B>>> {
     let f = &config.filter;
     let seed = config.experiment.seed;
     Ok(match config.filter_kind()? {
         FilterKind::EnffF2p | FilterKind::EnffOt => {
-            Box::new(Enff::<B>::new(config.enff_config()?)?.with_geometry(model.geometry()))
+            Box::new(Enff::<B>::new(config.enff_config()?)?.with_geometry(geometry))
         }
         FilterKind::Ensf => Box::new(crate::filter::Ensf::<B>::new(config.ensf_config())?),
         FilterKind::Etkf => Box::new(crate::filter::Etkf::<B>::new(f.inflation)?),
@@ -99,19 +118,12 @@ pub fn build_filter<B: Backend + 'static>(
                     .unwrap_or(crate::filter::letkf::DEFAULT_LETKF_RADIUS),
                 f.inflation,
             )?
-            .with_geometry(model.geometry(), f.loc_distance),
+            .with_geometry(geometry, f.loc_distance),
         ),
         FilterKind::Enkf => {
             let localization = f
                 .loc_radius
-                .map(|r| {
-                    crate::localization::Localization::new(
-                        r,
-                        model.geometry(),
-                        f.loc_distance,
-                        model.dim(),
-                    )
-                })
+                .map(|r| crate::localization::Localization::new(r, geometry, f.loc_distance, dim))
                 .transpose()?;
             Box::new(
                 crate::filter::EnkfPo::<B>::new(f.inflation, seed)?.with_localization(localization),
@@ -123,11 +135,13 @@ pub fn build_filter<B: Backend + 'static>(
             f.inflation,
             seed,
         )?),
-        FilterKind::Kf => Box::new(crate::filter::KalmanFilter::new(
-            model,
-            config.observe.obs_every,
-            config.ensemble.init_std,
-        )?),
+        FilterKind::Kf => {
+            return Err(Error::invalid(
+                "filter.kind",
+                "kf",
+                "the exact Kalman filter needs its model (build_filter)",
+            ))
+        }
     })
 }
 
