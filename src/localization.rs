@@ -46,9 +46,9 @@ impl Localization {
             return Err(Error::invalid(
                 "filter.loc_radius",
                 radius,
-                "this model has no spatial geometry to localize on: leave filter.loc_radius \
-                 unset (global EnKF), or set filter.loc_distance=flattened to use the index \
-                 distance",
+                "this model has no spatial geometry to localize on: use a global filter (the \
+                 EnKF with filter.loc_radius unset, or the ETKF instead of the LETKF), or set \
+                 filter.loc_distance=flattened to use the index distance",
             ));
         }
         if geometry.dim() != Some(d) {
