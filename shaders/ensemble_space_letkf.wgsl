@@ -121,6 +121,21 @@ fn rotation(app: f32, aqq: f32, apq: f32) -> vec2<f32> {
     return vec2<f32>(c, t * c);
 }
 
+// Loads component k of every member into col (thread t < n loads member t) and returns the
+// member mean; called by every thread of the workgroup (it holds a barrier). Twin:
+// ensemble_space.rs::field_anomalies.
+fn load_component(k: u32, t: u32, n: u32) -> f32 {
+    if (t < n) {
+        col[t] = x[t * p.d + k];
+    }
+    workgroupBarrier();
+    var s = 0.0;
+    for (var i = 0u; i < n; i = i + 1u) {
+        s = s + col[i];
+    }
+    return s / f32(n);
+}
+
 @compute @workgroup_size(64, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let cells = p.nx * p.ny;
@@ -246,15 +261,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
         for (var f = 0u; f < p.fields; f = f + 1u) {
             let k = f * cells + cell;
-            if (t < n) {
-                col[t] = x[t * p.d + k];
-            }
-            workgroupBarrier();
-            var s = 0.0;
-            for (var i = 0u; i < n; i = i + 1u) {
-                s = s + col[i];
-            }
-            let mean = s / f32(n);
+            let mean = load_component(k, t, n);
             var a = 0.0;
             if (t < n) {
                 a = col[t] - mean;
@@ -397,15 +404,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     // Apply to every component of the cell.
     for (var f = 0u; f < p.fields; f = f + 1u) {
         let k = f * cells + cell;
-        if (t < n) {
-            col[t] = x[t * p.d + k];
-        }
-        workgroupBarrier();
-        var s = 0.0;
-        for (var i = 0u; i < n; i = i + 1u) {
-            s = s + col[i];
-        }
-        let mean = s / f32(n);
+        let mean = load_component(k, t, n);
         if (t < n) {
             var wa = 0.0;
             var ta = 0.0;

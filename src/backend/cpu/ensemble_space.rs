@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::lanes::{jacobi_lanes, LANES, V};
+use super::lanes::{dot_lanes, jacobi_lanes, LANES, V};
 use super::simd;
 use crate::error::{Error, Result};
 use crate::localization::{Localization, RHO_MIN};
@@ -374,9 +374,12 @@ struct LetkfScratch {
     vb: Vec<V>,
     sq: Vec<V>,
     a: Vec<V>,
-    /// Chebyshev coefficients per lane (`(1 + t)^{-1}` and `(1 + t)^{-1/2}`).
+    /// Chebyshev coefficients per lane (`(1 + t)^{-1}` and `(1 + t)^{-1/2}`), one lane's
+    /// before they are spread over the lanes, and the `A^{-1/2}` series.
     c1: Vec<V>,
     c2: Vec<V>,
+    coef: Vec<f32>,
+    r2: Vec<V>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -414,7 +417,7 @@ fn run_letkf_block(
 #[allow(clippy::needless_range_loop)] // lane-indexed structure-of-arrays code
 #[inline(always)]
 fn letkf_block(c: &LetkfCtx<'_>, c0: usize, lanes: usize, sc: &mut LetkfScratch, out: &mut [f32]) {
-    let (n, d, m) = (c.n, c.d, c.y.len());
+    let (n, m) = (c.n, c.y.len());
     let n1 = (n - 1) as f32;
     let inv_s2 = 1.0 / (c.local.noise_std * c.local.noise_std);
     let cell = |l: usize| c0 + l.min(lanes - 1);
@@ -532,22 +535,10 @@ fn letkf_block(c: &LetkfCtx<'_>, c0: usize, lanes: usize, sc: &mut LetkfScratch,
     let fields = c.local.fields;
     sc.a.resize(n, zero);
     for f in 0..fields {
-        let k0 = f * cells + c0;
-        let mut mean = zero;
-        for (i, a) in sc.a.iter_mut().enumerate() {
-            let row = &c.x[i * d..(i + 1) * d];
-            for l in 0..LANES {
-                a[l] = row[k0 + l.min(lanes - 1)];
-                mean[l] += a[l];
-            }
-        }
+        let mean = field_anomalies(c, f * cells + c0, lanes, &mut sc.a);
         let mut mean_a = zero;
-        for l in 0..LANES {
-            mean[l] /= n as f32;
-        }
-        for (a, w) in sc.a.iter_mut().zip(&sc.w) {
+        for (a, w) in sc.a.iter().zip(&sc.w) {
             for l in 0..LANES {
-                a[l] -= mean[l];
                 mean_a[l] += w[l] * a[l];
             }
         }
@@ -565,6 +556,31 @@ fn letkf_block(c: &LetkfCtx<'_>, c0: usize, lanes: usize, sc: &mut LetkfScratch,
     }
 }
 
+/// Loads field component `k0 + l` of lane `l` (lanes past `lanes` repeat the last cell) into
+/// `a` as anomalies about the member mean, and returns that mean.
+#[allow(clippy::needless_range_loop)] // lane-indexed structure-of-arrays code
+#[inline(always)]
+fn field_anomalies(c: &LetkfCtx<'_>, k0: usize, lanes: usize, a: &mut [V]) -> V {
+    let (n, d) = (c.n, c.d);
+    let mut mean = [0.0f32; LANES];
+    for (i, ai) in a.iter_mut().enumerate() {
+        let row = &c.x[i * d..(i + 1) * d];
+        for l in 0..LANES {
+            ai[l] = row[k0 + l.min(lanes - 1)];
+            mean[l] += ai[l];
+        }
+    }
+    for l in 0..LANES {
+        mean[l] /= n as f32;
+    }
+    for ai in a.iter_mut() {
+        for l in 0..LANES {
+            ai[l] -= mean[l];
+        }
+    }
+    mean
+}
+
 /// The Chebyshev path of [`letkf_block`] (the kernel's for a cell of small spread): with
 /// `sc.c = A` and `sc.b` built, every lane's degree from its spectrum bound; when all are at most
 /// [`letkf_max_degree`], every field's anomalies `a` get `A⁻¹a` and `√(n−1) A^{-1/2} a` by the
@@ -580,7 +596,7 @@ fn letkf_chebyshev_block(
     sc: &mut LetkfScratch,
     out: &mut [f32],
 ) -> bool {
-    let (n, d) = (c.n, c.d);
+    let n = c.n;
     let n1 = (n - 1) as f32;
     let zero = [0.0f32; LANES];
     // λ̄ per lane: the smaller of the trace and the largest absolute row sum of A − (n−1) I.
@@ -603,77 +619,55 @@ fn letkf_chebyshev_block(
         return false;
     }
     let terms = degree as usize + 1;
-    sc.c1.clear();
-    sc.c1.resize(terms, zero);
-    sc.c2.clear();
-    sc.c2.resize(terms, zero);
-    let (mut k1, mut k2) = (vec![0.0f32; terms], vec![0.0f32; terms]);
+    for buf in [&mut sc.c1, &mut sc.c2] {
+        buf.clear();
+        buf.resize(terms, zero);
+    }
+    sc.coef.resize(2 * terms, 0.0);
     let mut scale = zero;
     for l in 0..LANES {
-        letkf_coefficients(degree, lam[l].max(0.0) / n1, &mut k1, &mut k2);
+        let (k1, k2) = sc.coef.split_at_mut(terms);
+        letkf_coefficients(degree, lam[l].max(0.0) / n1, k1, k2);
         for k in 0..terms {
             sc.c1[k][l] = k1[k];
             sc.c2[k][l] = k2[k];
         }
         scale[l] = if lam[l] > 0.0 { 2.0 / lam[l] } else { 0.0 };
     }
+    // M v = scale·(A v − (n−1) v) − v, row i.
+    let m_row = |a: &[V], v: &[V], i: usize| {
+        let acc = dot_lanes::<false>(&a[i * n..(i + 1) * n], v);
+        let mut out = zero;
+        for l in 0..LANES {
+            out[l] = scale[l] * (acc[l] - n1 * v[i][l]) - v[i][l];
+        }
+        out
+    };
     let cells = c.local.cells();
     let fields = c.local.fields;
     sc.a.resize(n, zero);
-    for buf in [&mut sc.vb, &mut sc.sq, &mut sc.w, &mut sc.col] {
+    for buf in [&mut sc.vb, &mut sc.sq, &mut sc.col, &mut sc.w, &mut sc.r2] {
         buf.clear();
         buf.resize(n, zero);
     }
     for f in 0..fields {
-        let k0 = f * cells + c0;
-        let mut mean = zero;
-        for (i, a) in sc.a.iter_mut().enumerate() {
-            let row = &c.x[i * d..(i + 1) * d];
-            for l in 0..LANES {
-                a[l] = row[k0 + l.min(lanes - 1)];
-                mean[l] += a[l];
-            }
-        }
-        for l in 0..LANES {
-            mean[l] /= n as f32;
-        }
-        for a in sc.a.iter_mut() {
-            for l in 0..LANES {
-                a[l] -= mean[l];
-            }
-        }
-        // vb = v_{k−1}, sq = v_k, col = v_{k+1}; w = r1 (A⁻¹-series), t's first row = r2.
-        let (prev, cur, next, r1) = (&mut sc.vb, &mut sc.sq, &mut sc.col, &mut sc.w);
-        let mut r2 = vec![zero; n];
+        let mean = field_anomalies(c, f * cells + c0, lanes, &mut sc.a);
+        // vb = v_{k−1}, sq = v_k, col = v_{k+1}; w = r1 (the A⁻¹ series), r2 (the A^{-1/2}).
+        let (prev, cur, next) = (&mut sc.vb, &mut sc.sq, &mut sc.col);
+        let (r1, r2) = (&mut sc.w, &mut sc.r2);
         prev.copy_from_slice(&sc.a);
         for i in 0..n {
-            let mut acc = zero;
-            for j in 0..n {
-                for l in 0..LANES {
-                    acc[l] += sc.c[i * n + j][l] * sc.a[j][l];
-                }
-            }
+            cur[i] = m_row(&sc.c, &sc.a, i);
             for l in 0..LANES {
-                cur[i][l] = scale[l] * (acc[l] - n1 * sc.a[i][l]) - sc.a[i][l];
                 r1[i][l] = 0.5 * sc.c1[0][l] * sc.a[i][l] + sc.c1[1][l] * cur[i][l];
                 r2[i][l] = 0.5 * sc.c2[0][l] * sc.a[i][l] + sc.c2[1][l] * cur[i][l];
             }
         }
         for k in 2..terms {
             for i in 0..n {
-                let mut acc = zero;
-                for j in 0..n {
-                    for l in 0..LANES {
-                        acc[l] += sc.c[i * n + j][l] * cur[j][l];
-                    }
-                }
+                let mv = m_row(&sc.c, cur, i);
                 for l in 0..LANES {
-                    let mv = scale[l] * (acc[l] - n1 * cur[i][l]) - cur[i][l];
-                    next[i][l] = 2.0 * mv - prev[i][l];
-                }
-            }
-            for i in 0..n {
-                for l in 0..LANES {
+                    next[i][l] = 2.0 * mv[l] - prev[i][l];
                     r1[i][l] += sc.c1[k][l] * next[i][l];
                     r2[i][l] += sc.c2[k][l] * next[i][l];
                 }
