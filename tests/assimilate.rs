@@ -210,18 +210,14 @@ fn a_state_without_spatial_structure_gets_global_gains_and_refuses_localization(
         &AnalysisSpec::new("etkf", 0.5, 3),
     )
     .unwrap();
-    let gap = enff
-        .mean()
-        .iter()
-        .zip(etkf.mean())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
-    let moved = enff
-        .mean()
-        .iter()
-        .zip(forecast.mean())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
+    let worst = |a: &Ensemble, b: &Ensemble| {
+        a.mean()
+            .iter()
+            .zip(b.mean())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    };
+    let (gap, moved) = (worst(&enff, &etkf), worst(&enff, &forecast));
     assert!(moved > 0.3, "the analysis must move the mean ({moved})");
     assert!(gap < 5e-3, "covariance EnFF vs ETKF mean: {gap}");
     let err = assimilate(

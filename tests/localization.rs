@@ -268,27 +268,21 @@ fn chebyshev_local_transforms_equal_the_eigendecomposition() {
                 let mean = (0..n).map(|i| x0[i * d + k]).sum::<f32>() / n as f32;
                 (0..n).for_each(|i| x[i * d + k] = mean + scale * (x0[i * d + k] - mean));
             }
-            let run = |solver: Solver| {
+            let run = |solver: Solver, batched: bool| {
                 let mut ens = cpu.upload(n, d, &x).unwrap();
                 Letkf::<Cpu>::new(radius, 1.0)
                     .unwrap()
                     .with_geometry(geometry, DistanceKind::Geometry)
                     .with_local_solver(solver)
+                    .with_batched(batched)
                     .analyse(&cpu, &mut ens, None, &obs, 1)
                     .unwrap();
                 cpu.read(&ens).unwrap()
             };
-            let (cheb, eig) = (run(Solver::Chebyshev), run(Solver::Eigen));
+            let (cheb, eig) = (run(Solver::Chebyshev, false), run(Solver::Eigen, false));
             // The batched analysis's twin (f32, Chebyshev where the spread allows, Jacobi
             // otherwise) agrees with the f64 reference to f32 accuracy.
-            let mut ens = cpu.upload(n, d, &x).unwrap();
-            Letkf::<Cpu>::new(radius, 1.0)
-                .unwrap()
-                .with_geometry(geometry, DistanceKind::Geometry)
-                .with_batched(true)
-                .analyse(&cpu, &mut ens, None, &obs, 1)
-                .unwrap();
-            let twin = cpu.read(&ens).unwrap();
+            let twin = run(Solver::Chebyshev, true);
             // f32 rounding of the values, and of the anomalies relative to the spread.
             let sp = spread(&x, n) as f32;
             let worst_twin = twin
