@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::lanes::{cholesky_lanes, dot_lanes, fmadd, solve_lanes, LANES, V};
+use super::lanes::{cholesky_lanes, dot2_lanes, dot_lanes, fmadd, solve_lanes, LANES, V};
 use super::{Cpu, CpuBuffer};
 use crate::backend::{check_gain_step, DeviceBuffer, GainShape, GainStep};
 use crate::error::{Error, Result};
@@ -19,14 +19,17 @@ pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>)
     }
     let hg = g.h_gain;
     let parallel = cpu.parts_for(n * d * w.max(1)) > 1;
-    // The innovations of every member, observation-major (r[q·n + k]), once per observation.
+    // The innovations of every member, observation-major (r[q·np + k], rows padded with zeros
+    // to whole vectors), once per observation.
+    let np = n.next_multiple_of(MEMBER_CHUNK);
     let mut rbuf = cpu
         .rows_scratch
         .lock()
         .map_err(|_| Error::Gpu("CPU scratch lock poisoned by an earlier panic".into()))?;
-    let r = super::grow(&mut rbuf, if hg != 0.0 { m * n } else { 0 });
+    let r = super::grow(&mut rbuf, if hg != 0.0 { m * np } else { 0 });
     let inn = Innovations {
         n,
+        np,
         d,
         y: g.y.as_slice(),
         endpoint: g.endpoint.as_slice(),
@@ -40,13 +43,14 @@ pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>)
     if hg != 0.0 {
         let one = |(blk, out): (usize, &mut [f32])| run_innovations(&inn, blk, out);
         if parallel {
-            r.par_chunks_mut(n * QB).enumerate().for_each(one);
+            r.par_chunks_mut(np * QB).enumerate().for_each(one);
         } else {
-            r.chunks_mut(n * QB).enumerate().for_each(one);
+            r.chunks_mut(np * QB).enumerate().for_each(one);
         }
     }
     let apply = Apply {
         n,
+        np,
         d,
         m,
         w,
@@ -62,10 +66,10 @@ pub(crate) fn gain_step(cpu: &Cpu, state: &mut CpuBuffer, g: &GainStep<'_, Cpu>)
     if parallel {
         (0..blocks)
             .into_par_iter()
-            .for_each_init(Vec::new, |acc, b| run_apply(&apply, acc, b));
+            .for_each_init(StepScratch::default, |sc, b| run_apply(&apply, sc, b));
     } else {
-        let mut acc = Vec::new();
-        (0..blocks).for_each(|b| run_apply(&apply, &mut acc, b));
+        let mut sc = StepScratch::default();
+        (0..blocks).for_each(|b| run_apply(&apply, &mut sc, b));
     }
     Ok(())
 }
@@ -76,6 +80,8 @@ const QB: usize = 64;
 /// What the innovations of [`gain_step`] read.
 struct Innovations<'a> {
     n: usize,
+    /// Row length of the innovations (`n` padded to whole vectors).
+    np: usize,
     d: usize,
     y: &'a [f32],
     endpoint: &'a [f32],
@@ -86,14 +92,14 @@ struct Innovations<'a> {
     clip: Option<(&'a [f32], f32)>,
 }
 
-/// The innovations of observations `blk·QB ..` into `out` (`r[j·n + k]`): per member, h at the
+/// The innovations of observations `blk·QB ..` into `out` (`r[j·np + k]`, padding left 0): per member, h at the
 /// block's components (a contiguous, vectorizable run when every component is observed), then
 /// scattered into `out`.
 #[inline(always)]
 fn innovations_block(c: &Innovations<'_>, blk: usize, out: &mut [f32]) {
     let (n, d, op) = (c.n, c.d, c.op);
     let q0 = blk * QB;
-    let nq = out.len() / n;
+    let nq = out.len() / c.np;
     let mut hx = [0.0f32; QB];
     for k in 0..n {
         let row = &c.endpoint[k * d..(k + 1) * d];
@@ -113,7 +119,7 @@ fn innovations_block(c: &Innovations<'_>, blk: usize, out: &mut [f32]) {
                 Some((hb, a)) => (c.y[q] - hb[q]) - a * (h - hb[q]),
                 None => c.y[q] - h,
             };
-            out[j * n + k] = match c.clip {
+            out[j * c.np + k] = match c.clip {
                 Some((var, scale)) => {
                     let bound = scale * var[q].max(0.0).sqrt();
                     r.clamp(-bound, bound)
@@ -127,10 +133,12 @@ fn innovations_block(c: &Innovations<'_>, blk: usize, out: &mut [f32]) {
 /// What the update of [`gain_step`] reads and writes.
 struct Apply<'a> {
     n: usize,
+    /// Row length of `r` (`n` padded to whole vectors).
+    np: usize,
     d: usize,
     m: usize,
     w: usize,
-    /// Innovations, observation-major (`m × n`).
+    /// Innovations, observation-major (`m × np`, padding 0).
     r: &'a [f32],
     gain: &'a [f32],
     index: &'a [f32],
@@ -140,27 +148,61 @@ struct Apply<'a> {
     state: super::flow::SyncPtr,
 }
 
+/// The observation index stored (as an exact integer below `m`, written by the host) in a
+/// window table, clamped below `m`. Below 2²³ by the exponent trick (the integer is the
+/// mantissa of `q + 2²³`: one add instead of a saturating float-to-integer conversion).
+#[inline(always)]
+fn obs_index(qf: f32, m: usize) -> usize {
+    const TWO23: f32 = 8_388_608.0;
+    let q = if m <= 1 << 23 {
+        ((qf + TWO23).to_bits() & 0x007f_ffff) as usize
+    } else {
+        qf as usize
+    };
+    q.min(m - 1)
+}
+
+/// Per-task scratch of [`gain_step`]'s update.
+#[derive(Default)]
+struct StepScratch {
+    /// `K r` of the block's components (`(i1 − i0) × n`).
+    acc: Vec<f32>,
+    /// One component's nonzero gains and the offsets of their innovation rows.
+    entries: Vec<(f32, usize)>,
+}
+
 /// Components `b·STEP_BLOCK ..` of every member: the gain times the innovations (vectorized
 /// over members, in `acc`), then `x ← x + hv·v + hg·(K r)`.
 #[inline(always)]
-fn apply_block(c: &Apply<'_>, acc: &mut Vec<f32>, b: usize) {
+fn apply_block<const AVX: bool>(c: &Apply<'_>, sc: &mut StepScratch, b: usize) {
     let (n, d, w) = (c.n, c.d, c.w);
     let (i0, i1) = (b * STEP_BLOCK, ((b + 1) * STEP_BLOCK).min(d));
-    let acc = super::grow(acc, (i1 - i0) * n);
+    let acc = super::grow(&mut sc.acc, (i1 - i0) * n);
     acc.iter_mut().for_each(|v| *v = 0.0);
     if c.hg != 0.0 {
         for (i, a) in (i0..i1).zip(acc.chunks_mut(n)) {
+            sc.entries.clear();
             for (&gk, &qf) in c.gain[i * w..(i + 1) * w]
                 .iter()
                 .zip(&c.index[i * w..(i + 1) * w])
             {
                 if gk != 0.0 {
-                    // Indices were written by the host as exact integers below m.
-                    let q = (qf as usize).min(c.m - 1);
-                    for (x, &v) in a.iter_mut().zip(&c.r[q * n..(q + 1) * n]) {
-                        *x += gk * v;
-                    }
+                    let q = obs_index(qf, c.m);
+                    sc.entries.push((gk, q * c.np));
                 }
+            }
+            // Up to four vectors of members per pass over the entries, their sums in
+            // registers (every member sums its entries in window order).
+            let mut k0 = 0;
+            while k0 < n {
+                let left = (n - k0).div_ceil(MEMBER_CHUNK);
+                let out = &mut a[k0..];
+                k0 += match left {
+                    1 => kr::<AVX, 1>(c.r, &sc.entries, k0, out),
+                    2 => kr::<AVX, 2>(c.r, &sc.entries, k0, out),
+                    3 => kr::<AVX, 3>(c.r, &sc.entries, k0, out),
+                    _ => kr::<AVX, 4>(c.r, &sc.entries, k0, out),
+                };
             }
         }
     }
@@ -177,6 +219,83 @@ fn apply_block(c: &Apply<'_>, acc: &mut Vec<f32>, b: usize) {
     }
 }
 
+/// [`gain_times_innovations`] in AVX2 vectors when `AVX` (the same arithmetic).
+#[inline(always)]
+fn kr<const AVX: bool, const C: usize>(
+    r: &[f32],
+    entries: &[(f32, usize)],
+    k0: usize,
+    out: &mut [f32],
+) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        // SAFETY: `AVX` is true only in `apply_avx2`, which runs on processors with AVX2.
+        return unsafe { gain_times_innovations_avx2::<C>(r, entries, k0, out) };
+    }
+    gain_times_innovations::<C>(r, entries, k0, out)
+}
+
+/// [`gain_times_innovations`] with the `C` vectors of sums held in AVX2 registers (the same
+/// products and sums, in the same order).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn gain_times_innovations_avx2<const C: usize>(
+    r: &[f32],
+    entries: &[(f32, usize)],
+    k0: usize,
+    out: &mut [f32],
+) -> usize {
+    use std::arch::x86_64::*;
+    let mut s = [_mm256_setzero_ps(); C];
+    for &(g, o) in entries {
+        let row = &r[o + k0..o + k0 + C * MEMBER_CHUNK];
+        let gv = _mm256_set1_ps(g);
+        for (j, sj) in s.iter_mut().enumerate() {
+            // SAFETY: `row` holds C·8 floats, so 8 from offset 8j are in bounds.
+            let v = unsafe { _mm256_loadu_ps(row.as_ptr().add(j * MEMBER_CHUNK)) };
+            *sj = _mm256_add_ps(*sj, _mm256_mul_ps(gv, v));
+        }
+    }
+    let mut buf = [0.0f32; 4 * MEMBER_CHUNK];
+    for (j, sj) in s.iter().enumerate() {
+        // SAFETY: C ≤ 4, so 8 floats from offset 8j are inside `buf`.
+        unsafe { _mm256_storeu_ps(buf.as_mut_ptr().add(j * MEMBER_CHUNK), *sj) };
+    }
+    for (dst, &v) in out.iter_mut().zip(&buf[..C * MEMBER_CHUNK]) {
+        *dst = v;
+    }
+    C * MEMBER_CHUNK
+}
+
+/// Members per vector of [`apply_block`] (the innovation rows are padded to a multiple).
+const MEMBER_CHUNK: usize = 8;
+
+/// `out[j] = Σ_e g_e·r[o_e + k0 + j]` over `entries = (g_e, o_e)` in order, for the members
+/// `k0 ..` of `C` vectors (the padding members computed, not written); returns the members
+/// covered.
+#[inline(always)]
+fn gain_times_innovations<const C: usize>(
+    r: &[f32],
+    entries: &[(f32, usize)],
+    k0: usize,
+    out: &mut [f32],
+) -> usize {
+    let mut s = [[0.0f32; MEMBER_CHUNK]; C];
+    for &(g, o) in entries {
+        let row = &r[o + k0..o + k0 + C * MEMBER_CHUNK];
+        for (sc, rc) in s.iter_mut().zip(row.chunks_exact(MEMBER_CHUNK)) {
+            for (x, &v) in sc.iter_mut().zip(rc) {
+                *x += g * v;
+            }
+        }
+    }
+    for (dst, &v) in out.iter_mut().zip(s.iter().flatten()) {
+        *dst = v;
+    }
+    C * MEMBER_CHUNK
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn innovations_avx2(c: &Innovations<'_>, blk: usize, out: &mut [f32]) {
@@ -185,8 +304,8 @@ fn innovations_avx2(c: &Innovations<'_>, blk: usize, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn apply_avx2(c: &Apply<'_>, acc: &mut Vec<f32>, b: usize) {
-    apply_block(c, acc, b)
+fn apply_avx2(c: &Apply<'_>, sc: &mut StepScratch, b: usize) {
+    apply_block::<true>(c, sc, b)
 }
 
 /// [`innovations_block`] compiled for AVX2 when the processor has it (the same arithmetic, no
@@ -202,14 +321,14 @@ fn run_innovations(c: &Innovations<'_>, blk: usize, out: &mut [f32]) {
 }
 
 /// [`apply_block`] compiled for AVX2 when the processor has it (same arithmetic).
-fn run_apply(c: &Apply<'_>, acc: &mut Vec<f32>, b: usize) {
+fn run_apply(c: &Apply<'_>, sc: &mut StepScratch, b: usize) {
     #[cfg(target_arch = "x86_64")]
     if super::simd::has_fma() {
         // SAFETY: the processor supports AVX2 and FMA (checked at run time).
-        unsafe { apply_avx2(c, acc, b) };
+        unsafe { apply_avx2(c, sc, b) };
         return;
     }
-    apply_block(c, acc, b)
+    apply_block::<false>(c, sc, b)
 }
 
 /// One column block of the first moment pass of [`local_gains`].
@@ -420,16 +539,46 @@ fn gather(ar: &[F], row: usize, comp: &[usize; LANES], dst: &mut V) {
     }
 }
 
-/// `mat = I + τ·raw` (lower triangle of a `k × k` matrix).
+/// `mat = I + τ·raw` on the lower triangle of a `k × k` matrix (the only part the Cholesky
+/// factorization reads; the upper triangle is left as it was).
 #[inline(always)]
 fn stage_matrix(raw: &[V], mat: &mut Vec<V>, k: usize, tau: F) {
-    mat.clear();
-    mat.extend_from_slice(raw);
-    for (idx, cell) in mat.iter_mut().enumerate() {
-        let diag = if idx / k == idx % k { 1.0 } else { 0.0 };
-        for v in cell.iter_mut() {
-            *v = tau * *v + diag;
+    mat.resize(k * k, [0.0; LANES]);
+    for r in 0..k {
+        let (src, dst) = (&raw[r * k..r * k + r + 1], &mut mat[r * k..r * k + r + 1]);
+        for (c, (cell, raw)) in dst.iter_mut().zip(src).enumerate() {
+            let diag = if c == r { 1.0 } else { 0.0 };
+            for (v, &x) in cell.iter_mut().zip(raw) {
+                *v = tau * x + diag;
+            }
         }
+    }
+}
+
+/// `out[e] = Σ_r u[r·w + e]·v[r]` for every entry `e` (summed over `r` in order, four entries
+/// at a time with their accumulators in registers).
+#[inline(always)]
+fn entry_dots<const FMA: bool>(u: &[V], v: &[V], w: usize, out: &mut Vec<V>) {
+    out.clear();
+    out.resize(w, [0.0; LANES]);
+    const E: usize = 4;
+    let mut e0 = 0;
+    while e0 + E <= w {
+        let mut acc = [[0.0f32; LANES]; E];
+        for (r, vr) in v.iter().enumerate() {
+            for (j, a) in acc.iter_mut().enumerate() {
+                fmadd::<FMA>(a, &u[r * w + e0 + j], vr);
+            }
+        }
+        out[e0..e0 + E].copy_from_slice(&acc);
+        e0 += E;
+    }
+    for e in e0..w {
+        let mut acc = [0.0f32; LANES];
+        for (r, vr) in v.iter().enumerate() {
+            fmadd::<FMA>(&mut acc, &u[r * w + e], vr);
+        }
+        out[e] = acc;
     }
 }
 
@@ -454,7 +603,7 @@ fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch
         for e in 0..w {
             let rho = if l < lanes { c.taper[i * w + e] } else { 0.0 };
             if rho > 0.0 {
-                let q = (c.index[i * w + e] as usize).min(m - 1);
+                let q = obs_index(c.index[i * w + e], m);
                 sc.comp[e][l] = c.op.component(q);
                 sc.sq[e][l] = rho as F;
                 sc.s[e][l] = c.dh[q];
@@ -488,13 +637,24 @@ fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch
         sc.rhs0.resize(w, [0.0; LANES]);
         for e in 0..w {
             let ae = &sc.a[e * n..(e + 1) * n];
-            for f in 0..=e {
-                let acc = dot_lanes::<FMA>(ae, &sc.a[f * n..(f + 1) * n]);
-                let (se, sf) = (sc.s[e], sc.s[f]);
+            let se = sc.s[e];
+            let mut put = |f: usize, acc: V| {
+                let sf = sc.s[f];
                 let cell = &mut sc.raw[e * w + f];
                 for l in 0..LANES {
                     cell[l] = se[l] * sf[l] * acc[l];
                 }
+            };
+            let mut f = 0;
+            while f < e {
+                let (x0, x1) = (&sc.a[f * n..(f + 1) * n], &sc.a[(f + 1) * n..(f + 2) * n]);
+                let (g0, g1) = dot2_lanes::<FMA>(x0, x1, ae);
+                put(f, g0);
+                put(f + 1, g1);
+                f += 2;
+            }
+            if f == e {
+                put(e, dot_lanes::<FMA>(ae, ae));
             }
             let acc = dot_lanes::<FMA>(ae, &sc.ai);
             let se = sc.s[e];
@@ -508,12 +668,7 @@ fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch
             sc.rhs.clear();
             sc.rhs.extend_from_slice(&sc.rhs0);
             solve_lanes::<FMA>(&sc.mat, w, &mut sc.rhs);
-            let out = table(st);
-            for l in 0..lanes {
-                for e in 0..w {
-                    out[l * w + e] = sc.sq[e][l] * c.inv_sigma * sc.rhs[e][l];
-                }
-            }
+            write_gains(&sc.sq, c.inv_sigma, &mut sc.rhs, lanes, table(st));
         }
     } else {
         // (I + τ G) v = a_i, G = Σ_e u_e u_eᵀ with u_e = s_e a_e (gathered row-major:
@@ -532,8 +687,16 @@ fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch
         sc.raw.resize(n * n, [0.0; LANES]);
         for r in 0..n {
             let ur = &sc.a[r * w..(r + 1) * w];
-            for t in 0..=r {
-                sc.raw[r * n + t] = dot_lanes::<FMA>(ur, &sc.a[t * w..(t + 1) * w]);
+            let mut t = 0;
+            while t < r {
+                let (x0, x1) = (&sc.a[t * w..(t + 1) * w], &sc.a[(t + 1) * w..(t + 2) * w]);
+                let (g0, g1) = dot2_lanes::<FMA>(x0, x1, ur);
+                sc.raw[r * n + t] = g0;
+                sc.raw[r * n + t + 1] = g1;
+                t += 2;
+            }
+            if t == r {
+                sc.raw[r * n + r] = dot_lanes::<FMA>(ur, ur);
             }
         }
         for (st, &tau) in c.taus.iter().enumerate() {
@@ -542,19 +705,25 @@ fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch
             sc.rhs.clear();
             sc.rhs.extend_from_slice(&sc.ai);
             solve_lanes::<FMA>(&sc.mat, n, &mut sc.rhs);
-            sc.dots.clear();
-            sc.dots.resize(w, [0.0; LANES]);
-            for (r, v) in sc.rhs.iter().enumerate() {
-                for (a, u) in sc.dots.iter_mut().zip(&sc.a[r * w..(r + 1) * w]) {
-                    fmadd::<FMA>(a, u, v);
-                }
-            }
-            let out = table(st);
-            for l in 0..lanes {
-                for (e, a) in sc.dots.iter().enumerate() {
-                    out[l * w + e] = sc.sq[e][l] * c.inv_sigma * a[l];
-                }
-            }
+            entry_dots::<FMA>(&sc.a, &sc.rhs, w, &mut sc.dots);
+            write_gains(&sc.sq, c.inv_sigma, &mut sc.dots, lanes, table(st));
+        }
+    }
+}
+
+/// `out[l·w + e] = √ρ_e·(1/σ)·z_e` for the first `lanes` lanes: the products lane-wise in
+/// place in `z`, then transposed into the table rows.
+#[inline(always)]
+fn write_gains(sq: &[V], inv_sigma: F, z: &mut [V], lanes: usize, out: &mut [f32]) {
+    let w = z.len();
+    for (ze, se) in z.iter_mut().zip(sq) {
+        for l in 0..LANES {
+            ze[l] *= se[l] * inv_sigma;
+        }
+    }
+    for (l, row) in out.chunks_exact_mut(w).take(lanes).enumerate() {
+        for (o, ze) in row.iter_mut().zip(z.iter()) {
+            *o = ze[l];
         }
     }
 }
@@ -702,4 +871,101 @@ pub fn local_gains(g: &GainInputs<'_>, gain: &mut [f32], hbar: &mut [f32]) -> Re
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    /// Window indices decode exactly (the exponent trick below 2²³, the plain conversion above)
+    /// and are clamped below `m`.
+    #[test]
+    fn observation_indices_decode_exactly_and_clamp() {
+        for q in [0usize, 1, 2, 17, 999, 65_535, 1 << 20, (1 << 23) - 1] {
+            assert_eq!(obs_index(q as f32, 1 << 23), q);
+            assert_eq!(obs_index(q as f32, q + 1), q);
+        }
+        assert_eq!(obs_index(12.0, 10), 9);
+        assert_eq!(obs_index(16_777_216.0, 1 << 25), 16_777_216);
+        assert!(obs_index(-3.0, 10) < 10);
+        assert!(obs_index(f32::NAN, 10) < 10);
+    }
+
+    /// The per-entry dot products equal the row-by-row accumulation bit for bit (odd window
+    /// lengths, fewer and more entries than a block).
+    #[test]
+    fn entry_dots_equal_the_row_by_row_sums_exactly() {
+        let mut seed = 5u64;
+        for (n, w) in [(3usize, 1usize), (20, 29), (7, 4), (5, 11)] {
+            let u: Vec<V> = (0..n * w)
+                .map(|_| std::array::from_fn(|_| rand(&mut seed)))
+                .collect();
+            let v: Vec<V> = (0..n)
+                .map(|_| std::array::from_fn(|_| rand(&mut seed)))
+                .collect();
+            let mut got = Vec::new();
+            entry_dots::<true>(&u, &v, w, &mut got);
+            let mut want = vec![[0.0f32; LANES]; w];
+            for (r, vr) in v.iter().enumerate() {
+                for (a, ue) in want.iter_mut().zip(&u[r * w..(r + 1) * w]) {
+                    fmadd::<true>(a, ue, vr);
+                }
+            }
+            assert_eq!(got, want, "n {n}, w {w}");
+        }
+    }
+
+    /// The update's gain-times-innovation sums equal member-by-member sums in window order, bit
+    /// for bit, for every number of vectors, on both code paths.
+    #[test]
+    fn gain_times_innovations_equals_the_member_by_member_sums() {
+        let mut seed = 9u64;
+        let (m, np) = (13usize, 32usize);
+        let r: Vec<f32> = (0..m * np).map(|_| rand(&mut seed)).collect();
+        let entries: Vec<(f32, usize)> = [3usize, 0, 12, 7, 7, 5]
+            .iter()
+            .map(|&q| (rand(&mut seed), q * np))
+            .collect();
+        let members = |k0: usize, len: usize| -> Vec<f32> {
+            (k0..k0 + len)
+                .map(|k| {
+                    let mut s = 0.0f32;
+                    for &(g, o) in &entries {
+                        s += g * r[o + k];
+                    }
+                    s
+                })
+                .collect()
+        };
+        for c in 1..=4usize {
+            let k0 = 32 - 8 * c;
+            let mut out = vec![f32::NAN; 8 * c];
+            let covered = match c {
+                1 => kr::<false, 1>(&r, &entries, k0, &mut out),
+                2 => kr::<false, 2>(&r, &entries, k0, &mut out),
+                3 => kr::<false, 3>(&r, &entries, k0, &mut out),
+                _ => kr::<false, 4>(&r, &entries, k0, &mut out),
+            };
+            assert_eq!(covered, 8 * c);
+            assert_eq!(out, members(k0, 8 * c), "{c} vectors, portable");
+            #[cfg(target_arch = "x86_64")]
+            if crate::backend::cpu::simd::has_fma() {
+                let mut avx = vec![f32::NAN; 8 * c - 3];
+                match c {
+                    1 => kr::<true, 1>(&r, &entries, k0, &mut avx),
+                    2 => kr::<true, 2>(&r, &entries, k0, &mut avx),
+                    3 => kr::<true, 3>(&r, &entries, k0, &mut avx),
+                    _ => kr::<true, 4>(&r, &entries, k0, &mut avx),
+                };
+                assert_eq!(avx, out[..8 * c - 3], "{c} vectors, AVX2 (short output)");
+            }
+        }
+    }
 }
