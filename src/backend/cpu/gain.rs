@@ -545,12 +545,13 @@ fn gather(ar: &[F], row: usize, comp: &[usize; LANES], dst: &mut V) {
 fn stage_matrix(raw: &[V], mat: &mut Vec<V>, k: usize, tau: F) {
     mat.resize(k * k, [0.0; LANES]);
     for r in 0..k {
-        let (src, dst) = (&raw[r * k..r * k + r + 1], &mut mat[r * k..r * k + r + 1]);
-        for (c, (cell, raw)) in dst.iter_mut().zip(src).enumerate() {
-            let diag = if c == r { 1.0 } else { 0.0 };
-            for (v, &x) in cell.iter_mut().zip(raw) {
-                *v = tau * x + diag;
+        for c in 0..=r {
+            let (x, diag) = (raw[r * k + c], if c == r { 1.0 } else { 0.0 });
+            let mut y = [0.0; LANES];
+            for l in 0..LANES {
+                y[l] = tau * x[l] + diag;
             }
+            mat[r * k + c] = y;
         }
     }
 }
