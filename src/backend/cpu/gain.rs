@@ -92,9 +92,9 @@ struct Innovations<'a> {
     clip: Option<(&'a [f32], f32)>,
 }
 
-/// The innovations of observations `blk·QB ..` into `out` (`r[j·np + k]`, padding left 0): per member, h at the
-/// block's components (a contiguous, vectorizable run when every component is observed), then
-/// scattered into `out`.
+/// The innovations of observations `blk·QB ..` into `out` (`r[j·np + k]`, padding members 0):
+/// per member, h at the block's components (a contiguous, vectorizable run when every
+/// component is observed), then scattered into `out`.
 #[inline(always)]
 fn innovations_block(c: &Innovations<'_>, blk: usize, out: &mut [f32]) {
     let (n, d, op) = (c.n, c.d, c.op);
@@ -126,6 +126,12 @@ fn innovations_block(c: &Innovations<'_>, blk: usize, out: &mut [f32]) {
                 }
                 None => r,
             };
+        }
+    }
+    // The padding members (summed by the update, never written back): zero, not stale data.
+    if c.np > n {
+        for row in out.chunks_exact_mut(c.np) {
+            row[n..].fill(0.0);
         }
     }
 }
