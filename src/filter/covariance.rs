@@ -179,7 +179,7 @@
 //! function [`local_gains`] is the reference the tests compare both against. The cost per
 //! re-linearized stage is `O(d·(n·w² + w³))` or `O(d·(n²·w + n³))`, against `O(n²·d)` per flow
 //! step of the transport; shared stages pay the `n²·w` (or `n·w²`) part once. On the CPU the
-//! 4-stage analysis costs about 4× the plain one shared, 8× re-linearized (BENCHMARKS.md).
+//! 4-stage analysis costs about 3.5× the plain one shared, 8× re-linearized (BENCHMARKS.md).
 //!
 //! # What is tested
 //!
