@@ -919,13 +919,18 @@ mod tests {
                 .collect();
             let mut got = Vec::new();
             entry_dots::<true>(&u, &v, w, &mut got);
-            let mut want = vec![[0.0f32; LANES]; w];
+            let mut plain = Vec::new();
+            entry_dots::<false>(&u, &v, w, &mut plain);
+            let (mut want, mut want_plain) = (vec![[0.0f32; LANES]; w], vec![[0.0f32; LANES]; w]);
             for (r, vr) in v.iter().enumerate() {
-                for (a, ue) in want.iter_mut().zip(&u[r * w..(r + 1) * w]) {
+                let ur = &u[r * w..(r + 1) * w];
+                for ((a, b), ue) in want.iter_mut().zip(want_plain.iter_mut()).zip(ur) {
                     fmadd::<true>(a, ue, vr);
+                    fmadd::<false>(b, ue, vr);
                 }
             }
             assert_eq!(got, want, "n {n}, w {w}");
+            assert_eq!(plain, want_plain, "n {n}, w {w}, no FMA");
         }
     }
 

@@ -294,13 +294,13 @@ mod tests {
     /// at and around the block of rows), and factors the matrix.
     #[test]
     fn blocked_cholesky_equals_the_row_at_a_time_factorization() {
-        fn reference(mat: &mut [V], k: usize) {
+        fn reference<const FMA: bool>(mat: &mut [V], k: usize) {
             for j in 0..k {
                 let mut s = mat[j * k + j];
                 let mut acc = [0.0f32; LANES];
                 for t in 0..j {
                     let v = mat[j * k + t];
-                    fmadd::<true>(&mut acc, &v, &v);
+                    fmadd::<FMA>(&mut acc, &v, &v);
                 }
                 let mut dj = [0.0f32; LANES];
                 for l in 0..LANES {
@@ -311,7 +311,7 @@ mod tests {
                 for r in j + 1..k {
                     let mut acc = [0.0f32; LANES];
                     for t in 0..j {
-                        fmadd::<true>(&mut acc, &mat[r * k + t], &mat[j * k + t]);
+                        fmadd::<FMA>(&mut acc, &mat[r * k + t], &mat[j * k + t]);
                     }
                     for l in 0..LANES {
                         mat[r * k + j][l] = (mat[r * k + j][l] - acc[l]) / dj[l];
@@ -334,12 +334,17 @@ mod tests {
                     }
                 }
             }
+            let (mut plain, mut want_plain) = (m.clone(), m.clone());
+            cholesky_lanes::<false>(&mut plain, k);
+            reference::<false>(&mut want_plain, k);
             let (mut got, mut want) = (m.clone(), m.clone());
             cholesky_lanes::<true>(&mut got, k);
-            reference(&mut want, k);
+            reference::<true>(&mut want, k);
             for r in 0..k {
                 for c in 0..=r {
                     assert_eq!(got[r * k + c], want[r * k + c], "k {k}, [{r}, {c}]");
+                    let (p, w) = (plain[r * k + c], want_plain[r * k + c]);
+                    assert_eq!(p, w, "k {k}, [{r}, {c}], no FMA");
                 }
             }
             // L Lᵀ rebuilds the matrix.
