@@ -531,16 +531,23 @@ struct Scratch {
     dots: Vec<V>,
 }
 
-/// `dst[l] = ar[row + comp[l]]`: one contiguous load when the lanes' components are
-/// consecutive (a ring observed everywhere, away from its seam), else one load per lane.
+/// The first of the lanes' components when they are consecutive (a ring observed everywhere,
+/// away from its seam), so that a row's values load as one contiguous run.
 #[inline(always)]
-fn gather(ar: &[F], row: usize, comp: &[usize; LANES], dst: &mut V) {
+fn consecutive(comp: &[usize; LANES]) -> Option<usize> {
     let c0 = comp[0];
-    if comp[LANES - 1] == c0 + LANES - 1 && (1..LANES).all(|l| comp[l] == c0 + l) {
-        dst.copy_from_slice(&ar[row + c0..row + c0 + LANES]);
-    } else {
-        for l in 0..LANES {
-            dst[l] = ar[row + comp[l]];
+    (comp[LANES - 1] == c0 + LANES - 1 && (1..LANES).all(|l| comp[l] == c0 + l)).then_some(c0)
+}
+
+/// `dst[l] = ar[row + comp[l]]`, one contiguous load when `run` (from [`consecutive`]) says so.
+#[inline(always)]
+fn gather(ar: &[F], row: usize, comp: &[usize; LANES], run: Option<usize>, dst: &mut V) {
+    match run {
+        Some(c0) => dst.copy_from_slice(&ar[row + c0..row + c0 + LANES]),
+        None => {
+            for l in 0..LANES {
+                dst[l] = ar[row + comp[l]];
+            }
         }
     }
 }
@@ -629,15 +636,17 @@ fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch
     }
     // The block's own anomalies (lanes are consecutive components unless the block is short).
     let own: [usize; LANES] = std::array::from_fn(|l| i0 + l.min(lanes - 1));
+    let run = consecutive(&own);
     for r in 0..n {
-        gather(c.ar, r * c.d, &own, &mut sc.ai[r]);
+        gather(c.ar, r * c.d, &own, run, &mut sc.ai[r]);
     }
     if c.obs_space {
         // (I + τ S) z = r, S_ef = s_e s_f a_eᵀa_f, r_e = s_e a_eᵀa_i; gain = √ρ_e/σ · z_e.
         sc.a.resize(w * n, [0.0; LANES]);
         for e in 0..w {
+            let run = consecutive(&sc.comp[e]);
             for r in 0..n {
-                gather(c.ar, r * c.d, &sc.comp[e], &mut sc.a[e * n + r]);
+                gather(c.ar, r * c.d, &sc.comp[e], run, &mut sc.a[e * n + r]);
             }
         }
         sc.raw.resize(w * w, [0.0; LANES]);
@@ -682,13 +691,14 @@ fn block<const FMA: bool>(c: &Ctx<'_>, i0: usize, lanes: usize, sc: &mut Scratch
         // ut[r·w + e]); gain = √ρ_e/σ · u_eᵀv.
         sc.a.resize(n * w, [0.0; LANES]);
         for e in 0..w {
-            let f = sc.s[e];
+            let (f, run) = (sc.s[e], consecutive(&sc.comp[e]));
             for r in 0..n {
-                let dst = &mut sc.a[r * w + e];
-                gather(c.ar, r * c.d, &sc.comp[e], dst);
+                let mut v = [0.0; LANES];
+                gather(c.ar, r * c.d, &sc.comp[e], run, &mut v);
                 for l in 0..LANES {
-                    dst[l] *= f[l];
+                    v[l] *= f[l];
                 }
+                sc.a[r * w + e] = v;
             }
         }
         sc.raw.resize(n * n, [0.0; LANES]);
