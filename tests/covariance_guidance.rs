@@ -1180,6 +1180,66 @@ fn banded_gain_step_agrees_with_the_cpu() {
     }
 }
 
+/// The CPU's banded gain step against the sum written out directly (f64), for member counts
+/// that fill one, several and more than four vectors of the step's member blocks (9, 20, 37),
+/// with the innovation split, the bound and zero (padding) gains.
+fn cpu_gain_step_equals_the_direct_sum() {
+    let cpu = Cpu::new();
+    let (d, every, offset, w) = (61usize, 2usize, 1usize, 11usize);
+    let op = Observe::full(Pointwise::Arctan)
+        .subsample(every, offset)
+        .unwrap();
+    let m = (d - offset).div_ceil(every);
+    for (case, n) in [9usize, 20, 37].into_iter().enumerate() {
+        let s = 1000 + 10 * case as u64;
+        let state = normals(n, d, s + 1, 1.0);
+        let vel = normals(n, d, s + 2, 1.0);
+        let endpoint = normals(n, d, s + 3, 2.0);
+        let y = normals(1, m, s + 4, 1.0);
+        let mut gi = normals(d, w, s + 5, 0.3);
+        for (e, v) in gi.iter_mut().enumerate() {
+            if e % 5 == 2 {
+                *v = 0.0;
+            }
+        }
+        gi.extend((0..d * w).map(|e| ((e * 7919 + 13) % m) as f32));
+        let hbar = normals(1, m, s + 6, 0.5);
+        let mut stats = normals(1, m, s + 7, 1.0);
+        stats.extend(normals(1, m, s + 8, 0.3).iter().map(|v| v * v + 0.05));
+        let (hv, hg, a, scale) = (0.3f32, 0.9f32, 0.5f32, 1.5f32);
+        let data = [state, vel, endpoint, y, gi, hbar];
+        let got = gain_step(
+            &cpu,
+            n,
+            d,
+            op,
+            &data,
+            w,
+            (hv, hg, Some(a)),
+            Some((&stats[..], scale)),
+        );
+        let [state, vel, endpoint, y, gi, hbar] = &data;
+        let (gain, index) = gi.split_at(d * w);
+        let innovation = |k: usize, q: usize| -> f64 {
+            let h = (endpoint[k * d + op.component(q)] as f64).atan();
+            let r = (y[q] as f64 - hbar[q] as f64) - a as f64 * (h - hbar[q] as f64);
+            let bound = scale as f64 * (stats[m + q] as f64).sqrt();
+            r.clamp(-bound, bound)
+        };
+        let mut want = vec![0.0f32; n * d];
+        for k in 0..n {
+            for i in 0..d {
+                let kr: f64 = (0..w)
+                    .map(|e| gain[i * w + e] as f64 * innovation(k, index[i * w + e] as usize))
+                    .sum();
+                let e = k * d + i;
+                want[e] = (state[e] as f64 + hv as f64 * vel[e] as f64 + hg as f64 * kr) as f32;
+            }
+        }
+        assert_close(&got, &want, 1e-5, 1e-5, &format!("CPU gain step, n = {n}"));
+    }
+}
+
 /// Mean and variance over the members of `h(x)` (the adaptive-inflation statistics) on both
 /// backends, including an ensemble split into member blocks.
 fn observed_moments_agree_with_the_cpu() {
@@ -1597,6 +1657,6 @@ fn wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path() {
 }
 
 test_main!(
-    cpu: [an_overflowing_gain_names_its_stage_and_component, global_gain_gives_the_etkf_mean::cpu, unguided_weights_keep_members_on_their_own_paths::cpu, shared_stage_gains_equal_the_per_stage_gains_for_linear_h::cpu, a_window_without_observations_gets_a_zero_gain::cpu, one_analysis_reproduces_the_kalman_mean_as_n_grows, the_constant_schedule_under_corrects_strong_observations, bad_input_is_a_typed_error_naming_the_parameter, cold_start_arctan_lorenz96_runs_80_cycles_and_converges, sakov2008_covariance_guidance_matches_the_etkf, half_observed_cold_start_converges_with_the_safeguards, the_innovation_bound_limits_a_stage_step, adaptive_inflation_inflates_an_under_dispersed_forecast_only, backend_local_gains_match_the_f64_reference, banded_gains_are_localized],
+    cpu: [an_overflowing_gain_names_its_stage_and_component, global_gain_gives_the_etkf_mean::cpu, unguided_weights_keep_members_on_their_own_paths::cpu, shared_stage_gains_equal_the_per_stage_gains_for_linear_h::cpu, a_window_without_observations_gets_a_zero_gain::cpu, one_analysis_reproduces_the_kalman_mean_as_n_grows, the_constant_schedule_under_corrects_strong_observations, bad_input_is_a_typed_error_naming_the_parameter, cold_start_arctan_lorenz96_runs_80_cycles_and_converges, sakov2008_covariance_guidance_matches_the_etkf, half_observed_cold_start_converges_with_the_safeguards, the_innovation_bound_limits_a_stage_step, adaptive_inflation_inflates_an_under_dispersed_forecast_only, backend_local_gains_match_the_f64_reference, banded_gains_are_localized, cpu_gain_step_equals_the_direct_sum],
     gpu: [shared_gains_in_groups_equal_one_group, global_gain_gives_the_etkf_mean::gpu, unguided_weights_keep_members_on_their_own_paths::gpu, shared_stage_gains_equal_the_per_stage_gains_for_linear_h::gpu, a_window_without_observations_gets_a_zero_gain::gpu, banded_gain_step_agrees_with_the_cpu, observed_moments_agree_with_the_cpu, covariance_guided_analysis_agrees_with_the_cpu, local_gains_agree_with_the_cpu_twin_and_the_f64_reference, wide_windows_and_split_ensembles_are_unsupported_kernels_with_a_host_path],
 );
