@@ -3,6 +3,11 @@
 //! covariance guidance (`gain.rs`: Cholesky factorizations of `I + τ·G`) and the batched LETKF
 //! (`ensemble_space.rs`: Jacobi eigen-decompositions of `(n − 1)·I + G`). Both build the same
 //! ensemble-space matrix `G = Σ_q ρ_q b_q b_qᵀ` of their window's observed anomalies.
+//!
+//! The lanes are independent, so the blocking below (two rows per pass of [`dot2_lanes`], four
+//! rows per Cholesky column) only changes which sums are in flight together, never the order in
+//! which one lane's sum is formed: every blocked kernel equals its one-at-a-time form bit for
+//! bit (tested), with or without fused multiply-adds.
 
 use super::ensemble_space::{JACOBI_MAX_SWEEPS, JACOBI_TOL};
 
