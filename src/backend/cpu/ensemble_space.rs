@@ -796,11 +796,9 @@ mod tests {
     use super::*;
     use nalgebra::{DMatrix, SymmetricEigen};
 
+    /// A value in `[−1, 1)`.
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        2.0 * super::super::lanes::test_uniform(seed)
     }
 
     /// The products as dot products of whole rows, one output at a time (the definition

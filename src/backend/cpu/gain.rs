@@ -892,14 +892,8 @@ pub fn local_gains(g: &GainInputs<'_>, gain: &mut [f32], hbar: &mut [f32]) -> Re
 
 #[cfg(test)]
 mod tests {
+    use super::super::lanes::test_uniform as rand;
     use super::*;
-
-    fn rand(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
 
     /// Window indices decode exactly (the exponent trick below 2²³, the plain conversion above)
     /// and are clamped below `m`.

@@ -262,17 +262,20 @@ pub(super) fn jacobi_lanes(a: &mut [V], v: &mut Vec<V>, n: usize) {
     }
 }
 
+/// A value in `[−0.5, 0.5)` from a 64-bit linear congruential generator: the random inputs of
+/// the lane kernels' tests (here, `gain.rs` and `ensemble_space.rs`).
+#[cfg(test)]
+pub(super) fn test_uniform(seed: &mut u64) -> f32 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::cpu::ensemble_space::jacobi_eigen;
-
-    fn lanes_rand(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
 
     /// The two-row dot product equals two one-row products bit for bit, on odd and even
     /// lengths (with and without fused multiply-adds).
@@ -283,7 +286,7 @@ mod tests {
             let mut rows = [vec![], vec![], vec![]];
             for r in rows.iter_mut() {
                 *r = (0..len)
-                    .map(|_| std::array::from_fn(|_| lanes_rand(&mut seed)))
+                    .map(|_| std::array::from_fn(|_| test_uniform(&mut seed)))
                     .collect::<Vec<V>>();
             }
             let (a, b) = dot2_lanes::<true>(&rows[0], &rows[1], &rows[2]);
@@ -328,7 +331,7 @@ mod tests {
         for k in [1usize, 3, 4, 5, 9, 20, 23] {
             // I + BBᵀ with a random k × 6 B per lane (lower triangle).
             let b: Vec<V> = (0..k * 6)
-                .map(|_| std::array::from_fn(|_| lanes_rand(&mut seed)))
+                .map(|_| std::array::from_fn(|_| test_uniform(&mut seed)))
                 .collect();
             let mut m = vec![[0.0f32; LANES]; k * k];
             for r in 0..k {
@@ -376,12 +379,7 @@ mod tests {
     fn lane_jacobi_equals_the_scalar_solver_per_lane() {
         let n = 13;
         let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut rand = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut rand = || test_uniform(&mut seed);
         let mut mats = vec![vec![0.0f32; n * n]; LANES];
         for (l, m) in mats.iter_mut().enumerate() {
             for i in 0..n {
