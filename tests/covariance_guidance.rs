@@ -1097,6 +1097,27 @@ fn gain_step<B: Backend>(
     out.pop().unwrap()
 }
 
+/// Random inputs of one banded gain step (seeded by `s`): `[state, velocity, endpoint, y,
+/// gains then indices, h̄]`, the `d × w` gains with some zero (padding) entries and valid random
+/// observation indices below `m`.
+fn gain_step_data(n: usize, d: usize, m: usize, w: usize, s: u64) -> [Vec<f32>; 6] {
+    let mut gi = normals(d, w, s + 5, 0.3);
+    for (e, v) in gi.iter_mut().enumerate() {
+        if e % 7 == 3 {
+            *v = 0.0;
+        }
+    }
+    gi.extend((0..d * w).map(|e| ((e * 7919 + 13) % m) as f32));
+    [
+        normals(n, d, s + 1, 1.0),
+        normals(n, d, s + 2, 1.0),
+        normals(n, d, s + 3, 2.0),
+        normals(1, m, s + 4, 1.0),
+        gi,
+        normals(1, m, s + 6, 0.5),
+    ]
+}
+
 fn banded_gain_step_agrees_with_the_cpu() {
     let Some((_guard, g)) = gpu() else { return };
     let cpu = Cpu::new();
@@ -1111,20 +1132,7 @@ fn banded_gain_step_agrees_with_the_cpu() {
         let op = Observe::full(pw).subsample(every, offset).unwrap();
         let m = (d - offset).div_ceil(every);
         let s = 100 * case as u64;
-        let state = normals(n, d, s + 1, 1.0);
-        let vel = normals(n, d, s + 2, 1.0);
-        let endpoint = normals(n, d, s + 3, 2.0);
-        let y = normals(1, m, s + 4, 1.0);
-        // Random banded gain with some zero (padding) entries and valid random indices.
-        let mut gi = normals(d, w, s + 5, 0.3);
-        for (e, v) in gi.iter_mut().enumerate() {
-            if e % 7 == 3 {
-                *v = 0.0;
-            }
-        }
-        gi.extend((0..d * w).map(|e| ((e * 7919 + 13) % m) as f32));
-        let hbar = normals(1, m, s + 6, 0.5);
-        let data = [state, vel, endpoint, y, gi, hbar];
+        let data = gain_step_data(n, d, m, w, s);
         for h in [
             (0.25f32, 0.7f32, None),
             (0.1, 0.0, None),
@@ -1192,22 +1200,10 @@ fn cpu_gain_step_equals_the_direct_sum() {
     let m = (d - offset).div_ceil(every);
     for (case, n) in [9usize, 20, 37].into_iter().enumerate() {
         let s = 1000 + 10 * case as u64;
-        let state = normals(n, d, s + 1, 1.0);
-        let vel = normals(n, d, s + 2, 1.0);
-        let endpoint = normals(n, d, s + 3, 2.0);
-        let y = normals(1, m, s + 4, 1.0);
-        let mut gi = normals(d, w, s + 5, 0.3);
-        for (e, v) in gi.iter_mut().enumerate() {
-            if e % 5 == 2 {
-                *v = 0.0;
-            }
-        }
-        gi.extend((0..d * w).map(|e| ((e * 7919 + 13) % m) as f32));
-        let hbar = normals(1, m, s + 6, 0.5);
+        let data = gain_step_data(n, d, m, w, s);
         let mut stats = normals(1, m, s + 7, 1.0);
         stats.extend(normals(1, m, s + 8, 0.3).iter().map(|v| v * v + 0.05));
         let (hv, hg, a, scale) = (0.3f32, 0.9f32, 0.5f32, 1.5f32);
-        let data = [state, vel, endpoint, y, gi, hbar];
         let got = gain_step(
             &cpu,
             n,
